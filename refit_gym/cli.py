@@ -1,0 +1,119 @@
+"""The ``refit-gym`` command line: pretrain, evaluate, download."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from refit_gym.checkpoint import CheckpointError, load_denoiser
+from refit_gym.data import DataError, load_dataset
+from refit_gym.diffusion import GaussianDiffusion
+from refit_gym.fileio import write_json
+from refit_gym.metrics import evaluate, format_metrics_table
+from refit_gym.specs import SpecError, load_env_spec
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--env", required=True, help="environment id, e.g. ReFiT-ML1M-v0")
+    parser.add_argument("--data-dir", default=None,
+                        help="folder holding the datasets (default: $REFIT_DATA_DIR)")
+    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    parser.add_argument("--json", default=None, metavar="PATH",
+                        help="also write the results as JSON to PATH")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _load(args: argparse.Namespace):
+    spec = load_env_spec(args.env)
+    data = load_dataset(spec.dataset, args.data_dir)
+    if not args.quiet:
+        print(data.summary(), file=sys.stderr)
+    return spec, data
+
+
+def _report(title: str, payload: dict, json_path: str | None) -> None:
+    print(title)
+    print(format_metrics_table({"valid": payload["valid"], "test": payload["test"]}))
+    if json_path:
+        write_json(json_path, payload)
+
+
+def cmd_pretrain(args: argparse.Namespace) -> None:
+    from refit_gym.pretrain import pretrain
+
+    spec, data = _load(args)
+    out = Path(args.out or f"runs/{spec.id}/pretrain-seed{args.seed}")
+    result = pretrain(spec, data, out, seed=args.seed, device=args.device,
+                      max_epochs=args.max_epochs, progress=not args.quiet)
+    payload = result.to_json(spec.id, args.seed)
+    write_json(out / "metrics.json", payload)
+    _report(
+        f"{spec.id} pretrain seed {args.seed}: best epoch {result.best_epoch} of "
+        f"{result.epochs}, {result.wall_time_s:.0f} s, checkpoint {result.checkpoint}",
+        payload, args.json,
+    )
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    spec, data = _load(args)
+    denoiser, meta = load_denoiser(args.checkpoint, data.n_items, args.device)
+    if meta.get("env_id") != spec.id:
+        raise CheckpointError(
+            f"checkpoint {args.checkpoint} belongs to {meta.get('env_id')}, not {spec.id}"
+        )
+    diffusion = GaussianDiffusion(spec.diffusion, args.device)
+    metrics = evaluate(denoiser, diffusion, data, batch_size=spec.pretrain.eval_batch_size,
+                       sampling_steps=spec.env.get("sampling_steps", 0), device=args.device,
+                       progress=not args.quiet)
+    payload = {"env": spec.id, "checkpoint": str(args.checkpoint), **metrics}
+    _report(f"{spec.id} evaluate {args.checkpoint}", payload, args.json)
+
+
+def cmd_download(args: argparse.Namespace) -> None:
+    from refit_gym.download import fetch_dataset
+
+    spec = load_env_spec(args.env)
+    directory = fetch_dataset(spec.dataset, args.data_dir, progress=not args.quiet)
+    print(f"{spec.dataset['name']}: verified files in {directory}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="refit-gym", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("pretrain", help="train the DiffRec backbone (DiffRec's protocol)")
+    _common(p)
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--out", default=None,
+                   help="output folder (default runs/<env>/pretrain-seed<S>)")
+    p.add_argument("--max-epochs", type=int, default=None,
+                   help="cap on epochs (default: the spec's; early stopping still applies)")
+    p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("evaluate", help="validation and test metrics of a checkpoint")
+    _common(p)
+    p.add_argument("--checkpoint", required=True, help="a .pt written by pretrain or finetune")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("download", help="fetch a dataset with pinned checksums")
+    p.add_argument("--env", required=True)
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_download)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (DataError, SpecError, CheckpointError) as err:
+        print(f"refit-gym: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

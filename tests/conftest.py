@@ -1,0 +1,48 @@
+"""Shared fixtures. Real-data tests read REFIT_DATA_DIR; in CI (CI=true) they must run."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from refit_gym.data import InteractionData, load_dataset
+from refit_gym.specs import load_env_spec
+from refit_gym.synthetic import make_synthetic
+
+
+def _data_dir() -> Path:
+    if os.environ.get("REFIT_DATA_DIR"):
+        return Path(os.environ["REFIT_DATA_DIR"])
+    return Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    directory = _data_dir()
+    if not (directory / "ml-1m_clean" / "train_list.npy").is_file():
+        message = f"reference data not found under {directory}; set REFIT_DATA_DIR"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message + " (in CI the real-data tests must run, not skip)")
+        pytest.skip(message)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def ml1m(data_dir: Path) -> InteractionData:
+    return load_dataset(load_env_spec("ReFiT-ML1M-v0").dataset, data_dir)
+
+
+@pytest.fixture(scope="session")
+def small_data() -> InteractionData:
+    return make_synthetic(n_users=120, n_items=80, n_communities=4, mean_interactions=12, seed=3)
+
+
+def write_diffrec(directory: Path, train, valid, test) -> Path:
+    """Write DiffRec-format split files (lists of (user, item) pairs) into ``directory``."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for split, pairs in (("train", train), ("valid", valid), ("test", test)):
+        np.save(directory / f"{split}_list.npy", np.asarray(pairs, dtype=np.int64).reshape(-1, 2))
+    return directory

@@ -1,0 +1,156 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from refit_gym.data import (
+    DataError,
+    carve_validation,
+    dense_rows,
+    load_dataset,
+    load_diffrec,
+    load_lightgcn,
+    load_movielens_ratings,
+)
+from refit_gym.synthetic import make_synthetic
+from tests.conftest import write_diffrec
+
+TRAIN = [(0, 0), (0, 1), (1, 1), (1, 2), (2, 0), (2, 3)]
+VALID = [(0, 2), (1, 0), (2, 1)]
+TEST = [(0, 3), (1, 3), (2, 2)]
+
+
+def test_diffrec_loads_sparse_splits(tmp_path: Path) -> None:
+    data = load_diffrec(write_diffrec(tmp_path / "tiny", TRAIN, VALID, TEST))
+    assert (data.name, data.n_users, data.n_items) == ("tiny", 3, 4)
+    assert (data.train.nnz, data.valid.nnz, data.test.nnz) == (6, 3, 3)
+    rows = dense_rows(data.train, np.array([2, 0]))
+    assert rows.dtype.is_floating_point and rows.shape == (2, 4)
+    assert rows.tolist() == [[1, 0, 0, 1], [1, 1, 0, 0]]
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (lambda d: (d / "valid_list.npy").unlink(), "missing data file"),
+        (lambda d: np.save(d / "train_list.npy", np.zeros((3, 2), np.float32)), "dtype float32"),
+        (lambda d: np.save(d / "train_list.npy", np.zeros((3, 3), np.int64)), "shape (3, 3)"),
+        (lambda d: np.save(d / "test_list.npy", np.array([[0, -1]])), "negative item id"),
+        (lambda d: np.save(d / "test_list.npy", np.array([[0, 9]])), "unknown item id 9"),
+        (lambda d: np.save(d / "valid_list.npy", np.array([[7, 0]])), "unknown user id 7"),
+        (lambda d: np.save(d / "test_list.npy", np.zeros((0, 2), np.int64)), "test split is empty"),
+        (lambda d: np.save(d / "train_list.npy", np.array([*TRAIN, (0, 1)])), "duplicate"),
+        (lambda d: np.save(d / "test_list.npy", np.array([(0, 0)])), "in both train and test"),
+        (lambda d: np.save(d / "train_list.npy", np.array([None, 1], dtype=object),
+                           allow_pickle=True), "not a readable .npy"),
+    ],
+)
+def test_diffrec_bad_files_raise_clear_errors(tmp_path: Path, mutate, message: str) -> None:
+    directory = write_diffrec(tmp_path / "bad", TRAIN, VALID, TEST)
+    mutate(directory)
+    with pytest.raises(DataError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_diffrec(directory)
+
+
+def test_lightgcn_text_and_carved_validation(tmp_path: Path) -> None:
+    directory = tmp_path / "book"
+    directory.mkdir()
+    (directory / "train.txt").write_text(
+        "0 0 1 2 3 4 5 6 7 8 9\n1 2 3 4 5 6 7 8 9 10 11\n2 5 6\n3 1\n"
+    )
+    (directory / "test.txt").write_text("0 10\n1 0\n2\n3 4\n")  # user 2 has an empty test line
+    data = load_lightgcn(directory, valid_fraction=0.2, split_seed=7)
+    assert (data.n_users, data.n_items) == (4, 12)
+    assert data.valid.getnnz(axis=1).tolist() == [2, 2, 0, 0]  # round(0.2 n), >= 1 kept in train
+    assert data.train.nnz + data.valid.nnz == 23
+    assert data.train.multiply(data.valid).nnz == 0
+    again = load_lightgcn(directory, valid_fraction=0.2, split_seed=7)
+    other = load_lightgcn(directory, valid_fraction=0.2, split_seed=8)
+    assert (again.valid != data.valid).nnz == 0
+    assert (other.valid != data.valid).nnz > 0
+
+
+def test_lightgcn_uses_valid_file_and_rejects_garbage(tmp_path: Path) -> None:
+    directory = tmp_path / "withvalid"
+    directory.mkdir()
+    (directory / "train.txt").write_text("0 0 1\n1 1 2\n")
+    (directory / "valid.txt").write_text("0 2\n1 0\n")
+    (directory / "test.txt").write_text("0 x\n")
+    with pytest.raises(DataError, match=r"test.txt:1: expected integer ids"):
+        load_lightgcn(directory)
+    (directory / "test.txt").write_text("1 3\n")
+    with pytest.raises(DataError, match="unknown item id 3"):
+        load_lightgcn(directory)
+    (directory / "test.txt").write_text("0 2\n")
+    with pytest.raises(DataError, match="in both valid and test"):
+        load_lightgcn(directory)
+
+
+def test_carve_validation_keeps_one_training_item_per_user() -> None:
+    pairs = np.array([(0, 0), (1, 0), (1, 1)])
+    train, valid = carve_validation(pairs, 0.9, seed=0)
+    assert sorted(map(tuple, train)) in ([(0, 0), (1, 0)], [(0, 0), (1, 1)])
+    assert len(valid) == 1
+
+
+def test_movielens_ratings_preprocessing(tmp_path: Path) -> None:
+    lines = []
+    for k in range(10):  # time 1000 + k; user 2 watches the movies in reverse order
+        rating = 2 if k == 4 else 5  # one low rating per user is dropped
+        lines.append(f"1::{100 + k}::{rating}::{1000 + k}")
+        lines.append(f"2::{109 - k}::{rating}::{1000 + k}")
+    lines += ["3::100::5::1", "4::100::5::1", "4::101::4::2", "4::200::5::3"]
+    (tmp_path / "ratings.dat").write_text("\n".join(lines) + "\n")
+    data = load_movielens_ratings(tmp_path / "ratings.dat")
+    assert data.n_users == 3  # user 3 has one kept rating: dropped
+    # 9 kept ratings: 1 test (floor(0.9) -> 1), 1 valid (floor(1.8)), the 7 earliest train.
+    assert data.train.getnnz(axis=1).tolist() == [7, 7, 1]
+    assert data.valid.getnnz(axis=1).tolist() == [1, 1, 1]
+    # Movie 200 occurs only in user 4's test: an item never in train is dropped.
+    assert data.test.getnnz(axis=1).tolist() == [1, 1, 0]
+    assert data.n_items == 10
+    first_user_train = data.train[0].indices.tolist()
+    assert data.valid[0].indices.tolist() == [8] and data.test[0].indices.tolist() == [9]
+    assert first_user_train == [0, 1, 2, 3, 5, 6, 7]
+    (tmp_path / "bad.dat").write_text("1::2::5\n")
+    with pytest.raises(DataError, match="user::movie::rating::timestamp"):
+        load_movielens_ratings(tmp_path / "bad.dat")
+
+
+def test_load_dataset_errors_say_where_and_how(tmp_path: Path) -> None:
+    spec = {"name": "ml-1m_clean", "format": "diffrec"}
+    with pytest.raises(DataError, match=r"REFIT_DATA_DIR.*DiffRec"):
+        load_dataset(spec, tmp_path)
+    write_diffrec(tmp_path / "ml-1m_clean", TRAIN, VALID, TEST)
+    pinned = {**spec, "sha256": {"train_list.npy": "0" * 64}}
+    with pytest.raises(DataError, match="does not match the pinned"):
+        load_dataset(pinned, tmp_path)
+    assert load_dataset(pinned, tmp_path, verify=False).n_users == 3
+    with pytest.raises(DataError, match="unknown dataset format"):
+        load_dataset({"name": "x", "format": "parquet"}, tmp_path)
+
+
+def test_synthetic_is_seeded_and_structured() -> None:
+    a = make_synthetic(n_users=200, n_items=150, mean_interactions=10, seed=1)
+    b = make_synthetic(n_users=200, n_items=150, mean_interactions=10, seed=1)
+    c = make_synthetic(n_users=200, n_items=150, mean_interactions=10, seed=2)
+    assert (a.train != b.train).nnz == 0 and (a.test != b.test).nnz == 0
+    assert (a.train != c.train).nnz > 0
+    assert a.valid.getnnz(axis=1).min() >= 1 and a.test.getnnz(axis=1).min() >= 1
+    assert a.train.multiply(a.test).nnz == 0 and a.train.multiply(a.valid).nnz == 0
+    # Community structure: items co-occur far more often than under independence.
+    co = (a.train.T @ a.train).toarray()
+    np.fill_diagonal(co, 0)
+    pop = np.asarray(a.train.sum(0)).ravel()
+    expected = np.outer(pop, pop) / a.n_users
+    top = co > np.quantile(co, 0.99)
+    assert co[top].sum() > 2 * expected[top].sum()
+
+
+@pytest.mark.ml1m
+def test_ml1m_reference_split(ml1m) -> None:
+    assert (ml1m.n_users, ml1m.n_items) == (5949, 2810)
+    assert (ml1m.train.nnz, ml1m.valid.nnz, ml1m.test.nnz) == (403277, 110722, 57532)
+    assert ml1m.valid.getnnz(axis=1).min() >= 1 and ml1m.test.getnnz(axis=1).min() >= 1

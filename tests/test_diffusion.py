@@ -1,0 +1,138 @@
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from refit_gym.denoiser import DenoiserConfig, MLPDenoiser, timestep_embedding
+from refit_gym.diffusion import DiffusionConfig, GaussianDiffusion, gaussian_log_prob
+from refit_gym.pretrain import LossAwareTimestepSampler
+from refit_gym.specs import load_env_spec
+
+ML1M = load_env_spec("ReFiT-ML1M-v0").diffusion
+
+
+def test_linear_var_schedule_matches_definition() -> None:
+    d = GaussianDiffusion(ML1M)
+    variance = np.linspace(0.005 * 0.005, 0.005 * 0.01, 40)
+    abar = 1 - variance
+    assert d.betas[0].item() == 1e-5
+    np.testing.assert_allclose(d.betas[1:].numpy(), 1 - abar[1:] / abar[:-1], rtol=1e-12)
+    # From step 2 on, the cumulative variance is linear up to the pinned first beta.
+    np.testing.assert_allclose(d.alphas_cumprod.numpy(), np.cumprod(1 - d.betas.numpy()))
+    # DESIGN: per-step posterior std is about 7.8e-4 on ML-1M.
+    assert 7e-4 < d.reverse_std(torch.arange(40)).median().item() < 8.5e-4
+    assert d.posterior_variance[0].item() == 0.0
+    assert d.reverse_std(torch.tensor([0])).item() == d.reverse_std(torch.tensor([1])).item()
+
+
+def test_posterior_mean_is_the_gaussian_posterior() -> None:
+    """Compare with Bayes' rule for q(x_{t-1} | x_0) q(x_t | x_{t-1}), written independently."""
+    d = GaussianDiffusion(DiffusionConfig(steps=10, noise_scale=0.1, noise_min=0.01, noise_max=0.5))
+    torch.manual_seed(0)
+    x0, xt = torch.randn(4, 7, dtype=torch.float64), torch.randn(4, 7, dtype=torch.float64)
+    for step in range(1, 10):
+        t = torch.full((4,), step)
+        abar_prev, alpha, beta = d.alphas_cumprod[step - 1], 1 - d.betas[step], d.betas[step]
+        precision = 1 / (1 - abar_prev) + alpha / beta
+        mean = (abar_prev.sqrt() * x0 / (1 - abar_prev) + alpha.sqrt() * xt / beta) / precision
+        torch.testing.assert_close(d.posterior_mean(x0, xt, t), mean)
+        torch.testing.assert_close(d.posterior_variance[step], 1 / precision)
+
+
+def test_q_sample_moments() -> None:
+    d = GaussianDiffusion(DiffusionConfig(steps=5, noise_scale=0.1, noise_min=0.1, noise_max=0.5))
+    x0 = torch.ones(20000, 3)
+    t = torch.full((20000,), 4)
+    xt = d.q_sample(x0, t, torch.randn(x0.shape, generator=torch.Generator().manual_seed(0)))
+    assert xt.mean().item() == pytest.approx(d.sqrt_alphas_cumprod[4].item(), abs=2e-3)
+    assert xt.var().item() == pytest.approx(1 - d.alphas_cumprod[4].item(), rel=0.03)
+
+
+def test_gaussian_log_prob_is_exact_and_stable() -> None:
+    torch.manual_seed(0)
+    n = 2810
+    mean = torch.rand(3, n)
+    std = torch.full((3,), 7.8e-4, dtype=torch.float64)
+    x = (mean.double() + std[:, None] * torch.randn(3, n, dtype=torch.float64)).float()
+    reference = torch.distributions.Normal(mean.double(), std[:, None]).log_prob(x.double()).sum(-1)
+    torch.testing.assert_close(gaussian_log_prob(x, mean, std), reference, rtol=0, atol=1e-6)
+    # Per-dimension std gives the same answer; a shifted mean changes it by the exact quadratic.
+    torch.testing.assert_close(gaussian_log_prob(x, mean, std[:, None].expand(3, n)), reference)
+    # A small shift of the (float32) mean changes the result by exactly the quadratic
+    # difference of the z-scores: the ratio a policy gradient needs, with no float32 loss.
+    shifted = mean + 1e-4
+    delta = gaussian_log_prob(x, shifted, std) - gaussian_log_prob(x, mean, std)
+    z_new = (x.double() - shifted.double()) / std[:, None]
+    z_old = (x.double() - mean.double()) / std[:, None]
+    exact = -0.5 * (z_new.pow(2) - z_old.pow(2)).sum(-1)
+    torch.testing.assert_close(delta, exact, rtol=1e-9, atol=1e-7)
+
+
+def test_training_loss_reweighting() -> None:
+    d = GaussianDiffusion(ML1M)
+    model = MLPDenoiser(DenoiserConfig(n_items=6, dims=(4,))).eval()
+    x0 = torch.bernoulli(torch.full((3, 6), 0.5))
+    t, noise = torch.tensor([0, 5, 39]), torch.randn(3, 6)
+    plain = d.training_loss(model, x0, t, noise, reweight=False)
+    weighted = d.training_loss(model, x0, t, noise, reweight=True)
+    assert weighted[0].item() == pytest.approx(plain[0].item())
+    snr = d.alphas_cumprod / (1 - d.alphas_cumprod)
+    for i, step in enumerate([5, 39]):
+        weight = (snr[step - 1] - snr[step]).item()
+        assert weighted[i + 1].item() == pytest.approx(weight * plain[i + 1].item(), rel=1e-5)
+
+
+def test_ranking_scores_runs_t_steps_along_the_mean() -> None:
+    d = GaussianDiffusion(DiffusionConfig(steps=4, noise_scale=0.1, noise_min=0.1, noise_max=0.5))
+    calls = []
+
+    class Identity(torch.nn.Module):
+        def forward(self, x, t):
+            calls.append(int(t[0]))
+            return x
+
+    history = torch.rand(2, 5)
+    out = d.ranking_scores(Identity(), history)
+    assert calls == [3, 2, 1, 0]
+    expected = history
+    for step in (3, 2, 1, 0):  # with x0_pred = x_t the mean is (c1 + c2) x_t
+        expected = (d.posterior_mean_coef1[step] + d.posterior_mean_coef2[step]).float() * expected
+    torch.testing.assert_close(out, expected)
+
+
+def test_denoiser_architecture_and_embedding() -> None:
+    model = MLPDenoiser(DenoiserConfig(n_items=2810, dims=(200, 600)))
+    shapes = [tuple(layer.weight.shape) for layer in [*model.encoder, *model.decoder]]
+    assert shapes == [(600, 2820), (200, 600), (600, 200), (2810, 600)]
+    out = model.eval()(torch.rand(3, 2810), torch.tensor([0, 1, 39]))
+    assert out.shape == (3, 2810)
+    emb = timestep_embedding(torch.tensor([0, 3]), 10)
+    assert emb.shape == (2, 10)
+    assert emb[0, :5].tolist() == [1.0] * 5 and emb[0, 5:].tolist() == [0.0] * 5
+    assert emb[1, 0].item() == pytest.approx(math.cos(3.0))
+
+
+def test_sampler_history_matches_diffrec_loop_and_samples_by_loss() -> None:
+    sampler = LossAwareTimestepSampler(steps=3, history=4)
+    reference = {s: [] for s in range(3)}
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        t = torch.randint(0, 3, (7,), generator=gen)
+        losses = torch.rand(7, generator=gen)
+        sampler.record(t, losses)
+        for step, loss in zip(t.tolist(), losses.tolist()):  # DiffRec's per-element update
+            reference[step] = (reference[step] + [loss])[-4:]
+    for step in range(3):
+        count = sampler.counts[step].item()
+        assert sampler.losses[step, :count].tolist() == pytest.approx(reference[step])
+    assert bool((sampler.counts == 4).all())
+    sampler.losses[:] = torch.tensor([[1.0], [0.0], [0.0]])  # all the loss sits at step 0
+    t, pt = sampler.sample(1000, gen)
+    assert (t == 0).float().mean() > 0.99
+    assert pt[t == 0].mean().item() == pytest.approx(3 * (0.999 + 0.001 / 3))
+    empty = LossAwareTimestepSampler(steps=3)
+    t, pt = empty.sample(5, gen)
+    assert pt.tolist() == [1.0] * 5
