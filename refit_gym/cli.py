@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -71,6 +72,43 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     _report(f"{spec.id} evaluate {args.checkpoint}", payload, args.json)
 
 
+def _parse_sets(pairs: list[str]) -> dict[str, object]:
+    """``key=value`` strings -> a dict; values are read as JSON when they parse (numbers...)."""
+    out: dict[str, object] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise SpecError(f"--set expects key=value, got {pair!r}")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def cmd_finetune(args: argparse.Namespace) -> None:
+    from refit_gym.finetune import finetune
+
+    spec, data = _load(args)
+    out = Path(args.out or f"runs/{spec.id}/{args.algo}-seed{args.seed}")
+    try:
+        env_kwargs = json.loads(args.env_kwargs) if args.env_kwargs else {}
+    except json.JSONDecodeError as err:
+        raise SpecError(f"--env-kwargs is not valid JSON: {err}") from err
+    payload = finetune(spec, data, args.checkpoint, args.algo, out, seed=args.seed,
+                       device=args.device, hyperparams=_parse_sets(args.set),
+                       env_kwargs=env_kwargs, budget_seconds=args.budget_seconds,
+                       progress=not args.quiet)
+    print(f"{spec.id} finetune {args.algo} seed {args.seed}: selected epoch "
+          f"{payload['best_epoch']} (0 = the pretrained start), {payload['wall_time_s']:.0f} s "
+          f"of training, checkpoint {out / 'finetuned.pt'}")
+    print(format_metrics_table({"start valid": payload["start"]["valid"],
+                                "start test": payload["start"]["test"],
+                                "valid": payload["valid"], "test": payload["test"]}))
+    if args.json:
+        write_json(args.json, payload)
+
+
 def cmd_download(args: argparse.Namespace) -> None:
     from refit_gym.download import fetch_dataset
 
@@ -97,6 +135,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, help="a .pt written by pretrain or finetune")
     p.set_defaults(func=cmd_evaluate)
 
+    p = sub.add_parser("finetune", help="fine-tune a pretrained backbone (resumable)")
+    _common(p)
+    p.add_argument("--algo", required=True, choices=["refit", "continue"])
+    p.add_argument("--checkpoint", required=True, help="the pretrained denoiser.pt")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--out", default=None, help="output folder (default runs/<env>/<algo>-seed<S>)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a hyperparameter of agents/<algo>.toml (repeatable)")
+    p.add_argument("--env-kwargs", default=None, metavar="JSON",
+                   help='MDP overrides as for gym.make, e.g. \'{"reward": "ndcg"}\'')
+    p.add_argument("--budget-seconds", type=float, default=None,
+                   help="training wall time of --algo continue (match the RL run's)")
+    p.set_defaults(func=cmd_finetune)
+
     p = sub.add_parser("download", help="fetch a dataset with pinned checksums")
     p.add_argument("--env", required=True)
     p.add_argument("--data-dir", default=None)
@@ -109,7 +161,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (DataError, SpecError, CheckpointError) as err:
+    except (DataError, SpecError, CheckpointError, TypeError, ValueError) as err:
         print(f"refit-gym: error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -103,3 +103,12 @@ def load_env_spec(env_id: str) -> EnvSpec:
     if env_id not in specs:
         raise SpecError(f"unknown environment id {env_id!r}; known ids: {sorted(specs)}")
     return specs[env_id]
+
+
+def load_agent_hyperparams(algo: str, env_id: str) -> dict[str, Any]:
+    """Hyperparameters of ``algo`` for ``env_id`` from agents/<algo>.toml ("default" fallback)."""
+    path = resources.files("refit_gym.agents") / f"{algo}.toml"
+    if not path.is_file():
+        return {}
+    table = tomllib.loads(path.read_text())
+    return dict(table.get(env_id.removeprefix("refit_gym:"), table.get("default", {})))

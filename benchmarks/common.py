@@ -1,0 +1,55 @@
+"""Shared plumbing for benchmark scripts: machine description and result files."""
+
+from __future__ import annotations
+
+import os
+import platform
+import resource
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} "
+            f"({torch.get_num_threads()} threads), Python {platform.python_version()}")
+
+
+def peak_rss_mib() -> float:
+    """Peak resident set size of this process so far, in MiB (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def best_of(fn: Callable[[], object], repeats: int) -> float:
+    """Fastest wall time of ``repeats`` calls, in seconds (the least disturbed run)."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def write_result(name: str, title: str, lines: list[str]) -> Path:
+    """Write ``results/<name>.md`` with the exact command and the machine, and echo it."""
+    command = "python " + " ".join([str(Path(sys.argv[0]).as_posix()), *sys.argv[1:]])
+    text = "\n".join([f"# {title}", "", f"Command: `{command}`", "", f"Machine: {machine()}", "",
+                      *lines, ""])
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.md"
+    path.write_text(text)
+    print(text)
+    return path

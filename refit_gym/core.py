@@ -1,0 +1,133 @@
+"""The batched denoising MDP: the one core behind every face (DESIGN section 3).
+
+State per row: the noisy interaction vector x_t (n_items,) and the step t. An episode is one
+user: it starts at t = T from x_T = h_u (or a draw of q(x_k | h_u)), each action *is* the next
+state x_{t-1}, and after T actions it terminates with reward R(x_0; u). The core holds data,
+schedule and reward but no network: the policy belongs to the agent.
+
+This is the torch-native path: tensors in and out, on ``device``, rows reset independently.
+Only training interactions ever enter it; valid and test splits are not even passed in.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+from torch import Tensor
+
+from refit_gym.data import dense_rows
+from refit_gym.diffusion import GaussianDiffusion
+from refit_gym.rewards import Reward
+
+ACTION_BOUND = 10.0  # |x| bound of observations and actions; clean vectors live in [0, 1]
+
+
+@dataclass
+class StepResult:
+    """What one batched step returns; every tensor has B rows, on the core's device."""
+
+    x: Tensor  # (B, n) float32, x_{t-1}
+    t: Tensor  # (B,) long, t - 1
+    reward: Tensor  # (B,) float32, R(x_0; u) where terminated, else 0
+    terminated: Tensor  # (B,) bool
+
+
+class DenoisingMDP:
+    """A batch of ``num_rows`` denoising episodes over the training matrix ``train``."""
+
+    def __init__(
+        self,
+        train: sp.csr_matrix,
+        diffusion: GaussianDiffusion,
+        reward: Reward,
+        num_rows: int,
+        *,
+        sampling_steps: int = 0,
+        holdout_fraction: float = 0.0,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        if not 0 <= sampling_steps <= diffusion.steps:
+            raise ValueError(f"sampling_steps must be in [0, {diffusion.steps}], "
+                             f"got {sampling_steps}")
+        if not 0.0 <= holdout_fraction < 1.0:
+            raise ValueError(f"holdout_fraction must be in [0, 1), got {holdout_fraction}")
+        self.train = train.tocsr()
+        self.diffusion, self.reward = diffusion, reward
+        self.sampling_steps, self.holdout_fraction = sampling_steps, holdout_fraction
+        self.device = torch.device(device)
+        self.n_users, self.n_items = self.train.shape
+        self.steps = diffusion.steps
+        n, d = self.n_items, self.device
+        self.x = torch.zeros(num_rows, n, device=d)
+        self.t = torch.zeros(num_rows, dtype=torch.long, device=d)  # 0 = finished, needs reset
+        self.users = torch.zeros(num_rows, dtype=torch.long, device=d)
+        self.history = torch.zeros(num_rows, n, device=d)  # the visible input h_u
+        self.relevance = torch.zeros(num_rows, n, device=d)  # the reward's per-episode target
+
+    @property
+    def num_rows(self) -> int:
+        return self.x.shape[0]
+
+    def reset_rows(self, rows: Tensor, users: Tensor, generator: torch.Generator) -> None:
+        """Start episodes for ``users`` (k,) in ``rows`` (k,); all draws come from ``generator``.
+
+        ``generator`` must live on the core's device.
+        """
+        users = users.to(self.device, torch.long)
+        if users.numel() and (users.min() < 0 or users.max() >= self.n_users):
+            raise IndexError(f"user ids must be in [0, {self.n_users}), got "
+                             f"{users.min().item()}..{users.max().item()}")
+        full = dense_rows(self.train, users.cpu().numpy(), self.device)
+        if self.holdout_fraction > 0:
+            hidden = torch.rand(full.shape, generator=generator, device=self.device)
+            hidden = (hidden < self.holdout_fraction) & (full > 0)
+            history, target = full.masked_fill(hidden, 0.0), hidden.float()
+        else:
+            history, target = full, full
+        x = history
+        if self.sampling_steps > 0:
+            t = torch.full((len(users),), self.sampling_steps - 1, device=self.device)
+            noise = torch.randn(x.shape, generator=generator, device=self.device)
+            x = self.diffusion.q_sample(x, t, noise)
+        self.x[rows] = x
+        self.t[rows] = self.steps
+        self.users[rows] = users
+        self.history[rows] = history
+        self.relevance[rows] = self.reward.relevance(target, history)
+
+    def step(self, action: Tensor) -> StepResult:
+        """Apply actions (B, n): x <- clip(action), t <- t - 1; reward rows that reach t = 0.
+
+        Raises on a wrong shape, a non-float dtype, NaN or infinite values, or a row that has
+        already terminated (reset it first). Finite values outside +-ACTION_BOUND are clipped.
+        """
+        if action.shape != self.x.shape:
+            raise ValueError(f"action shape {tuple(action.shape)} != expected "
+                             f"{tuple(self.x.shape)} (num_rows, n_items)")
+        if not action.is_floating_point():
+            raise TypeError(f"actions must be floating point, got {action.dtype}")
+        if not bool(torch.isfinite(action).all()):
+            raise ValueError("actions contain NaN or infinite values; the denoiser diverged or "
+                             "an agent produced invalid output")
+        if bool((self.t <= 0).any()):
+            raise RuntimeError("step() on a terminated episode: reset its row first")
+        self.x = action.to(self.device, torch.float32).clamp(-ACTION_BOUND, ACTION_BOUND)
+        self.t = self.t - 1
+        terminated = self.t == 0
+        reward = torch.zeros(self.num_rows, device=self.device)
+        if bool(terminated.any()):
+            done = terminated.nonzero().squeeze(-1)
+            reward[done] = self.reward(self.x[done], self.relevance[done], self.history[done])
+        return StepResult(self.x.clone(), self.t.clone(), reward, terminated)
+
+    def denoiser_timestep(self) -> Tensor:
+        """DiffRec's network index t - 1 (in [0, T)) of each row's next reverse step."""
+        return (self.t - 1).clamp(min=0)
+
+
+def uniform_users(n_users: int, k: int, rng: np.random.Generator) -> Tensor:
+    """k user ids drawn uniformly with replacement from ``rng``."""
+    return torch.from_numpy(rng.integers(0, n_users, size=k))

@@ -1,0 +1,94 @@
+"""The Stable-Baselines3 face: a ``VecEnv`` over the batched core (SB3 does not accept
+Gymnasium vector envs). Same-step autoreset; a finished row's last observation is in its
+info's ``terminal_observation``, as SB3's own vectorised envs do.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from stable_baselines3.common.vec_env.base_vec_env import VecEnv, VecEnvIndices
+
+from refit_gym.gym_env import (
+    _torch_generator,
+    _UserPicker,
+    action_space,
+    make_core,
+    observation_space,
+)
+
+
+class ReFiTVecEnv(VecEnv):
+    """``num_envs`` rows of ``env_id``'s MDP for SB3 algorithms; keywords as for ``gym.make``."""
+
+    def __init__(self, env_id: str = "ReFiT-Synthetic-v0", num_envs: int = 8,
+                 seed: int | None = None, **overrides: Any) -> None:
+        self.spec_, self.settings, self.core = make_core(env_id, num_envs, **overrides)
+        self.render_mode = None
+        super().__init__(num_envs, observation_space(self.core.n_items, self.core.steps),
+                         action_space(self.core.n_items))
+        self._users = _UserPicker(self.core.n_users, self.settings.user_sampling)
+        self._rng = np.random.default_rng(seed)
+        self._all_rows = torch.arange(num_envs, device=self.core.device)
+        self._actions: np.ndarray | None = None
+
+    def _obs(self) -> dict[str, np.ndarray]:
+        return {"x": self.core.x.cpu().numpy().copy(), "t": self.core.t.cpu().numpy().copy()}
+
+    def reset(self) -> dict[str, np.ndarray]:
+        if self._seeds[0] is not None:
+            self._rng = np.random.default_rng(self._seeds[0])
+        self._reset_seeds()
+        users = self._users(self.num_envs, self._rng)
+        self.core.reset_rows(self._all_rows, users, _torch_generator(self._rng, self.core.device))
+        self.reset_infos = [{} for _ in range(self.num_envs)]
+        return self._obs()
+
+    def step_async(self, actions: np.ndarray) -> None:
+        self._actions = actions
+
+    def step_wait(self):
+        actions = np.asarray(self._actions)
+        if actions.shape != (self.num_envs, self.core.n_items):
+            raise ValueError(f"actions shape {actions.shape} != ({self.num_envs}, "
+                             f"{self.core.n_items})")
+        result = self.core.step(torch.as_tensor(actions, dtype=torch.float32,
+                                                device=self.core.device))
+        dones = result.terminated.cpu().numpy()
+        infos: list[dict[str, Any]] = [{} for _ in range(self.num_envs)]
+        if dones.any():
+            final_x = result.x.cpu().numpy()
+            for row in np.flatnonzero(dones):  # SB3 wants one info dict per finished row
+                infos[row] = {"terminal_observation": {"x": final_x[row], "t": 0},
+                              "TimeLimit.truncated": False}
+            rows = result.terminated.nonzero().squeeze(-1)
+            self.core.reset_rows(rows, self._users(len(rows), self._rng),
+                                 _torch_generator(self._rng, self.core.device))
+        return self._obs(), result.reward.cpu().numpy(), dones, infos
+
+    def close(self) -> None:
+        pass
+
+    def _indices(self, indices: VecEnvIndices) -> Iterable[int]:
+        if indices is None:
+            return range(self.num_envs)
+        return [indices] if isinstance(indices, int) else indices
+
+    def get_attr(self, attr_name: str, indices: VecEnvIndices = None) -> list[Any]:
+        return [getattr(self, attr_name) for _ in self._indices(indices)]
+
+    def set_attr(self, attr_name: str, value: Any, indices: VecEnvIndices = None) -> None:
+        setattr(self, attr_name, value)
+
+    def env_method(self, method_name: str, *args: Any, indices: VecEnvIndices = None,
+                   **kwargs: Any) -> list[Any]:
+        return [getattr(self, method_name)(*args, **kwargs) for _ in self._indices(indices)]
+
+    def env_is_wrapped(self, wrapper_class: type, indices: VecEnvIndices = None) -> list[bool]:
+        return [False for _ in self._indices(indices)]
+
+    def get_images(self) -> Sequence[np.ndarray | None]:
+        return [None for _ in range(self.num_envs)]

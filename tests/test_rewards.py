@@ -1,0 +1,115 @@
+"""Each reward against a dense, straightforward computation on small data."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from refit_gym.rewards import Propagator, make_reward
+
+
+def _dense_hops(train: np.ndarray, h: np.ndarray, hops: int) -> list[np.ndarray]:
+    user_deg, item_deg = train.sum(1), train.sum(0)
+    d_i = np.where(item_deg > 0, item_deg, 1.0) ** -0.5 * (item_deg > 0)
+    d_u = np.where(user_deg > 0, 1.0 / np.where(user_deg > 0, user_deg, 1.0), 0.0)
+    s = np.diag(d_i) @ train.T @ np.diag(d_u) @ train @ np.diag(d_i)
+    return [h @ np.linalg.matrix_power(s, k) for k in range(1, hops + 1)]
+
+
+@pytest.fixture
+def problem(small_data):
+    train = small_data.train
+    rng = np.random.default_rng(0)
+    users = rng.integers(0, small_data.n_users, size=6)
+    target = torch.from_numpy(train[users].toarray().astype(np.float32))
+    x0 = torch.from_numpy(rng.normal(size=target.shape).astype(np.float32))
+    return train, target, x0
+
+
+@pytest.mark.parametrize("rank", [None, 80])
+def test_propagation_matches_dense_item_operator(problem, rank) -> None:
+    train, target, _ = problem
+    hops = Propagator(train, hops=3, rank=rank)(target)  # rank 80 = full rank: exact
+    for got, want in zip(hops, _dense_hops(train.toarray(), target.numpy().astype(np.float64), 3)):
+        np.testing.assert_allclose(got.numpy(), want, rtol=1e-4, atol=1e-5)
+
+
+def test_lowrank_is_cached_and_close(problem, tmp_path) -> None:
+    train, target, _ = problem
+    first = Propagator(train, hops=1, rank=20, cache_dir=tmp_path)(target)[0]
+    assert len(list(tmp_path.glob("svd-*-r20.npz"))) == 1
+    again = Propagator(train, hops=1, rank=20, cache_dir=tmp_path)(target)[0]
+    torch.testing.assert_close(first, again)
+    exact = Propagator(train, hops=1)(target)[0]
+    assert torch.nn.functional.cosine_similarity(first, exact).min() > 0.9
+
+
+@pytest.mark.parametrize("exclude", [False, True])
+def test_collaborative_reward_is_cross_entropy_to_propagated_target(problem, exclude) -> None:
+    train, target, x0 = problem
+    reward = make_reward("collaborative", {"alphas": [0.3, 0.1], "tau": 0.5,
+                                           "exclude_history": exclude,
+                                           "propagation": "exact"}, train)
+    history = target if not exclude else torch.zeros_like(target)
+    history[:, :10] = target[:, :10] if exclude else history[:, :10]
+    rel = reward.relevance(target, history)
+    got = reward(x0, rel, history)
+    y = target.numpy().astype(np.float64)
+    hop1, hop2 = _dense_hops(train.toarray(), y, 2)
+    p = y + 0.3 * hop1 + 0.1 * hop2
+    logits = x0.numpy().astype(np.float64) / 0.5
+    if exclude:
+        mask = history.numpy() > 0
+        p[mask] = 0
+        logits[mask] = -np.inf
+    p /= p.sum(1, keepdims=True)
+    log_softmax = logits - np.log(np.exp(logits - logits.max(1, keepdims=True)).sum(1,
+                                  keepdims=True)) - logits.max(1, keepdims=True)
+    want = np.where(p > 0, p * np.where(np.isfinite(log_softmax), log_softmax, 0), 0).sum(1)
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-4)
+    plain = make_reward("collaborative", {"tau": 0.5}, train)  # alpha = 0: exact log-likelihood
+    y_norm = y / y.sum(1, keepdims=True)
+    ll = (y_norm * (x0.numpy() / 0.5 - np.log(np.exp(x0.numpy() / 0.5).sum(1, keepdims=True)))
+          ).sum(1)
+    np.testing.assert_allclose(plain(x0, plain.relevance(target, target), target).numpy(), ll,
+                               rtol=1e-4)
+
+
+def test_ranking_rewards_and_mse(problem) -> None:
+    train, target, x0 = problem
+    history = torch.zeros_like(target)
+    history[:, :5] = 1.0
+    hidden = target * (1 - history)
+    k = 10
+    masked = x0.masked_fill(history > 0, -np.inf).numpy()
+    top = np.argsort(-masked, axis=1)[:, :k]
+    hit = make_reward("hit", {"k": k}, train)
+    want_hit = np.array([hidden.numpy()[u, top[u]].any() for u in range(len(top))], float)
+    np.testing.assert_array_equal(hit(x0, hit.relevance(hidden, history), history).numpy(),
+                                  want_hit)
+    ndcg = make_reward("ndcg", {"k": k}, train)
+    rel = hidden.numpy()
+    disc = 1 / np.log2(np.arange(k) + 2)
+    dcg = np.array([(rel[u, top[u]] * disc).sum() for u in range(len(top))])
+    idcg = np.array([(np.sort(rel[u])[::-1][:k] * disc).sum() for u in range(len(top))])
+    want = np.where(idcg > 0, dcg / np.where(idcg > 0, idcg, 1), 0)
+    np.testing.assert_allclose(ndcg(x0, ndcg.relevance(hidden, history), history).numpy(), want,
+                               rtol=1e-5)
+    graded = make_reward("ndcg", {"k": k, "alphas": [0.5], "propagation": "exact"}, train)
+    rel = graded.relevance(hidden, history)
+    assert bool((rel[hidden > 0] == 1).all()) and bool((rel[history > 0] == 0).all())
+    assert bool((rel[(hidden == 0) & (history == 0)] > 0).any())  # collaborative credit
+    mse = make_reward("neg_mse", {}, train)
+    full = (hidden + history).clamp(max=1)
+    np.testing.assert_allclose(mse(x0, mse.relevance(hidden, history), history).numpy(),
+                               -((x0 - full) ** 2).mean(1).numpy(), rtol=1e-6)
+
+
+def test_reward_factory_rejects_bad_names_and_parameters(small_data) -> None:
+    with pytest.raises(ValueError, match="unknown reward 'ctr'"):
+        make_reward("ctr", {}, small_data.train)
+    with pytest.raises(ValueError, match="unknown parameters \\['tau'\\]"):
+        make_reward("hit", {"tau": 1.0}, small_data.train)
+    with pytest.raises(ValueError, match="propagation must be"):
+        make_reward("collaborative", {"alphas": [1.0], "propagation": "dense"}, small_data.train)
