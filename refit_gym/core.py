@@ -29,8 +29,8 @@ ACTION_BOUND = 10.0  # |x| bound of observations and actions; clean vectors live
 class StepResult:
     """What one batched step returns; every tensor has B rows, on the core's device."""
 
-    x: Tensor  # (B, n) float32, x_{t-1}
-    t: Tensor  # (B,) long, t - 1
+    x: Tensor  # (B, n) float32, x_{t-1}; the core's own state, never modified in place
+    t: Tensor  # (B,) long, t - 1; likewise
     reward: Tensor  # (B,) float32, R(x_0; u) where terminated, else 0
     terminated: Tensor  # (B,) bool
 
@@ -77,6 +77,7 @@ class DenoisingMDP:
         ``generator`` must live on the core's device.
         """
         users = users.to(self.device, torch.long)
+        rows = rows.to(self.device, torch.long)
         if users.numel() and (users.min() < 0 or users.max() >= self.n_users):
             raise IndexError(f"user ids must be in [0, {self.n_users}), got "
                              f"{users.min().item()}..{users.max().item()}")
@@ -92,36 +93,53 @@ class DenoisingMDP:
             t = torch.full((len(users),), self.sampling_steps - 1, device=self.device)
             noise = torch.randn(x.shape, generator=generator, device=self.device)
             x = self.diffusion.q_sample(x, t, noise)
-        self.x[rows] = x
-        self.t[rows] = self.steps
-        self.users[rows] = users
-        self.history[rows] = history
-        self.relevance[rows] = self.reward.relevance(target, history)
+        relevance = self.reward.relevance(target, history)
+        steps = torch.full_like(users, self.steps)
+        if torch.equal(rows, torch.arange(self.num_rows, device=self.device)):
+            # All rows start together (the usual case): the new tensors become the state.
+            self.x, self.t, self.users, self.history, self.relevance = (
+                x, steps, users, history, relevance)
+            return
+        # Out of place: tensors handed out by earlier steps stay as they were.
+        self.x = self.x.index_put((rows,), x)
+        self.t = self.t.index_put((rows,), steps)
+        self.users = self.users.index_put((rows,), users)
+        self.history = self.history.index_put((rows,), history)
+        self.relevance = self.relevance.index_put((rows,), relevance)
 
     def step(self, action: Tensor) -> StepResult:
         """Apply actions (B, n): x <- clip(action), t <- t - 1; reward rows that reach t = 0.
 
         Raises on a wrong shape, a non-float dtype, NaN or infinite values, or a row that has
         already terminated (reset it first). Finite values outside +-ACTION_BOUND are clipped.
+        An in-bounds float32 ``action`` becomes the state itself (no copy): the caller must not
+        modify it in place afterwards.
         """
         if action.shape != self.x.shape:
             raise ValueError(f"action shape {tuple(action.shape)} != expected "
                              f"{tuple(self.x.shape)} (num_rows, n_items)")
         if not action.is_floating_point():
             raise TypeError(f"actions must be floating point, got {action.dtype}")
-        if not bool(torch.isfinite(action).all()):
-            raise ValueError("actions contain NaN or infinite values; the denoiser diverged or "
-                             "an agent produced invalid output")
         if bool((self.t <= 0).any()):
             raise RuntimeError("step() on a terminated episode: reset its row first")
-        self.x = action.to(self.device, torch.float32).clamp(-ACTION_BOUND, ACTION_BOUND)
+        low, high = torch.aminmax(action)  # one pass; NaN and inf propagate into it
+        if not (bool(torch.isfinite(low)) and bool(torch.isfinite(high))):
+            raise ValueError("actions contain NaN or infinite values; the denoiser diverged or "
+                             "an agent produced invalid output")
+        action = action.to(self.device, torch.float32)
+        if low < -ACTION_BOUND or high > ACTION_BOUND:
+            action = action.clamp(-ACTION_BOUND, ACTION_BOUND)
+        self.x = action  # taken as the next state without a copy: do not modify it in place
         self.t = self.t - 1
         terminated = self.t == 0
-        reward = torch.zeros(self.num_rows, device=self.device)
-        if bool(terminated.any()):
-            done = terminated.nonzero().squeeze(-1)
-            reward[done] = self.reward(self.x[done], self.relevance[done], self.history[done])
-        return StepResult(self.x.clone(), self.t.clone(), reward, terminated)
+        if bool(terminated.all()):  # the usual case: rows started together
+            reward = self.reward(self.x, self.relevance, self.history)
+        else:
+            reward = torch.zeros(self.num_rows, device=self.device)
+            if bool(terminated.any()):
+                done = terminated.nonzero().squeeze(-1)
+                reward[done] = self.reward(self.x[done], self.relevance[done], self.history[done])
+        return StepResult(self.x, self.t, reward, terminated)
 
     def denoiser_timestep(self) -> Tensor:
         """DiffRec's network index t - 1 (in [0, T)) of each row's next reverse step."""

@@ -119,7 +119,7 @@ def _as_action_tensor(action: Any, shape: tuple[int, ...], device: torch.device)
         raise ValueError(f"action shape {array.shape} != expected {shape}")
     if not np.issubdtype(array.dtype, np.floating):
         raise TypeError(f"actions must be floating point, got dtype {array.dtype}")
-    return torch.as_tensor(array, dtype=torch.float32, device=device)
+    return torch.tensor(array, dtype=torch.float32, device=device)  # a copy: the core keeps it
 
 
 class ReFiTEnv(gym.Env):

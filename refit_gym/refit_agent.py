@@ -95,7 +95,7 @@ class ReFiTAgent:
                 action, log_prob, _ = policy_step(self.model, self.diffusion, x_t, t, cfg.kappa,
                                                   generator=generator)
                 if int(t[0]) < cfg.train_steps:
-                    stored.append((x_t.clone(), t, action, log_prob))
+                    stored.append((x_t, t, action, log_prob))  # states are never mutated
                 result = core.step(action)
         advantages = group_advantages(result.reward, cfg.group_size)
 

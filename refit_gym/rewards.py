@@ -147,19 +147,20 @@ class CollaborativeReward(Reward):
         p = target.clone()
         if self.alphas:
             for alpha, hop in zip(self.alphas, self.propagator(target)):
-                p += alpha * hop
+                p.add_(hop, alpha=alpha)
         if self.exclude_history:
-            p = p.masked_fill(history > 0, 0.0)
-        p = p.clamp(min=0.0)  # a low-rank S can dip below zero
-        return p / p.sum(-1, keepdim=True).clamp(min=1e-12)
+            p.masked_fill_(history > 0, 0.0)
+        p.clamp_(min=0.0)  # a low-rank S can dip below zero
+        return p.div_(p.sum(-1, keepdim=True).clamp(min=1e-12))
 
     def __call__(self, x0: Tensor, relevance: Tensor, history: Tensor) -> Tensor:
+        # sum_i p_i (l_i - logsumexp(l)) = p . l - logsumexp(l) sum_i p_i; p is 0 on excluded
+        # items, so only the normaliser needs the mask.
         logits = x0 / self.tau
-        if self.exclude_history:
-            logits = logits.masked_fill(history > 0, -torch.inf)
-        log_probs = torch.log_softmax(logits, dim=-1)
-        terms = torch.where(relevance > 0, relevance * log_probs, torch.zeros_like(log_probs))
-        return terms.sum(-1).float()
+        normaliser_logits = logits.masked_fill(history > 0, -torch.inf) if (
+            self.exclude_history) else logits
+        lse = torch.logsumexp(normaliser_logits, dim=-1)
+        return ((relevance * logits).sum(-1) - lse * relevance.sum(-1)).float()
 
 
 class HitReward(Reward):

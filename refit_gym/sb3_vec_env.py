@@ -55,8 +55,8 @@ class ReFiTVecEnv(VecEnv):
         if actions.shape != (self.num_envs, self.core.n_items):
             raise ValueError(f"actions shape {actions.shape} != ({self.num_envs}, "
                              f"{self.core.n_items})")
-        result = self.core.step(torch.as_tensor(actions, dtype=torch.float32,
-                                                device=self.core.device))
+        result = self.core.step(torch.tensor(actions, dtype=torch.float32,
+                                             device=self.core.device))
         dones = result.terminated.cpu().numpy()
         infos: list[dict[str, Any]] = [{} for _ in range(self.num_envs)]
         if dones.any():

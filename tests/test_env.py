@@ -187,3 +187,23 @@ def test_ml1m_env_passes_both_checkers(data_dir) -> None:
     assert env.action_space.shape == (2810,) and env.observation_space["t"].n == 41
     gym_check_env(env.unwrapped)
     sb3_check_env(env.unwrapped)
+
+
+def test_core_rows_reset_independently_and_reward_only_finished_rows() -> None:
+    _, _, core = make_core(SYN, 4, reward="neg_mse")
+    generator = torch.Generator().manual_seed(0)
+    core.reset_rows(torch.arange(4), torch.arange(4), generator)
+    handed_out = None
+    for i in range(core.steps - 1):
+        result = core.step(core.x * 0.5)
+        if i == 0:
+            handed_out = result.x.clone(), result.x
+        if i == 2:  # rows 2 and 3 start over, three steps behind rows 0 and 1
+            core.reset_rows(torch.tensor([2, 3]), torch.tensor([7, 8]), generator)
+    torch.testing.assert_close(handed_out[1], handed_out[0])  # earlier results never mutate
+    result = core.step(core.x * 0.5)
+    assert result.terminated.tolist() == [True, True, False, False]
+    assert bool((result.reward[:2] < 0).all()) and result.reward[2:].tolist() == [0.0, 0.0]
+    assert core.users.tolist() == [0, 1, 7, 8]
+    with pytest.raises(RuntimeError, match="terminated"):
+        core.step(core.x)
