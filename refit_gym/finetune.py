@@ -48,6 +48,7 @@ class RunState:
         self.path, self.identity = path, identity
         self.epoch, self.batch, self.elapsed = 1, 0, 0.0
         self.history: list[dict[str, Any]] = []
+        self.epoch_rewards: list[float] = []  # batch mean rewards of the epoch under way
         self.best: dict[str, Any] = {}
         self.best_weights: dict[str, torch.Tensor] = {}
         self.finished = False
@@ -57,6 +58,7 @@ class RunState:
         payload = {
             "identity": self.identity, "epoch": self.epoch, "batch": self.batch,
             "elapsed": self.elapsed, "history": self.history, "best": self.best,
+            "epoch_rewards": self.epoch_rewards,
             "best_weights": self.best_weights, "finished": self.finished,
             "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "generator": generator.get_state(), "extra": extra or {},
@@ -76,7 +78,8 @@ class RunState:
             raise CheckpointError(
                 f"{self.path.parent} holds a different run ({payload['identity']}); use another "
                 "--out folder, or delete it to start over")
-        for key in ("epoch", "batch", "elapsed", "history", "best", "best_weights", "finished"):
+        for key in ("epoch", "batch", "elapsed", "history", "epoch_rewards", "best",
+                    "best_weights", "finished"):
             setattr(self, key, payload[key])
         return payload
 
@@ -111,6 +114,7 @@ def _refit_epochs(spec: EnvSpec, data: InteractionData, settings: EnvSettings, m
             started = time.perf_counter()
             stats = agent.train_batch(cores[rows], users, generator)
             state.elapsed += time.perf_counter() - started
+            state.epoch_rewards.append(stats.reward)
             state.batch += 1
             step = (state.epoch - 1) * per_epoch + state.batch
             for key, value in dataclasses.asdict(stats).items():
@@ -199,7 +203,10 @@ def finetune(
         metrics = evaluate(model, diffusion, data, batch_size=spec.pretrain.eval_batch_size,
                            sampling_steps=settings.sampling_steps, device=device)
         epoch = state.epoch - 1
-        state.history.append({"epoch": epoch, "elapsed": state.elapsed, **metrics})
+        rewards = state.epoch_rewards
+        state.history.append({"epoch": epoch, "elapsed": state.elapsed, **metrics,
+                              "train_reward": sum(rewards) / len(rewards) if rewards else None})
+        state.epoch_rewards = []
         for key, value in metrics["valid"].items():
             log(f"valid/{key}", value, epoch)
         if not state.best or metrics["valid"][SELECTION_METRIC] > state.best["valid"][

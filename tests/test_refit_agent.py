@@ -1,0 +1,128 @@
+"""The ReFiT agent: its policy step, its advantages, fine-tuning, resume, and the baseline."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from refit_gym.checkpoint import CheckpointError, load_denoiser
+from refit_gym.cli import main
+from refit_gym.denoiser import DenoiserConfig, MLPDenoiser
+from refit_gym.diffusion import GaussianDiffusion
+from refit_gym.finetune import finetune
+from refit_gym.metrics import evaluate
+from refit_gym.refit_agent import group_advantages, policy_step
+from refit_gym.specs import load_env_spec
+
+SYN = "ReFiT-Synthetic-v0"
+
+
+def test_policy_step_samples_and_scores_the_exact_gaussian() -> None:
+    diffusion = GaussianDiffusion(load_env_spec("ReFiT-ML1M-v0").diffusion)
+    torch.manual_seed(0)
+    model = MLPDenoiser(DenoiserConfig(n_items=50, dims=(8,))).eval()
+    x, t = torch.rand(4, 50), torch.tensor([39, 20, 1, 0])
+    generator = torch.Generator().manual_seed(1)
+    action, log_prob, mean = policy_step(model, diffusion, x, t, kappa=3.0, generator=generator)
+    std = 3.0 * diffusion.reverse_std(t)
+    reference = torch.distributions.Normal(mean.double(), std[:, None]).log_prob(action.double())
+    torch.testing.assert_close(log_prob, reference.sum(-1), rtol=0, atol=1e-6)
+    z = (action.double() - mean.double()) / std[:, None]
+    assert 0.8 < z.std().item() < 1.2  # the sample has the policy's std
+    _, rescored, _ = policy_step(model, diffusion, x, t, kappa=3.0, action=action)
+    torch.testing.assert_close(rescored, log_prob)
+
+
+def test_group_advantages_are_normalised_per_user() -> None:
+    rewards = torch.tensor([1.0, 2.0, 3.0, 10.0, 10.0, 10.0])
+    adv = group_advantages(rewards, 3)
+    torch.testing.assert_close(adv[:3], torch.tensor([-1.2247, 0.0, 1.2247],
+                                                     dtype=torch.float64), atol=1e-4, rtol=0)
+    assert adv[3:].abs().max() == 0  # equal rewards: no signal, no NaN
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("pretrained")
+    assert main(["pretrain", "--env", SYN, "--seed", "1", "--out", str(out), "--max-epochs", "10",
+                 "--quiet"]) == 0
+    return out / "denoiser.pt"
+
+
+SMALL = {"epochs": 2, "users_per_batch": 64, "group_size": 4, "checkpoint_every": 3,
+         "lr": 1e-3, "train_steps": 3}
+
+
+def test_finetune_selects_by_validation_and_writes_outputs(pretrained: Path, tmp_path) -> None:
+    spec = load_env_spec(SYN)
+    from refit_gym.gym_env import _dataset
+
+    data = _dataset(SYN, None)
+    result = finetune(spec, data, pretrained, "refit", tmp_path, seed=3, hyperparams=SMALL,
+                      progress=False)
+    valid = [h["valid"]["ndcg@20"] for h in result["history"]]
+    assert [h["epoch"] for h in result["history"]] == [0, 1, 2]
+    assert result["valid"]["ndcg@20"] == max(valid)  # the start model is a candidate
+    assert result["valid"]["ndcg@20"] >= result["start"]["valid"]["ndcg@20"]
+    assert result["best_epoch"] == valid.index(max(valid))
+    model, meta = load_denoiser(tmp_path / "finetuned.pt", data.n_items)
+    assert meta["extra"]["epoch"] == result["best_epoch"]
+    again = evaluate(model, GaussianDiffusion(spec.diffusion), data)
+    assert again["valid"] == pytest.approx(result["valid"], abs=1e-9)
+    assert json.loads((tmp_path / "metrics.json").read_text())["valid"] == result["valid"]
+    assert any((tmp_path / "tensorboard").iterdir())
+
+
+def test_interrupted_run_resumes_to_the_same_result(pretrained: Path, tmp_path,
+                                                    monkeypatch) -> None:
+    spec = load_env_spec(SYN)
+    from refit_gym import refit_agent
+    from refit_gym.gym_env import _dataset
+
+    data = _dataset(SYN, None)
+    whole = finetune(spec, data, pretrained, "refit", tmp_path / "whole", seed=5,
+                     hyperparams=SMALL, progress=False)
+
+    original = refit_agent.ReFiTAgent.train_batch
+    calls = {"n": 0}
+
+    def interrupted(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 15:  # mid second epoch, two batches after a checkpoint
+            raise KeyboardInterrupt
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(refit_agent.ReFiTAgent, "train_batch", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(spec, data, pretrained, "refit", tmp_path / "cut", seed=5, hyperparams=SMALL,
+                 progress=False)
+    monkeypatch.setattr(refit_agent.ReFiTAgent, "train_batch", original)
+    assert (tmp_path / "cut" / "state.pt").is_file()
+    resumed = finetune(spec, data, pretrained, "refit", tmp_path / "cut", seed=5,
+                       hyperparams=SMALL, progress=False)
+    strip = [{k: v for k, v in h.items() if k != "elapsed"} for h in whole["history"]]
+    assert [{k: v for k, v in h.items() if k != "elapsed"} for h in resumed["history"]] == strip
+    a, _ = load_denoiser(tmp_path / "whole" / "finetuned.pt")
+    b, _ = load_denoiser(tmp_path / "cut" / "finetuned.pt")
+    for key, value in a.state_dict().items():
+        assert torch.equal(value, b.state_dict()[key]), key
+    with pytest.raises(CheckpointError, match="different run"):
+        finetune(spec, data, pretrained, "refit", tmp_path / "cut", seed=6, hyperparams=SMALL,
+                 progress=False)
+
+
+def test_continue_baseline_and_cli(pretrained: Path, tmp_path) -> None:
+    report = tmp_path / "continue.json"
+    assert main(["finetune", "--env", SYN, "--algo", "continue", "--checkpoint", str(pretrained),
+                 "--budget-seconds", "1", "--out", str(tmp_path / "c"), "--json", str(report),
+                 "--quiet"]) == 0
+    result = json.loads(report.read_text())
+    assert result["wall_time_s"] >= 1 and result["history"][0]["epoch"] == 0
+    assert result["valid"]["ndcg@20"] >= result["start"]["valid"]["ndcg@20"]
+    assert main(["finetune", "--env", SYN, "--algo", "continue", "--checkpoint",
+                 str(pretrained), "--out", str(tmp_path / "d"), "--quiet"]) == 2
+    assert main(["finetune", "--env", SYN, "--algo", "refit", "--checkpoint", str(pretrained),
+                 "--set", "kapa=3", "--out", str(tmp_path / "e"), "--quiet"]) == 2
