@@ -6,7 +6,7 @@ resumable and reused: rerunning skips finished configurations.
 
     REFIT_DATA_DIR=../shared/data python benchmarks/reward_study.py --env ReFiT-ML1M-v0 \
         --checkpoint runs/pretrain/ReFiT-ML1M-v0-seed1/denoiser.pt --epochs 1 \
-        --out runs/reward_study
+        --users-per-epoch 1536 --out runs/reward_study
 """
 
 from __future__ import annotations
@@ -52,6 +52,7 @@ def main() -> None:
     parser.add_argument("--checkpoint", required=True)
     parser.add_argument("--out", default="runs/reward_study")
     parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--users-per-epoch", type=int, default=0, help="0: all users")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--only", default=None, help="comma-separated config numbers (1-based)")
     args = parser.parse_args()
@@ -63,9 +64,9 @@ def main() -> None:
     rows = []
     for number, (name, env_kwargs) in enumerate(chosen, start=1):
         out = Path(args.out) / f"config{number}"
+        budget = {"epochs": args.epochs, "users_per_epoch": args.users_per_epoch}
         result = finetune(spec, data, args.checkpoint, "refit", out, seed=args.seed,
-                          hyperparams={"epochs": args.epochs}, env_kwargs=env_kwargs,
-                          progress=False)
+                          hyperparams=budget, env_kwargs=env_kwargs, progress=False)
         start, last = result["history"][0], result["history"][-1]
         delta = last["valid"]["ndcg@20"] / start["valid"]["ndcg@20"] - 1
         rewards = [h["train_reward"] for h in result["history"][1:]]
@@ -77,7 +78,8 @@ def main() -> None:
         print(rows[-1], flush=True)
         (out / "config.json").write_text(json.dumps(env_kwargs, indent=2))
     write_result(f"reward_study_{spec.id}", f"Reward study, {spec.id} (validation only)", [
-        f"ReFiT agent, agents/refit.toml defaults for {spec.id} except epochs={args.epochs}; "
+        f"ReFiT agent, agents/refit.toml defaults for {spec.id} except epochs={args.epochs}, "
+        f"users_per_epoch={args.users_per_epoch or data.n_users}; "
         f"seed {args.seed}; backbone `{args.checkpoint}`. Columns: mean training reward of the "
         "first → last epoch; validation NDCG@20 and Recall@20 of the pretrained start → the "
         "last epoch; training seconds. Test metrics are not used here.", "",

@@ -137,7 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("finetune", help="fine-tune a pretrained backbone (resumable)")
     _common(p)
-    p.add_argument("--algo", required=True, choices=["refit", "continue"])
+    p.add_argument("--algo", required=True,
+                   choices=["refit", "continue", "ppo", "a2c", "trpo"])
     p.add_argument("--checkpoint", required=True, help="the pretrained denoiser.pt")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--out", default=None, help="output folder (default runs/<env>/<algo>-seed<S>)")

@@ -31,10 +31,12 @@ from refit_gym.metrics import evaluate
 from refit_gym.pretrain import LossAwareTimestepSampler, train_epoch
 from refit_gym.refit_agent import ReFiTAgent, ReFiTConfig, epoch_seed, user_batches
 from refit_gym.rewards import make_reward
+from refit_gym.sb3_agents import SB3_ALGOS, EpisodeRewards, make_model, split_hyperparams
+from refit_gym.sb3_vec_env import ReFiTVecEnv
 from refit_gym.specs import EnvSpec, load_agent_hyperparams
 
 SELECTION_METRIC = "ndcg@20"
-ALGOS = ("refit", "continue")
+ALGOS = ("refit", "continue", *SB3_ALGOS)
 
 
 def _file_digest(path: Path) -> str:
@@ -95,12 +97,13 @@ def _refit_epochs(spec: EnvSpec, data: InteractionData, settings: EnvSettings, m
     if resumed is not None:
         agent.optimizer.load_state_dict(resumed["optimizer"])
     cores: dict[int, DenoisingMDP] = {}
-    per_epoch = -(-data.n_users // config.users_per_batch)
+    per_epoch = -(-(config.users_per_epoch or data.n_users) // config.users_per_batch)
     bar = tqdm(total=config.epochs * per_epoch, initial=(state.epoch - 1) * per_epoch
                + state.batch, desc=f"refit {spec.id}", disable=not progress)
     while state.epoch <= config.epochs:
         generator.manual_seed(epoch_seed(seed, state.epoch))
-        batches = user_batches(data.n_users, config.users_per_batch, generator)
+        batches = user_batches(data.n_users, config.users_per_batch, generator,
+                               config.users_per_epoch)
         if state.batch and resumed is not None:
             generator.set_state(resumed["generator"])
         resumed = None
@@ -160,6 +163,29 @@ def _continue_epochs(spec: EnvSpec, data: InteractionData, model, diffusion: Gau
     bar.close()
 
 
+def _sb3_epochs(spec: EnvSpec, algo: str, sb3_model, driver: dict[str, Any], steps: int,
+                n_users: int, state: RunState, out_dir: Path,
+                end_of_epoch: Callable[[], bool], progress: bool) -> None:
+    """SB3's own ``learn`` for one epoch at a time; the .zip is the resumable state."""
+    episodes = driver.get("users_per_epoch") or n_users
+    callback = EpisodeRewards()
+    bar = tqdm(total=driver["epochs"], initial=state.epoch - 1, desc=f"{algo} {spec.id}",
+               disable=not progress)
+    while state.epoch <= driver["epochs"]:
+        started = time.perf_counter()
+        sb3_model.learn(episodes * steps, callback=callback, reset_num_timesteps=False)
+        state.elapsed += time.perf_counter() - started
+        state.epoch_rewards, callback.rewards = callback.rewards, []
+        state.epoch += 1
+        end_of_epoch()
+        with atomic_path(out_dir / f"{algo}.zip") as tmp:
+            sb3_model.save(tmp.with_suffix(".zip"))
+            tmp.with_suffix(".zip").replace(tmp)
+        state.save(sb3_model.policy.denoiser, sb3_model.policy.optimizer, torch.Generator())
+        bar.update(1)
+    bar.close()
+
+
 def finetune(
     spec: EnvSpec, data: InteractionData, checkpoint: str | Path, algo: str, out_dir: str | Path,
     *, seed: int = 1, device: str = "cpu", hyperparams: dict[str, Any] | None = None,
@@ -181,18 +207,32 @@ def finetune(
     diffusion = GaussianDiffusion(spec.diffusion, device)
     settings = EnvSettings.resolve(spec, env_kwargs or {})
     params = {**load_agent_hyperparams(algo, spec.id), **(hyperparams or {})}
+    sb3_model = None
     if algo == "refit":
         config: Any = ReFiTConfig(**params)
-    else:
+        identity_config: dict[str, Any] = dataclasses.asdict(config)
+    elif algo == "continue":
         if budget_seconds is None:
             raise ValueError("--algo continue needs a wall-time budget (--budget-seconds)")
-        config = {"budget_seconds": budget_seconds}
+        config = identity_config = {"budget_seconds": budget_seconds}
+    else:
+        driver, sb3_args = split_hyperparams(params)
+        config = {"epochs": 1, "users_per_epoch": 0, "n_envs": 16, **driver}
+        identity_config = {**config, **sb3_args}
     identity = {"env": spec.id, "algo": algo, "seed": seed, "checkpoint": _file_digest(
-        Path(checkpoint)), "config": dataclasses.asdict(config) if algo == "refit" else config,
-        "env_kwargs": dataclasses.asdict(settings)}
+        Path(checkpoint)), "config": identity_config, "env_kwargs": dataclasses.asdict(settings)}
     state = RunState(out_dir / "state.pt", identity)
     resumed = state.load()
-    if resumed is not None:
+    if algo in SB3_ALGOS:
+        venv = ReFiTVecEnv(spec.id, num_envs=config["n_envs"], seed=seed,
+                           **dataclasses.asdict(settings))
+        zip_path = out_dir / f"{algo}.zip"
+        if resumed is not None and zip_path.is_file():
+            sb3_model = SB3_ALGOS[algo].load(zip_path, env=venv, device=device)
+        else:
+            sb3_model = make_model(algo, spec, venv, model, sb3_args, seed, device)
+        model = sb3_model.policy.denoiser  # the actor: evaluated and saved like any denoiser
+    elif resumed is not None:
         model.load_state_dict(resumed["model"])
     writer = SummaryWriter(str(out_dir / "tensorboard"))
 
@@ -222,9 +262,12 @@ def finetune(
         if algo == "refit":
             _refit_epochs(spec, data, settings, model, reference, diffusion, config, seed, state,
                           resumed, device, log, evaluate_and_select, progress)
-        else:
+        elif algo == "continue":
             _continue_epochs(spec, data, model, diffusion, config["budget_seconds"], seed, state,
                              resumed, device, evaluate_and_select, progress)
+        else:
+            _sb3_epochs(spec, algo, sb3_model, config, diffusion.steps, data.n_users, state,
+                        out_dir, evaluate_and_select, progress)
         state.finished = True
     writer.close()
     model.load_state_dict(state.best_weights)

@@ -24,7 +24,8 @@ from refit_gym.diffusion import GaussianDiffusion, gaussian_log_prob
 
 @dataclass(frozen=True)
 class ReFiTConfig:
-    epochs: int = 3  # passes over all users
+    epochs: int = 3  # passes over the users
+    users_per_epoch: int = 0  # 0: every user each epoch; else a fresh random subset of this size
     users_per_batch: int = 64
     group_size: int = 8  # trajectories per user (the advantage baseline is their mean)
     kappa: float = 10.0  # exploration scale: policy std = kappa * sigma_t
@@ -127,9 +128,13 @@ class ReFiTAgent:
                           grad_norm=float(grad_norm), clip_fraction=clipped / n_terms)
 
 
-def user_batches(n_users: int, users_per_batch: int, generator: torch.Generator) -> list[Tensor]:
-    """A shuffled pass over all users in batches (the last one may be smaller)."""
+def user_batches(n_users: int, users_per_batch: int, generator: torch.Generator,
+                 users_per_epoch: int = 0) -> list[Tensor]:
+    """A shuffled pass over the users (all, or the first ``users_per_epoch`` of a random order)
+    in batches; the last batch may be smaller."""
     order = torch.randperm(n_users, generator=generator)
+    if users_per_epoch:
+        order = order[:users_per_epoch]
     return list(order.split(users_per_batch))
 
 

@@ -1,0 +1,161 @@
+"""Stable-Baselines3 policy whose actor is the pretrained DiffRec denoiser (DESIGN section 4).
+
+The action distribution is the reverse-diffusion Gaussian N(mu_theta(x_t, t), (kappa sigma_t)^2 I):
+mu_theta is the DiffRec posterior mean of the denoiser's x0 prediction, sigma_t the fixed
+posterior std. The critic is a small value head on (x_t, one-hot t). PPO, A2C and TRPO use it
+unchanged through :class:`refit_gym.sb3_vec_env.ReFiTVecEnv`.
+
+Log-probability reduction (explicit, because it decides whether ratios are usable): SB3 sums a
+diagonal Gaussian's log-density over dimensions. Here that sum is taken exactly, in float64
+(``gaussian_log_prob``), then returned as float32 because SB3's rollout buffer stores float32.
+With sigma ~ 1e-3 over 2,810 items the log-density is ~ +1.3e4, where float32 resolves ~1e-3:
+ratios exp(new - old) carry ~0.1% error, small beside PPO's 0.2 clip range. With kappa = 1 a
+parameter update that moves the mean by 1e-4 per item already changes the log-density by
+~ 1e2 (ratio overflow), which is why kappa (exploration scale) defaults to 10 and learning
+rates are small.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from gymnasium import spaces
+from stable_baselines3.common.distributions import Distribution
+from stable_baselines3.common.policies import ActorCriticPolicy
+from stable_baselines3.common.preprocessing import preprocess_obs
+from torch import Tensor, nn
+
+from refit_gym.denoiser import DenoiserConfig, MLPDenoiser
+from refit_gym.diffusion import DiffusionConfig, GaussianDiffusion, gaussian_log_prob
+
+
+class DiffusionGaussian(Distribution):
+    """N(mean, diag(std^2)) with an exact float64 log-density summed over items."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mean: Tensor | None = None
+        self.std: Tensor | None = None
+
+    def proba_distribution_net(self, *args: Any, **kwargs: Any) -> nn.Module:
+        raise NotImplementedError("the mean comes from the denoiser, not a new layer")
+
+    def proba_distribution(self, mean: Tensor, std: Tensor) -> DiffusionGaussian:
+        """mean (B, n) float32; std (B,) float64, one value per row (per timestep)."""
+        self.mean, self.std = mean, std
+        self.distribution = torch.distributions.Normal(
+            mean, std.to(mean.dtype).unsqueeze(-1).expand_as(mean))
+        return self
+
+    def log_prob(self, actions: Tensor) -> Tensor:
+        return gaussian_log_prob(actions, self.mean, self.std).float()
+
+    def entropy(self) -> Tensor:
+        """Constant in theta (the std is fixed): sum over items of 0.5 log(2 pi e std^2)."""
+        n = self.mean.shape[-1]
+        return (n * (0.5 * np.log(2 * np.pi * np.e) + self.std.log())).float()
+
+    def sample(self) -> Tensor:
+        noise = torch.randn_like(self.mean)
+        return self.mean + self.std.to(self.mean.dtype).unsqueeze(-1) * noise
+
+    def mode(self) -> Tensor:
+        return self.mean
+
+    def actions_from_params(self, mean: Tensor, std: Tensor,
+                            deterministic: bool = False) -> Tensor:
+        return self.proba_distribution(mean, std).get_actions(deterministic=deterministic)
+
+    def log_prob_from_params(self, mean: Tensor, std: Tensor) -> tuple[Tensor, Tensor]:
+        actions = self.actions_from_params(mean, std)
+        return actions, self.log_prob(actions)
+
+
+class DiffusionActorCriticPolicy(ActorCriticPolicy):
+    """Actor: the DiffRec denoiser (load pretrained weights into ``.denoiser``); critic: a
+    small MLP on [x_t, one-hot t]. Observation ``{"x": (n,), "t": Discrete(T + 1)}``.
+    """
+
+    def __init__(
+        self,
+        observation_space: spaces.Dict,
+        action_space: spaces.Box,
+        lr_schedule: Any,
+        denoiser_config: dict[str, Any] | None = None,
+        diffusion_config: dict[str, Any] | None = None,
+        kappa: float = 10.0,
+        value_hidden: int = 64,
+        **kwargs: Any,
+    ) -> None:
+        if denoiser_config is None or diffusion_config is None:
+            raise ValueError("DiffusionActorCriticPolicy needs policy_kwargs denoiser_config "
+                             "and diffusion_config (see refit_gym.sb3_agents.make_model)")
+        config = {**denoiser_config, "dims": tuple(denoiser_config["dims"]), "dropout": 0.0}
+        # Dropout off: SB3 switches the policy to train mode before updates, and the rollout's
+        # and the update's log-probabilities must score the same policy.
+        self.denoiser_config = DenoiserConfig(**config)
+        self.diffusion = GaussianDiffusion(DiffusionConfig(**diffusion_config))
+        self.kappa, self.value_hidden = kappa, value_hidden
+        self._extra = {"denoiser_config": denoiser_config, "diffusion_config": diffusion_config,
+                       "kappa": kappa, "value_hidden": value_hidden}
+        super().__init__(observation_space, action_space, lr_schedule, **kwargs)
+
+    def _get_constructor_parameters(self) -> dict[str, Any]:
+        return {**super()._get_constructor_parameters(), **self._extra}
+
+    def _build(self, lr_schedule: Any) -> None:
+        n_items, steps = self.denoiser_config.n_items, self.diffusion.steps
+        self.denoiser = MLPDenoiser(self.denoiser_config)
+        # "value" in the names: TRPO leaves such parameters out of its KL Hessian.
+        self.value_net = nn.Sequential(
+            nn.Linear(n_items + steps + 1, self.value_hidden), nn.Tanh(),
+            nn.Linear(self.value_hidden, 1))
+        self.action_dist = DiffusionGaussian()
+        self.optimizer = self.optimizer_class(self.parameters(), lr=lr_schedule(1),
+                                              **self.optimizer_kwargs)
+
+    def to(self, *args: Any, **kwargs: Any) -> DiffusionActorCriticPolicy:
+        module = super().to(*args, **kwargs)
+        self.diffusion = GaussianDiffusion(self.diffusion.config, self.device)
+        return module
+
+    def _unpack(self, obs: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        """x (B, n), one-hot t (B, T+1), and DiffRec's network index t - 1 (B,)."""
+        pre = preprocess_obs(obs, self.observation_space, normalize_images=False)
+        x = pre["x"].float()
+        t_onehot = pre["t"].float().reshape(len(x), -1)  # the buffer stores t as (B, 1)
+        t_index = (t_onehot.argmax(-1) - 1).clamp(min=0)
+        return x, t_onehot, t_index
+
+    def _distribution(self, x: Tensor, t_index: Tensor) -> DiffusionGaussian:
+        mean = self.diffusion.reverse_mean(self.denoiser, x, t_index)
+        std = self.kappa * self.diffusion.reverse_std(t_index)
+        return self.action_dist.proba_distribution(mean, std)
+
+    def _value(self, x: Tensor, t_onehot: Tensor) -> Tensor:
+        return self.value_net(torch.cat([x, t_onehot], dim=-1))
+
+    def forward(self, obs: dict[str, Tensor], deterministic: bool = False):
+        x, t_onehot, t_index = self._unpack(obs)
+        distribution = self._distribution(x, t_index)
+        actions = distribution.get_actions(deterministic=deterministic)
+        return actions, self._value(x, t_onehot), distribution.log_prob(actions)
+
+    def evaluate_actions(self, obs: dict[str, Tensor], actions: Tensor):
+        x, t_onehot, t_index = self._unpack(obs)
+        distribution = self._distribution(x, t_index)
+        return (self._value(x, t_onehot), distribution.log_prob(actions),
+                distribution.entropy())
+
+    def get_distribution(self, obs: dict[str, Tensor]) -> DiffusionGaussian:
+        x, _, t_index = self._unpack(obs)
+        return self._distribution(x, t_index)
+
+    def predict_values(self, obs: dict[str, Tensor]) -> Tensor:
+        x, t_onehot, _ = self._unpack(obs)
+        return self._value(x, t_onehot)
+
+    def _predict(self, observation: dict[str, Tensor], deterministic: bool = False) -> Tensor:
+        return self.get_distribution(observation).get_actions(deterministic=deterministic)

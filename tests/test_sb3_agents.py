@@ -1,0 +1,98 @@
+"""SB3 / sb3-contrib agents with the pretrained diffusion actor."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from stable_baselines3 import PPO
+
+from refit_gym.checkpoint import load_denoiser
+from refit_gym.cli import main
+from refit_gym.diffusion import GaussianDiffusion
+from refit_gym.sb3_agents import SB3_ALGOS, make_model
+from refit_gym.sb3_vec_env import ReFiTVecEnv
+from refit_gym.specs import load_env_spec
+
+SYN = "ReFiT-Synthetic-v0"
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("pretrained")
+    assert main(["pretrain", "--env", SYN, "--seed", "1", "--out", str(out), "--max-epochs", "5",
+                 "--quiet"]) == 0
+    return out / "denoiser.pt"
+
+
+def _model(algo: str, pretrained: Path, **sb3_args):
+    spec = load_env_spec(SYN)
+    venv = ReFiTVecEnv(SYN, num_envs=4, seed=0)
+    denoiser, _ = load_denoiser(pretrained, venv.core.n_items)
+    args = {"n_steps": 10, **sb3_args}
+    return make_model(algo, spec, venv, denoiser, args, seed=0, device="cpu"), denoiser, venv
+
+
+def test_actor_is_the_pretrained_chain_with_exact_log_density(pretrained: Path) -> None:
+    model, denoiser, venv = _model("ppo", pretrained, batch_size=40)
+    obs = venv.reset()
+    obs_t, _ = model.policy.obs_to_tensor(obs)
+    dist = model.policy.get_distribution(obs_t)
+    diffusion = GaussianDiffusion(load_env_spec(SYN).diffusion)
+    t = torch.as_tensor(obs["t"]) - 1
+    expected_mean = diffusion.reverse_mean(denoiser.eval(), torch.as_tensor(obs["x"]), t)
+    torch.testing.assert_close(dist.mean, expected_mean)
+    std = 10.0 * diffusion.reverse_std(t)  # kappa = 10
+    actions = dist.mean + torch.randn_like(dist.mean) * std.float()[:, None] * 3
+    reference = torch.distributions.Normal(dist.mean.double(), std[:, None]).log_prob(
+        actions.double()).sum(-1)
+    torch.testing.assert_close(dist.log_prob(actions), reference.float(), rtol=1e-6, atol=0.05)
+    _, log_prob, _ = model.policy.evaluate_actions(obs_t, actions)
+    torch.testing.assert_close(log_prob, dist.log_prob(actions))
+
+
+def test_actions_stay_in_space_and_save_load_round_trip(pretrained: Path, tmp_path) -> None:
+    model, _, venv = _model("ppo", pretrained, batch_size=40)
+    obs = venv.reset()
+    obs["x"] = obs["x"] * 1e4  # a wild input: the mean leaves the box, predict clips
+    actions, _ = model.predict(obs, deterministic=False)
+    space = venv.action_space
+    assert actions.shape == (4, space.shape[0])
+    assert (actions >= space.low).all() and (actions <= space.high).all()
+    model.learn(40)
+    model.save(tmp_path / "ppo.zip")
+    loaded = PPO.load(tmp_path / "ppo.zip", env=venv)
+    obs = venv.reset()
+    np.testing.assert_array_equal(model.predict(obs, deterministic=True)[0],
+                                  loaded.predict(obs, deterministic=True)[0])
+    for key, value in model.policy.state_dict().items():
+        assert torch.equal(value, loaded.policy.state_dict()[key]), key
+
+
+@pytest.mark.parametrize("algo", sorted(SB3_ALGOS))
+def test_each_algorithm_finetunes_through_the_cli(algo: str, pretrained: Path,
+                                                  tmp_path) -> None:
+    report = tmp_path / f"{algo}.json"
+    sets = ["n_envs=8", "n_steps=10", "epochs=2", "users_per_epoch=40"]
+    if algo != "a2c":
+        sets.append("batch_size=40")
+    args = ["finetune", "--env", SYN, "--algo", algo, "--checkpoint", str(pretrained), "--out",
+            str(tmp_path / algo), "--json", str(report), "--quiet"]
+    for item in sets:
+        args += ["--set", item]
+    assert main(args) == 0
+    result = json.loads(report.read_text())
+    assert [h["epoch"] for h in result["history"]] == [0, 1, 2]
+    assert all(h["train_reward"] < 0 for h in result["history"][1:])
+    assert result["valid"]["ndcg@20"] >= result["start"]["valid"]["ndcg@20"]
+    assert (tmp_path / algo / f"{algo}.zip").is_file()
+    assert (tmp_path / algo / "finetuned.pt").is_file()
+
+
+def test_unknown_sb3_argument_is_a_clear_error(pretrained: Path, tmp_path, capsys) -> None:
+    assert main(["finetune", "--env", SYN, "--algo", "ppo", "--checkpoint", str(pretrained),
+                 "--out", str(tmp_path / "bad"), "--quiet", "--set", "n_stepz=3"]) == 2
+    assert "n_stepz" in capsys.readouterr().err
