@@ -1,4 +1,4 @@
-"""The ``refit-gym`` command line: pretrain, evaluate, download."""
+"""The ``refit-gym`` command line: pretrain, evaluate, finetune, bench, download."""
 
 from __future__ import annotations
 
@@ -109,6 +109,28 @@ def cmd_finetune(args: argparse.Namespace) -> None:
         write_json(args.json, payload)
 
 
+def cmd_bench(args: argparse.Namespace) -> None:
+    from refit_gym.bench import run_bench
+
+    spec, data = _load(args)
+    hyperparams: dict[str, dict] = {}
+    for algo_key, value in _parse_sets(args.set).items():
+        algo, dot, key = algo_key.partition(".")
+        if not dot:
+            raise SpecError(f"bench --set expects ALGO.KEY=VALUE, got {algo_key!r}")
+        hyperparams.setdefault(algo, {})[key] = value
+    env_kwargs = json.loads(args.env_kwargs) if args.env_kwargs else None
+    out = Path(args.out or f"runs/{spec.id}/bench")
+    payload = run_bench(spec, data, args.algos.split(","),
+                        [int(s) for s in args.seeds.split(",")], out, device=args.device,
+                        hyperparams=hyperparams, env_kwargs=env_kwargs,
+                        pretrain_max_epochs=args.pretrain_max_epochs, progress=not args.quiet)
+    print((out / "results.md").read_text())
+    print(f"written: {out}/results.md, results.json, learning_curves.png, metrics.png")
+    if args.json:
+        write_json(args.json, payload["summary"])
+
+
 def cmd_download(args: argparse.Namespace) -> None:
     from refit_gym.download import fetch_dataset
 
@@ -149,6 +171,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget-seconds", type=float, default=None,
                    help="training wall time of --algo continue (match the RL run's)")
     p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser("bench", help="compare algorithms over seeds: table, JSON, plots")
+    _common(p)
+    p.add_argument("--algos", default="pretrained,continue,refit,ppo,a2c,trpo")
+    p.add_argument("--seeds", default="1,2,3")
+    p.add_argument("--out", default=None, help="output folder (default runs/<env>/bench)")
+    p.add_argument("--set", action="append", default=[], metavar="ALGO.KEY=VALUE",
+                   help="override a hyperparameter of one algorithm (repeatable)")
+    p.add_argument("--env-kwargs", default=None, metavar="JSON", help="MDP overrides")
+    p.add_argument("--pretrain-max-epochs", type=int, default=None)
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("download", help="fetch a dataset with pinned checksums")
     p.add_argument("--env", required=True)

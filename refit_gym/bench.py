@@ -1,0 +1,156 @@
+"""``refit-gym bench``: pretrain (or reuse), fine-tune each algorithm over seeds, and compare.
+
+Layout under ``--out``: ``seed<S>/pretrain`` and ``seed<S>/<algo>`` (each with metrics.json;
+a finished cell is reused, an interrupted one resumes), then ``results.json``, ``results.md``,
+``learning_curves.png`` and ``metrics.png``. ``pretrained`` is the backbone itself; ``continue``
+trains it with its own loss for the wall time the ReFiT run of the same seed took.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from refit_gym.data import InteractionData
+from refit_gym.fileio import atomic_path, write_json
+from refit_gym.finetune import ALGOS, finetune
+from refit_gym.pretrain import pretrain
+from refit_gym.specs import EnvSpec
+
+KEYS = ("recall@10", "recall@20", "ndcg@10", "ndcg@20")
+ORDER = ("pretrained", "refit", "ppo", "a2c", "trpo", "continue")
+
+
+def _pretrained_cell(spec: EnvSpec, data: InteractionData, out: Path, seed: int, device: str,
+                     max_epochs: int | None, progress: bool) -> dict[str, Any]:
+    report = out / "metrics.json"
+    if not report.is_file():
+        result = pretrain(spec, data, out, seed=seed, device=device, max_epochs=max_epochs,
+                          progress=progress)
+        write_json(report, result.to_json(spec.id, seed))
+    return json.loads(report.read_text())
+
+
+def run_bench(
+    spec: EnvSpec, data: InteractionData, algos: Sequence[str], seeds: Sequence[int],
+    out_dir: str | Path, *, device: str = "cpu", hyperparams: dict[str, dict] | None = None,
+    env_kwargs: dict[str, Any] | None = None, pretrain_max_epochs: int | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    unknown = sorted(set(algos) - {"pretrained", *ALGOS})
+    if unknown:
+        raise ValueError(f"unknown algorithms {unknown}; choose from pretrained, {ALGOS}")
+    if "continue" in algos and "refit" not in algos:
+        raise ValueError("continue is budgeted by the refit run's wall time: include refit")
+    out_dir, hyperparams = Path(out_dir), hyperparams or {}
+    ordered = sorted(algos, key=ORDER.index)
+    cells: dict[str, list[dict[str, Any]]] = {a: [] for a in ordered}
+    for seed in seeds:
+        base = _pretrained_cell(spec, data, out_dir / f"seed{seed}" / "pretrain", seed, device,
+                                pretrain_max_epochs, progress)
+        checkpoint = Path(base["checkpoint"])
+        for algo in ordered:
+            if algo == "pretrained":
+                cells[algo].append({**base, "algo": "pretrained", "history": []})
+                continue
+            cell = out_dir / f"seed{seed}" / algo
+            if (cell / "metrics.json").is_file():
+                cells[algo].append(json.loads((cell / "metrics.json").read_text()))
+                continue
+            budget = (cells["refit"][-1]["wall_time_s"] if algo == "continue" else None)
+            cells[algo].append(finetune(
+                spec, data, checkpoint, algo, cell, seed=seed, device=device,
+                hyperparams=hyperparams.get(algo), env_kwargs=env_kwargs,
+                budget_seconds=budget, progress=progress))
+    summary = summarise(cells)
+    payload = {"env": spec.id, "seeds": list(seeds), "algos": ordered, "summary": summary,
+               "cells": cells}
+    write_json(out_dir / "results.json", payload)
+    table = markdown_table(spec.id, summary, list(seeds))
+    with atomic_path(out_dir / "results.md") as tmp:
+        tmp.write_text(table)
+    plot(cells, out_dir)
+    return payload
+
+
+def summarise(cells: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    """Mean and population std over seeds of every metric, per algorithm."""
+    summary: dict[str, Any] = {}
+    for algo, runs in cells.items():
+        entry: dict[str, Any] = {}
+        for split in ("valid", "test"):
+            for key in KEYS:
+                values = [r[split][key] for r in runs]
+                entry[f"{split}/{key}"] = (statistics.mean(values), statistics.pstdev(values))
+        walls = [r.get("wall_time_s", 0.0) for r in runs]
+        entry["wall_time_s"] = (statistics.mean(walls), statistics.pstdev(walls))
+        summary[algo] = entry
+    return summary
+
+
+def markdown_table(env_id: str, summary: dict[str, Any], seeds: list[int]) -> str:
+    columns = [f"{s}/{k}" for s in ("valid", "test") for k in KEYS]
+    lines = [f"# {env_id}: mean ± std over seeds {', '.join(map(str, seeds))}", "",
+             "Fine-tuned models are selected by validation NDCG@20 (the pretrained start is a "
+             "candidate); test is reported, never used. Wall time: pretraining for "
+             "`pretrained`, training time (evaluations excluded) for the others.", "",
+             "| algo | " + " | ".join(columns) + " | wall s |",
+             "|---" * (len(columns) + 2) + "|"]
+    for algo, entry in summary.items():
+        cells = [f"{entry[c][0]:.4f} ± {entry[c][1]:.4f}" for c in columns]
+        wall = entry["wall_time_s"]
+        lines.append(f"| {algo} | " + " | ".join(cells) + f" | {wall[0]:.0f} ± {wall[1]:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(cells: dict[str, list[dict[str, Any]]], out_dir: Path) -> None:
+    """Learning curves (train reward, validation NDCG@20 per epoch) and final metric bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_reward, ax_valid) = plt.subplots(1, 2, figsize=(11, 4))
+    for algo, runs in cells.items():
+        if algo == "pretrained":
+            continue
+        for i, run in enumerate(runs):
+            history = run["history"]
+            label = algo if i == 0 else None
+            ax_valid.plot([h["elapsed"] for h in history],
+                          [h["valid"]["ndcg@20"] for h in history], marker="o", label=label,
+                          color=f"C{ORDER.index(algo)}", alpha=0.8)
+            points = [(h["epoch"], h["train_reward"]) for h in history
+                      if h.get("train_reward") is not None]
+            if points:
+                ax_reward.plot(*zip(*points), marker="o", label=label,
+                               color=f"C{ORDER.index(algo)}", alpha=0.8)
+    ax_reward.set(title="mean training episode reward", xlabel="epoch")
+    ax_valid.set(title="validation NDCG@20 (first point = pretrained)",
+                 xlabel="training seconds")
+    for ax in (ax_reward, ax_valid):
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    _save(fig, out_dir / "learning_curves.png")
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    algos = list(cells)
+    for ax, key in zip(axes, ("ndcg@20", "recall@20")):
+        means = [statistics.mean(r["test"][key] for r in cells[a]) for a in algos]
+        stds = [statistics.pstdev(r["test"][key] for r in cells[a]) for a in algos]
+        ax.bar(algos, means, yerr=stds, color=[f"C{ORDER.index(a)}" for a in algos], capsize=4)
+        low = min(m - s for m, s in zip(means, stds))
+        ax.set_ylim(low * 0.97, max(m + s for m, s in zip(means, stds)) * 1.01)
+        ax.set(title=f"test {key} (mean ± std over seeds)")
+    fig.tight_layout()
+    _save(fig, out_dir / "metrics.png")
+    plt.close("all")
+
+
+def _save(fig: Any, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)

@@ -1,0 +1,52 @@
+"""`refit-gym bench`: outputs, the continue budget, and reuse of finished cells."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+import refit_gym.bench as bench
+from refit_gym.cli import main
+from refit_gym.gym_env import _dataset
+from refit_gym.specs import load_env_spec
+
+SYN = "ReFiT-Synthetic-v0"
+
+
+def test_bench_writes_table_json_plots_and_reuses_cells(tmp_path: Path, monkeypatch) -> None:
+    out = tmp_path / "bench"
+    args = ["bench", "--env", SYN, "--algos", "pretrained,refit,continue", "--seeds", "1,2",
+            "--out", str(out), "--pretrain-max-epochs", "5", "--quiet",
+            "--set", "refit.epochs=1", "--set", "refit.users_per_epoch=64"]
+    assert main(args) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["algos"] == ["pretrained", "refit", "continue"]
+    for seed_index, seed in enumerate((1, 2)):
+        refit_cell = results["cells"]["refit"][seed_index]
+        continue_cell = results["cells"]["continue"][seed_index]
+        assert refit_cell["seed"] == seed
+        assert continue_cell["wall_time_s"] >= refit_cell["wall_time_s"]  # the same budget
+    mean, _ = results["summary"]["pretrained"]["test/ndcg@20"]
+    pre = [c["test"]["ndcg@20"] for c in results["cells"]["pretrained"]]
+    assert mean == pytest.approx(sum(pre) / 2)
+    table = (out / "results.md").read_text()
+    assert "| refit |" in table and "test/ndcg@20" in table
+    for name in ("learning_curves.png", "metrics.png"):
+        assert (out / name).read_bytes()[:4] == b"\x89PNG"
+
+    def no_more_training(*args, **kwargs):
+        raise AssertionError("a finished cell was run again")
+
+    monkeypatch.setattr(bench, "finetune", no_more_training)
+    monkeypatch.setattr(bench, "pretrain", no_more_training)
+    assert main(args) == 0  # everything reused
+
+
+def test_bench_rejects_bad_algorithm_lists(tmp_path: Path) -> None:
+    spec, data = load_env_spec(SYN), _dataset(SYN, None)
+    with pytest.raises(ValueError, match="unknown algorithms"):
+        bench.run_bench(spec, data, ["pretrained", "dqn"], [1], tmp_path)
+    with pytest.raises(ValueError, match="include refit"):
+        bench.run_bench(spec, data, ["continue"], [1], tmp_path)
