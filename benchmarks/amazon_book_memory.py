@@ -11,13 +11,10 @@ from __future__ import annotations
 import argparse
 import time
 
-import torch
-from common import peak_rss_mib, write_result
+from common import fresh_training, peak_rss_mib, write_result
 
 from refit_gym.data import load_dataset
-from refit_gym.denoiser import MLPDenoiser
-from refit_gym.diffusion import GaussianDiffusion
-from refit_gym.pretrain import LossAwareTimestepSampler, train_epoch
+from refit_gym.pretrain import train_epoch
 from refit_gym.specs import load_env_spec
 
 
@@ -30,12 +27,7 @@ def main() -> None:
     start = time.perf_counter()
     data = load_dataset(spec.dataset)
     t_load, rss_load = time.perf_counter() - start, peak_rss_mib()
-    torch.manual_seed(0)
-    model = MLPDenoiser(spec.denoiser_config(data.n_items))
-    diffusion = GaussianDiffusion(spec.diffusion)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=spec.pretrain.lr)
-    sampler = LossAwareTimestepSampler(diffusion.steps)
-    generator = torch.Generator().manual_seed(0)
+    model, diffusion, optimizer, sampler, generator = fresh_training(spec, data.n_items)
     epoch_times = []
     for _ in range(args.epochs):
         start = time.perf_counter()

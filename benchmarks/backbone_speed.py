@@ -15,13 +15,11 @@ import argparse
 
 import numpy as np
 import torch
-from common import best_of, write_result
+from common import best_of, fresh_training, write_result
 
 from refit_gym.data import dense_rows, load_dataset
-from refit_gym.denoiser import MLPDenoiser
-from refit_gym.diffusion import GaussianDiffusion
 from refit_gym.metrics import evaluate
-from refit_gym.pretrain import LossAwareTimestepSampler, train_epoch
+from refit_gym.pretrain import train_epoch
 from refit_gym.specs import load_env_spec
 
 
@@ -32,9 +30,7 @@ def main() -> None:
     args = parser.parse_args()
     spec = load_env_spec(args.env)
     data = load_dataset(spec.dataset)
-    torch.manual_seed(0)
-    model = MLPDenoiser(spec.denoiser_config(data.n_items))
-    diffusion = GaussianDiffusion(spec.diffusion)
+    model, diffusion, optimizer, sampler, generator = fresh_training(spec, data.n_items)
     config = spec.pretrain
     users = np.arange(data.n_users)
 
@@ -53,8 +49,6 @@ def main() -> None:
     t_chain = best_of(bare_chain, args.repeats)
     t_eval = best_of(full_evaluation, args.repeats)
 
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr)
-    generator = torch.Generator().manual_seed(0)
     batches = [dense_rows(data.train, users[s : s + config.batch_size])
                for s in range(0, data.n_users, config.batch_size)]
     steps = [torch.randint(0, diffusion.steps, (len(b),), generator=generator) for b in batches]
@@ -67,8 +61,6 @@ def main() -> None:
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-
-    sampler = LossAwareTimestepSampler(diffusion.steps)
 
     def real_epoch() -> None:
         train_epoch(model, diffusion, data, optimizer, sampler, config, generator)

@@ -12,6 +12,11 @@ from pathlib import Path
 
 import torch
 
+from refit_gym.denoiser import MLPDenoiser
+from refit_gym.diffusion import GaussianDiffusion
+from refit_gym.pretrain import LossAwareTimestepSampler
+from refit_gym.specs import EnvSpec
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -53,3 +58,14 @@ def write_result(name: str, title: str, lines: list[str]) -> Path:
     path.write_text(text)
     print(text)
     return path
+
+
+def fresh_training(spec: EnvSpec, n_items: int):
+    """A seeded, untrained backbone with its schedule, AdamW, t-sampler and generator."""
+    torch.manual_seed(0)
+    model = MLPDenoiser(spec.denoiser_config(n_items))
+    diffusion = GaussianDiffusion(spec.diffusion)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=spec.pretrain.lr,
+                                  weight_decay=spec.pretrain.weight_decay)
+    sampler = LossAwareTimestepSampler(diffusion.steps)
+    return model, diffusion, optimizer, sampler, torch.Generator().manual_seed(0)

@@ -12,6 +12,7 @@ from refit_gym.checkpoint import CheckpointError, load_denoiser
 from refit_gym.data import DataError, load_dataset
 from refit_gym.diffusion import GaussianDiffusion
 from refit_gym.fileio import write_json
+from refit_gym.finetune import ALGOS
 from refit_gym.metrics import evaluate, format_metrics_table
 from refit_gym.specs import SpecError, load_env_spec
 
@@ -159,8 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("finetune", help="fine-tune a pretrained backbone (resumable)")
     _common(p)
-    p.add_argument("--algo", required=True,
-                   choices=["refit", "continue", "ppo", "a2c", "trpo"])
+    p.add_argument("--algo", required=True, choices=ALGOS)
     p.add_argument("--checkpoint", required=True, help="the pretrained denoiser.pt")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--out", default=None, help="output folder (default runs/<env>/<algo>-seed<S>)")

@@ -46,3 +46,14 @@ def write_diffrec(directory: Path, train, valid, test) -> Path:
     for split, pairs in (("train", train), ("valid", valid), ("test", test)):
         np.save(directory / f"{split}_list.npy", np.asarray(pairs, dtype=np.int64).reshape(-1, 2))
     return directory
+
+
+@pytest.fixture(scope="session")
+def pretrained_synthetic(tmp_path_factory) -> Path:
+    """A ReFiT-Synthetic-v0 backbone pretrained for a few epochs (its denoiser.pt)."""
+    from refit_gym.cli import main
+
+    out = tmp_path_factory.mktemp("pretrained")
+    assert main(["pretrain", "--env", "ReFiT-Synthetic-v0", "--seed", "1", "--out", str(out),
+                 "--max-epochs", "10", "--quiet"]) == 0
+    return out / "denoiser.pt"

@@ -44,12 +44,9 @@ def test_group_advantages_are_normalised_per_user() -> None:
     assert adv[3:].abs().max() == 0  # equal rewards: no signal, no NaN
 
 
-@pytest.fixture(scope="module")
-def pretrained(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("pretrained")
-    assert main(["pretrain", "--env", SYN, "--seed", "1", "--out", str(out), "--max-epochs", "10",
-                 "--quiet"]) == 0
-    return out / "denoiser.pt"
+@pytest.fixture
+def pretrained(pretrained_synthetic: Path) -> Path:
+    return pretrained_synthetic
 
 
 SMALL = {"epochs": 2, "users_per_batch": 64, "group_size": 4, "checkpoint_every": 3,

@@ -20,12 +20,9 @@ from refit_gym.specs import load_env_spec
 SYN = "ReFiT-Synthetic-v0"
 
 
-@pytest.fixture(scope="module")
-def pretrained(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("pretrained")
-    assert main(["pretrain", "--env", SYN, "--seed", "1", "--out", str(out), "--max-epochs", "5",
-                 "--quiet"]) == 0
-    return out / "denoiser.pt"
+@pytest.fixture
+def pretrained(pretrained_synthetic: Path) -> Path:
+    return pretrained_synthetic
 
 
 def _model(algo: str, pretrained: Path, **sb3_args):

@@ -1,0 +1,101 @@
+"""ReFiT fine-tuning cost: an ML-1M epoch against a pretraining epoch, and how an epoch's time
+grows with users and with items (synthetic data, three sizes each, log-log slope).
+
+The ML-1M ReFiT epoch is timed over ``--batches`` batches and scaled to all users (stated as
+such in the table); the scaling runs time whole epochs.
+
+    REFIT_DATA_DIR=../shared/data python benchmarks/finetune_speed.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import torch
+from common import best_of, fresh_training, write_result
+
+from refit_gym.core import DenoisingMDP
+from refit_gym.denoiser import DenoiserConfig, MLPDenoiser
+from refit_gym.diffusion import GaussianDiffusion
+from refit_gym.gym_env import _dataset
+from refit_gym.pretrain import train_epoch
+from refit_gym.refit_agent import ReFiTAgent, ReFiTConfig, user_batches
+from refit_gym.rewards import make_reward
+from refit_gym.specs import load_agent_hyperparams, load_env_spec
+from refit_gym.synthetic import make_synthetic
+
+REWARD = {"alphas": [0.5], "tau": 0.05, "rank": 64}
+
+
+def refit_seconds(data, spec, config: ReFiTConfig, max_batches: int | None) -> tuple[float, int]:
+    """Seconds for ``max_batches`` (or all) ReFiT batches, and how many batches that was."""
+    torch.manual_seed(0)
+    model = MLPDenoiser(spec.denoiser_config(data.n_items))
+    diffusion = GaussianDiffusion(spec.diffusion)
+    agent = ReFiTAgent(model, MLPDenoiser(model.config), diffusion, config)
+    reward = make_reward("collaborative", REWARD, data.train)
+    generator = torch.Generator().manual_seed(0)
+    batches = user_batches(data.n_users, config.users_per_batch, generator)[:max_batches]
+    cores = {}
+    start = time.perf_counter()
+    for users in batches:
+        rows = len(users) * config.group_size
+        if rows not in cores:
+            cores[rows] = DenoisingMDP(data.train, diffusion, reward, rows)
+        agent.train_batch(cores[rows], users, generator)
+    return time.perf_counter() - start, len(batches)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--batches", type=int, default=10)
+    args = parser.parse_args()
+
+    spec = load_env_spec("ReFiT-ML1M-v0")
+    data = _dataset(spec.id, None)
+    config = ReFiTConfig(**load_agent_hyperparams("refit", spec.id))
+    seconds, done = refit_seconds(data, spec, config, args.batches)
+    n_batches = -(-data.n_users // config.users_per_batch)
+    refit_epoch = seconds / done * n_batches
+    model, diffusion, optimizer, sampler, generator = fresh_training(spec, data.n_items)
+    pretrain_epoch = best_of(lambda: train_epoch(model, diffusion, data, optimizer, sampler,
+                                                 spec.pretrain, generator), 3)
+    lines = [
+        "## One ReFiT epoch over all ML-1M users against one pretraining epoch", "",
+        f"ReFiT settings from agents/refit.toml ({config.users_per_batch} users x "
+        f"{config.group_size} trajectories per batch, {spec.diffusion.steps} steps, gradients "
+        f"on the last {config.train_steps}); collaborative reward, rank 64.", "",
+        "| measurement | seconds | ratio |", "|---|---|---|",
+        f"| pretraining epoch (DiffRec loss, batch {spec.pretrain.batch_size}) | "
+        f"{pretrain_epoch:.2f} | 1 |",
+        f"| ReFiT epoch, {done} of {n_batches} batches timed, scaled to all | "
+        f"{refit_epoch:.0f} | {refit_epoch / pretrain_epoch:.0f} |", "",
+        "A ReFiT epoch runs group_size x T = 320 denoiser forwards per user (plus backward on "
+        "the trained steps) where pretraining runs one forward and backward per user.", ""]
+
+    syn = load_env_spec("ReFiT-Synthetic-v0")
+    syn_config = ReFiTConfig(users_per_batch=64, group_size=8, train_steps=10)
+    for label, sizes in (("users", [(1000, 1000), (2000, 1000), (4000, 1000)]),
+                         ("items", [(2000, 500), (2000, 1000), (2000, 2000)])):
+        rows, times = [], []
+        for n_users, n_items in sizes:
+            synthetic = make_synthetic(n_users=n_users, n_items=n_items, mean_interactions=40,
+                                       seed=0)
+            seconds, _ = refit_seconds(synthetic, syn, syn_config, None)
+            times.append(seconds)
+            rows.append(f"| {n_users} | {n_items} | {seconds:.2f} |")
+        x = [s[0] if label == "users" else s[1] for s in sizes]
+        slope = np.polyfit(np.log(x), np.log(times), 1)[0]
+        lines += [f"## Scaling with {label} (synthetic, one ReFiT epoch over all users)", "",
+                  "| users | items | seconds |", "|---|---|---|", *rows, "",
+                  f"log-log slope: {slope:.2f} (1 = linear)", ""]
+    denoiser = DenoiserConfig(n_items=1, dims=syn.denoiser["dims"])
+    lines.append(f"Synthetic backbone: dims {list(denoiser.dims)}, T = {syn.diffusion.steps}; "
+                 "its parameters grow linearly with the items.")
+    write_result("finetune_speed", "ReFiT fine-tuning speed and scaling", lines)
+
+
+if __name__ == "__main__":
+    main()
