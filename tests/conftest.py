@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from refit_gym.data import InteractionData, load_dataset
@@ -38,14 +37,6 @@ def ml1m(data_dir: Path) -> InteractionData:
 @pytest.fixture(scope="session")
 def small_data() -> InteractionData:
     return make_synthetic(n_users=120, n_items=80, n_communities=4, mean_interactions=12, seed=3)
-
-
-def write_diffrec(directory: Path, train, valid, test) -> Path:
-    """Write DiffRec-format split files (lists of (user, item) pairs) into ``directory``."""
-    directory.mkdir(parents=True, exist_ok=True)
-    for split, pairs in (("train", train), ("valid", valid), ("test", test)):
-        np.save(directory / f"{split}_list.npy", np.asarray(pairs, dtype=np.int64).reshape(-1, 2))
-    return directory
 
 
 @pytest.fixture(scope="session")

@@ -15,7 +15,15 @@ from refit_gym.data import (
     load_movielens_ratings,
 )
 from refit_gym.synthetic import make_synthetic
-from tests.conftest import write_diffrec
+
+
+def write_diffrec(directory: Path, train, valid, test) -> Path:
+    """Write DiffRec-format split files (lists of (user, item) pairs) into ``directory``."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for split, pairs in (("train", train), ("valid", valid), ("test", test)):
+        np.save(directory / f"{split}_list.npy", np.asarray(pairs, dtype=np.int64).reshape(-1, 2))
+    return directory
+
 
 TRAIN = [(0, 0), (0, 1), (1, 1), (1, 2), (2, 0), (2, 3)]
 VALID = [(0, 2), (1, 0), (2, 1)]
