@@ -207,3 +207,14 @@ def test_core_rows_reset_independently_and_reward_only_finished_rows() -> None:
     assert core.users.tolist() == [0, 1, 7, 8]
     with pytest.raises(RuntimeError, match="terminated"):
         core.step(core.x)
+
+
+@pytest.mark.ml1m
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_amazon_book_env_passes_both_checkers_without_dense_matrices(data_dir) -> None:
+    env = gym.make("ReFiT-AmazonBook-v0", data_dir=str(data_dir))
+    core = env.unwrapped.core
+    assert core.train.shape == (70679, 24915)
+    assert core.x.shape == (1, 24915)  # state is per row: no users x items tensor anywhere
+    gym_check_env(env.unwrapped)
+    sb3_check_env(env.unwrapped)
