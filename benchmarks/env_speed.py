@@ -118,18 +118,19 @@ def main() -> None:
         svd_s = time.perf_counter() - start  # the cache makes later builds instant
         per_user = {}
         for env_id in (ML1M, "ReFiT-AmazonBook-v0"):
+            # Sub-millisecond per user: the best of 20 keeps scheduler noise out of the ratio.
             per_user[env_id] = reward_seconds(env_id, {"alphas": [0.5], "rank": 256}, 256,
-                                              args.repeats) / 256
+                                              max(args.repeats, 20)) / 256
         ratio = per_user["ReFiT-AmazonBook-v0"] / per_user[ML1M]
         lines += ["## Reward cost per user, Amazon-Book against ML-1M (K = 1, rank 256)", "",
                   "| dataset | items | ms per user | ratio |", "|---|---|---|---|",
                   f"| ML-1M | {ml1m.n_items} | {per_user[ML1M] * 1e3:.3f} | 1.00 |",
                   f"| Amazon-Book | {book.n_items} | "
                   f"{per_user['ReFiT-AmazonBook-v0'] * 1e3:.3f} | {ratio:.2f} |", "",
-                  f"Items ratio {book.n_items / ml1m.n_items:.2f}: the per-user cost is "
-                  "O(n_items r), so it should track the items ratio. The rank-256 "
-                  f"factorisation of Amazon-Book took {svd_s:.0f} s once (or less when "
-                  "cached).", ""]
+                  f"Items ratio {book.n_items / ml1m.n_items:.2f}. Per user the reward costs "
+                  "O(n_items r) (two (1 x n) by (n x r) products and an O(n) score), "
+                  "independent of the number of users. Building the rank-256 factors of "
+                  f"Amazon-Book took {svd_s:.0f} s (from the cache if one was there).", ""]
 
     write_result("env_speed", "Environment speed (ReFiT-ML1M-v0)", lines)
 
