@@ -195,7 +195,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (DataError, SpecError, CheckpointError, TypeError, ValueError) as err:
+    except (DataError, SpecError, CheckpointError, TypeError, ValueError,
+            FloatingPointError) as err:
         print(f"refit-gym: error: {err}", file=sys.stderr)
         return 2
     return 0

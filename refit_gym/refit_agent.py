@@ -107,7 +107,9 @@ class ReFiTAgent:
             for x_t, t, action, old_log_prob in stored:
                 _, log_prob, mean = policy_step(self.model, self.diffusion, x_t, t, cfg.kappa,
                                                 action=action)
-                ratio = torch.exp(log_prob - old_log_prob)
+                # Beyond e^20 the clipped objective is flat anyway; the clamp only keeps a
+                # far-moved policy (update_epochs > 1) from overflowing to inf * 0 = NaN.
+                ratio = torch.exp((log_prob - old_log_prob).clamp(max=20.0))
                 surrogate = torch.minimum(
                     ratio * advantages,
                     ratio.clamp(1 - cfg.clip_range, 1 + cfg.clip_range) * advantages)

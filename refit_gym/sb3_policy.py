@@ -131,6 +131,12 @@ class DiffusionActorCriticPolicy(ActorCriticPolicy):
 
     def _distribution(self, x: Tensor, t_index: Tensor) -> DiffusionGaussian:
         mean = self.diffusion.reverse_mean(self.denoiser, x, t_index)
+        if not bool(torch.isfinite(mean.sum())):
+            raise FloatingPointError(
+                "the diffusion policy's mean is not finite: the actor diverged. Ratios "
+                "exp(log pi - log pi_old) over thousands of items overflow when one update moves "
+                "the policy too far; lower learning_rate or set target_kl (PPO checks it before "
+                "each gradient step).")
         std = self.kappa * self.diffusion.reverse_std(t_index)
         return self.action_dist.proba_distribution(mean, std)
 
