@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import scipy.sparse as sp
 import torch
 from torch import Tensor
@@ -145,7 +144,3 @@ class DenoisingMDP:
         """DiffRec's network index t - 1 (in [0, T)) of each row's next reverse step."""
         return (self.t - 1).clamp(min=0)
 
-
-def uniform_users(n_users: int, k: int, rng: np.random.Generator) -> Tensor:
-    """k user ids drawn uniformly with replacement from ``rng``."""
-    return torch.from_numpy(rng.integers(0, n_users, size=k))
