@@ -71,23 +71,37 @@ def main() -> None:
         rows.append(f"| {batch} | {batch * core.steps / seconds:,.0f} | {seconds:.3f} |")
     lines += ["## Environment-only transitions (torch path, CPU)", "", *rows, ""]
 
-    spec, _, core = make_core(ML1M, 256)
-    torch.manual_seed(0)
-    model = MLPDenoiser(spec.denoiser_config(core.n_items)).eval()
+    share_rows = ["| reward setting | environment s / episode | denoiser s / episode | share |",
+                  "|---|---|---|---|"]
+    settings = {
+        "spec default (hit@20, 20% holdout)": {},
+        "collaborative a=0.5 rank 256, no holdout": {
+            "reward": "collaborative", "holdout_fraction": 0.0,
+            "reward_params": {"alphas": [0.5], "tau": 0.05, "rank": 256}},
+    }
+    for label, overrides in settings.items():
+        spec, _, core = make_core(ML1M, 256, **overrides)
+        torch.manual_seed(0)
+        model = MLPDenoiser(spec.denoiser_config(core.n_items)).eval()
 
-    def policy(x, t):
-        return core.diffusion.reverse_mean(model, x, t)
+        def policy(x, t, core=core, model=model):
+            return core.diffusion.reverse_mean(model, x, t)
 
-    env_s, policy_s = min((episodes(core, 256, policy) for _ in range(args.repeats)),
-                          key=lambda pair: pair[0] + pair[1])
-    share = env_s / (env_s + policy_s)
+        env_s, policy_s = min((episodes(core, 256, policy) for _ in range(args.repeats)),
+                              key=lambda pair: pair[0] + pair[1])
+        share_rows.append(f"| {label} | {env_s:.4f} | {policy_s:.3f} | "
+                          f"{env_s / (env_s + policy_s):.1%} |")
     lines += ["## The environment's share of a full step (batch 256, whole episodes)", "",
-              "| part | seconds per episode |", "|---|---|",
-              f"| environment (reset, {core.steps} steps, reward) | {env_s:.3f} |",
-              f"| denoiser forward + posterior mean, {core.steps} times | {policy_s:.3f} |",
-              f"| environment share | {share:.1%} (target <= 5%) |", ""]
+              f"Environment: reset, {core.steps} steps and the terminal reward; denoiser: one "
+              "DiffRec forward plus posterior mean per step. Target <= 5%.", "",
+              *share_rows, "",
+              "The holdout's reset draws one uniform number per (user, item), 1.7 ms of its "
+              "3.4 ms at batch 256; drawing only over each user's history would remove most "
+              "of it but changes the random stream (and so every committed holdout result).",
+              ""]
 
     vec = ReFiTVecEnv(ML1M, num_envs=256, seed=0)
+    _, _, core = make_core(ML1M, 256)  # the same (default) MDP as the SB3 face
 
     def sb3_episode() -> None:
         obs = vec.reset()
