@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -197,7 +198,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.func(args)
     except (DataError, SpecError, CheckpointError, TypeError, ValueError,
             FloatingPointError) as err:
-        print(f"refit-gym: error: {err}", file=sys.stderr)
+        if os.environ.get("REFIT_DEBUG"):
+            raise
+        print(f"refit-gym: error: {err} ({type(err).__name__}; REFIT_DEBUG=1 shows the "
+              "traceback)", file=sys.stderr)
         return 2
     return 0
 

@@ -74,3 +74,9 @@ def test_ml1m_pretrain_epoch_and_evaluate_end_to_end(data_dir: Path, tmp_path: P
     assert json.loads(evaluated.read_text())["test"] == pytest.approx(result["test"], abs=1e-9)
     with pytest.raises(SystemExit):
         main(["evaluate", "--env", "ReFiT-ML1M-v0"])  # --checkpoint is required
+
+
+def test_debug_mode_reraises_with_the_traceback(monkeypatch) -> None:
+    monkeypatch.setenv("REFIT_DEBUG", "1")
+    with pytest.raises(SpecError, match="unknown environment id"):
+        main(["evaluate", "--env", "Nope-v0", "--checkpoint", "x.pt", "--quiet"])
