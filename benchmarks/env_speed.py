@@ -21,7 +21,7 @@ import torch
 from common import best_of, write_result
 
 from refit_gym.denoiser import MLPDenoiser
-from refit_gym.gym_env import _dataset, make_core
+from refit_gym.gym_env import cached_dataset, make_core
 from refit_gym.rewards import make_reward
 from refit_gym.sb3_vec_env import ReFiTVecEnv
 
@@ -50,7 +50,7 @@ def episodes(core, batch: int, policy=None) -> tuple[float, float]:
 
 def reward_seconds(env_id: str, params: dict, batch: int, repeats: int) -> float:
     """Relevance (at reset) plus terminal scoring for one batch, best of ``repeats``."""
-    data = _dataset(env_id, None)
+    data = cached_dataset(env_id, None)
     reward = make_reward("collaborative", params, data.train)
     target = torch.from_numpy(data.train[np.arange(batch)].toarray().astype(np.float32))
     x0 = torch.rand_like(target)
@@ -126,7 +126,7 @@ def main() -> None:
               "", *rows, ""]
 
     if args.amazon:
-        ml1m, book = _dataset(ML1M, None), _dataset("ReFiT-AmazonBook-v0", None)
+        ml1m, book = cached_dataset(ML1M, None), cached_dataset("ReFiT-AmazonBook-v0", None)
         start = time.perf_counter()
         make_reward("collaborative", {"alphas": [0.5], "rank": 256}, book.train)
         svd_s = time.perf_counter() - start  # the cache makes later builds instant

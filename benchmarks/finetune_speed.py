@@ -20,7 +20,7 @@ from common import best_of, fresh_training, write_result
 from refit_gym.core import DenoisingMDP
 from refit_gym.denoiser import DenoiserConfig, MLPDenoiser
 from refit_gym.diffusion import GaussianDiffusion
-from refit_gym.gym_env import _dataset
+from refit_gym.gym_env import cached_dataset
 from refit_gym.pretrain import train_epoch
 from refit_gym.refit_agent import ReFiTAgent, ReFiTConfig, policy_step, user_batches
 from refit_gym.rewards import make_reward
@@ -86,7 +86,7 @@ def main() -> None:
     args = parser.parse_args()
 
     spec = load_env_spec("ReFiT-ML1M-v0")
-    data = _dataset(spec.id, None)
+    data = cached_dataset(spec.id, None)
     config = ReFiTConfig(**load_agent_hyperparams("refit", spec.id))
     seconds, done = refit_seconds(data, spec, config, args.batches)
     n_batches = -(-data.n_users // config.users_per_batch)

@@ -18,7 +18,7 @@ from pathlib import Path
 from common import write_result
 
 from refit_gym.finetune import finetune
-from refit_gym.gym_env import _dataset
+from refit_gym.gym_env import cached_dataset
 from refit_gym.specs import load_env_spec
 
 LOWRANK = {"propagation": "lowrank", "rank": 256}
@@ -57,7 +57,7 @@ def main() -> None:
     parser.add_argument("--only", default=None, help="comma-separated config numbers (1-based)")
     args = parser.parse_args()
     spec = load_env_spec(args.env)
-    data = _dataset(spec.id, None)
+    data = cached_dataset(spec.id, None)
     chosen = list(CONFIGS.items())
     if args.only:
         chosen = [chosen[int(i) - 1] for i in args.only.split(",")]

@@ -88,15 +88,26 @@ def _parse_sets(pairs: list[str]) -> dict[str, object]:
     return out
 
 
+def _env_kwargs(args: argparse.Namespace) -> dict[str, object]:
+    try:
+        return json.loads(args.env_kwargs) if args.env_kwargs else {}
+    except json.JSONDecodeError as err:
+        raise SpecError(f"--env-kwargs is not valid JSON: {err}") from err
+
+
+def _run_options(parser: argparse.ArgumentParser, set_help: str) -> None:
+    """Options shared by finetune and bench: hyperparameter overrides and MDP overrides."""
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=set_help)
+    parser.add_argument("--env-kwargs", default=None, metavar="JSON",
+                        help='MDP overrides as for gym.make, e.g. \'{"reward": "ndcg"}\'')
+
+
 def cmd_finetune(args: argparse.Namespace) -> None:
     from refit_gym.finetune import finetune
 
     spec, data = _load(args)
     out = Path(args.out or f"runs/{spec.id}/{args.algo}-seed{args.seed}")
-    try:
-        env_kwargs = json.loads(args.env_kwargs) if args.env_kwargs else {}
-    except json.JSONDecodeError as err:
-        raise SpecError(f"--env-kwargs is not valid JSON: {err}") from err
+    env_kwargs = _env_kwargs(args)
     payload = finetune(spec, data, args.checkpoint, args.algo, out, seed=args.seed,
                        device=args.device, hyperparams=_parse_sets(args.set),
                        env_kwargs=env_kwargs, budget_seconds=args.budget_seconds,
@@ -121,7 +132,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
         if not dot:
             raise SpecError(f"bench --set expects ALGO.KEY=VALUE, got {algo_key!r}")
         hyperparams.setdefault(algo, {})[key] = value
-    env_kwargs = json.loads(args.env_kwargs) if args.env_kwargs else None
+    env_kwargs = _env_kwargs(args)
     out = Path(args.out or f"runs/{spec.id}/bench")
     payload = run_bench(spec, data, args.algos.split(","),
                         [int(s) for s in args.seeds.split(",")], out, device=args.device,
@@ -165,10 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, help="the pretrained denoiser.pt")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--out", default=None, help="output folder (default runs/<env>/<algo>-seed<S>)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a hyperparameter of agents/<algo>.toml (repeatable)")
-    p.add_argument("--env-kwargs", default=None, metavar="JSON",
-                   help='MDP overrides as for gym.make, e.g. \'{"reward": "ndcg"}\'')
+    _run_options(p, "override a hyperparameter of agents/<algo>.toml (repeatable)")
     p.add_argument("--budget-seconds", type=float, default=None,
                    help="training wall time of --algo continue (match the RL run's)")
     p.set_defaults(func=cmd_finetune)
@@ -178,9 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--algos", default="pretrained,continue,refit,ppo,a2c,trpo")
     p.add_argument("--seeds", default="1,2,3")
     p.add_argument("--out", default=None, help="output folder (default runs/<env>/bench)")
-    p.add_argument("--set", action="append", default=[], metavar="ALGO.KEY=VALUE",
-                   help="override a hyperparameter of one algorithm (repeatable)")
-    p.add_argument("--env-kwargs", default=None, metavar="JSON", help="MDP overrides")
+    _run_options(p, "ALGO.KEY=VALUE: override a hyperparameter of one algorithm (repeatable)")
     p.add_argument("--pretrain-max-epochs", type=int, default=None)
     p.set_defaults(func=cmd_bench)
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -23,24 +22,19 @@ from tqdm.auto import tqdm
 
 from refit_gym.checkpoint import CheckpointError, load_denoiser, save_denoiser
 from refit_gym.core import DenoisingMDP
-from refit_gym.data import InteractionData
+from refit_gym.data import InteractionData, sha256_of
 from refit_gym.diffusion import GaussianDiffusion
 from refit_gym.fileio import atomic_path, write_json
-from refit_gym.gym_env import EnvSettings, _cache_dir
+from refit_gym.gym_env import EnvSettings
 from refit_gym.metrics import evaluate
 from refit_gym.pretrain import LossAwareTimestepSampler, train_epoch
 from refit_gym.refit_agent import ReFiTAgent, ReFiTConfig, epoch_seed, user_batches
-from refit_gym.rewards import make_reward
 from refit_gym.sb3_agents import SB3_ALGOS, EpisodeRewards, make_model, split_hyperparams
 from refit_gym.sb3_vec_env import ReFiTVecEnv
 from refit_gym.specs import EnvSpec, load_agent_hyperparams
 
 SELECTION_METRIC = "ndcg@20"
 ALGOS = ("refit", "continue", *SB3_ALGOS)
-
-
-def _file_digest(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 class RunState:
@@ -91,8 +85,7 @@ def _refit_epochs(spec: EnvSpec, data: InteractionData, settings: EnvSettings, m
                   resumed: dict | None, device, log: Callable[[str, float, int], None],
                   end_of_epoch: Callable[[], bool], progress: bool) -> None:
     agent = ReFiTAgent(model, reference, diffusion, config)
-    reward = make_reward(settings.reward, settings.reward_params, data.train, device,
-                         _cache_dir())
+    reward = settings.build_reward(data.train)
     generator = torch.Generator(device)
     if resumed is not None:
         agent.optimizer.load_state_dict(resumed["optimizer"])
@@ -111,9 +104,7 @@ def _refit_epochs(spec: EnvSpec, data: InteractionData, settings: EnvSettings, m
             users = batches[state.batch].to(device)
             rows = len(users) * config.group_size
             if rows not in cores:
-                cores[rows] = DenoisingMDP(
-                    data.train, diffusion, reward, rows, sampling_steps=settings.sampling_steps,
-                    holdout_fraction=settings.holdout_fraction, device=device)
+                cores[rows] = settings.build_core(data.train, diffusion, reward, rows)
             started = time.perf_counter()
             stats = agent.train_batch(cores[rows], users, generator)
             state.elapsed += time.perf_counter() - started
@@ -205,7 +196,7 @@ def finetune(
     model, _ = load_denoiser(checkpoint, data.n_items, device)
     reference = copy.deepcopy(model)
     diffusion = GaussianDiffusion(spec.diffusion, device)
-    settings = EnvSettings.resolve(spec, env_kwargs or {})
+    settings = EnvSettings.resolve(spec, {"device": device, **(env_kwargs or {})})
     params = {**load_agent_hyperparams(algo, spec.id), **(hyperparams or {})}
     sb3_model = None
     if algo == "refit":
@@ -219,7 +210,7 @@ def finetune(
         driver, sb3_args = split_hyperparams(params)
         config = {"epochs": 1, "users_per_epoch": 0, "n_envs": 16, **driver}
         identity_config = {**config, **sb3_args}
-    identity = {"env": spec.id, "algo": algo, "seed": seed, "checkpoint": _file_digest(
+    identity = {"env": spec.id, "algo": algo, "seed": seed, "checkpoint": sha256_of(
         Path(checkpoint)), "config": identity_config, "env_kwargs": dataclasses.asdict(settings)}
     state = RunState(out_dir / "state.pt", identity)
     resumed = state.load()

@@ -14,6 +14,7 @@ from typing import Any
 
 import gymnasium as gym
 import numpy as np
+import scipy.sparse as sp
 import torch
 from gymnasium import spaces
 from gymnasium.vector.utils import batch_space
@@ -21,7 +22,7 @@ from gymnasium.vector.utils import batch_space
 from refit_gym.core import ACTION_BOUND, DenoisingMDP
 from refit_gym.data import InteractionData, load_dataset
 from refit_gym.diffusion import GaussianDiffusion
-from refit_gym.rewards import make_reward
+from refit_gym.rewards import Reward, make_reward
 from refit_gym.specs import EnvSpec, load_env_spec
 
 USER_SAMPLING = ("uniform", "sequential")
@@ -57,8 +58,21 @@ class EnvSettings:
         return settings
 
 
+    def build_reward(self, train: sp.csr_matrix) -> Reward:
+        """The reward these settings name, over the training matrix ``train``."""
+        return make_reward(self.reward, self.reward_params, train, self.device, _cache_dir())
+
+    def build_core(self, train: sp.csr_matrix, diffusion: GaussianDiffusion, reward: Reward,
+                   num_rows: int) -> DenoisingMDP:
+        """A core of ``num_rows`` rows with these settings (rewards can be shared by cores)."""
+        return DenoisingMDP(train, diffusion, reward, num_rows,
+                            sampling_steps=self.sampling_steps,
+                            holdout_fraction=self.holdout_fraction, device=self.device)
+
+
 @cache
-def _dataset(env_id: str, data_dir: str | None) -> InteractionData:
+def cached_dataset(env_id: str, data_dir: str | None = None) -> InteractionData:
+    """The dataset of ``env_id``, loaded once per process."""
     return load_dataset(load_env_spec(env_id).dataset, data_dir)
 
 
@@ -72,14 +86,9 @@ def make_core(env_id: str, num_rows: int, **overrides: Any) -> tuple[EnvSpec, En
     """The batched core of ``env_id`` with ``num_rows`` rows (the torch-native path)."""
     spec = load_env_spec(env_id)
     settings = EnvSettings.resolve(spec, overrides)
-    data = _dataset(spec.id, settings.data_dir)
-    reward = make_reward(settings.reward, settings.reward_params, data.train, settings.device,
-                         _cache_dir())
-    core = DenoisingMDP(
-        data.train, GaussianDiffusion(spec.diffusion, settings.device), reward, num_rows,
-        sampling_steps=settings.sampling_steps, holdout_fraction=settings.holdout_fraction,
-        device=settings.device,
-    )
+    train = cached_dataset(spec.id, settings.data_dir).train
+    core = settings.build_core(train, GaussianDiffusion(spec.diffusion, settings.device),
+                               settings.build_reward(train), num_rows)
     return spec, settings, core
 
 
@@ -111,6 +120,30 @@ class _UserPicker:
 def _torch_generator(rng: np.random.Generator, device: torch.device) -> torch.Generator:
     """A torch generator seeded from ``rng``, so every draw traces back to ``np_random``."""
     return torch.Generator(device).manual_seed(int(rng.integers(2**63)))
+
+
+class BatchedEpisodes:
+    """The vector faces' shared bookkeeping: whole-batch resets, same-step restarts of
+    finished rows, and numpy observations; every draw comes from the ``rng`` passed in."""
+
+    def __init__(self, core: DenoisingMDP, user_sampling: str) -> None:
+        self.core = core
+        self.users = _UserPicker(core.n_users, user_sampling)
+        self.all_rows = torch.arange(core.num_rows, device=core.device)
+
+    def obs(self) -> dict[str, np.ndarray]:
+        return {"x": self.core.x.cpu().numpy().copy(), "t": self.core.t.cpu().numpy().copy()}
+
+    def reset_all(self, rng: np.random.Generator, users: Any = None) -> None:
+        picked = self.users(self.core.num_rows, rng)
+        if users is not None:
+            picked = torch.as_tensor(np.asarray(users), dtype=torch.long)
+        self.core.reset_rows(self.all_rows, picked, _torch_generator(rng, self.core.device))
+
+    def restart(self, terminated: torch.Tensor, rng: np.random.Generator) -> None:
+        rows = terminated.nonzero().squeeze(-1)
+        self.core.reset_rows(rows, self.users(len(rows), rng),
+                             _torch_generator(rng, self.core.device))
 
 
 def _as_action_tensor(action: Any, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
@@ -181,20 +214,12 @@ class ReFiTVectorEnv(gym.vector.VectorEnv):
         self.single_action_space = action_space(self.core.n_items)
         self.observation_space = batch_space(self.single_observation_space, num_envs)
         self.action_space = batch_space(self.single_action_space, num_envs)
-        self._users = _UserPicker(self.core.n_users, self.settings.user_sampling)
-        self._all_rows = torch.arange(num_envs, device=self.core.device)
-
-    def _obs(self) -> dict[str, np.ndarray]:
-        return {"x": self.core.x.cpu().numpy().copy(), "t": self.core.t.cpu().numpy().copy()}
+        self._episodes = BatchedEpisodes(self.core, self.settings.user_sampling)
 
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
         super().reset(seed=seed)
-        users = self._users(self.num_envs, self.np_random)
-        if options and "users" in options:
-            users = torch.as_tensor(np.asarray(options["users"]), dtype=torch.long)
-        generator = _torch_generator(self.np_random, self.core.device)
-        self.core.reset_rows(self._all_rows, users, generator)
-        return self._obs(), {"user": self.core.users.cpu().numpy().copy()}
+        self._episodes.reset_all(self.np_random, (options or {}).get("users"))
+        return self._episodes.obs(), {"user": self.core.users.cpu().numpy().copy()}
 
     def step(self, actions: Any):
         tensor = _as_action_tensor(actions, self.action_space.shape, self.core.device)
@@ -204,8 +229,6 @@ class ReFiTVectorEnv(gym.vector.VectorEnv):
         if terminated.any():
             info["final_obs"] = {"x": result.x.cpu().numpy(), "t": result.t.cpu().numpy()}
             info["_final_obs"] = terminated.copy()
-            rows = result.terminated.nonzero().squeeze(-1)
-            users = self._users(len(rows), self.np_random)
-            self.core.reset_rows(rows, users, _torch_generator(self.np_random, self.core.device))
+            self._episodes.restart(result.terminated, self.np_random)
         rewards = result.reward.cpu().numpy().astype(np.float64)
-        return self._obs(), rewards, terminated, np.zeros_like(terminated), info
+        return self._episodes.obs(), rewards, terminated, np.zeros_like(terminated), info

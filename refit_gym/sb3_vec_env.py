@@ -9,12 +9,11 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
-import torch
 from stable_baselines3.common.vec_env.base_vec_env import VecEnv, VecEnvIndices
 
 from refit_gym.gym_env import (
-    _torch_generator,
-    _UserPicker,
+    BatchedEpisodes,
+    _as_action_tensor,
     action_space,
     make_core,
     observation_space,
@@ -30,33 +29,24 @@ class ReFiTVecEnv(VecEnv):
         self.render_mode = None
         super().__init__(num_envs, observation_space(self.core.n_items, self.core.steps),
                          action_space(self.core.n_items))
-        self._users = _UserPicker(self.core.n_users, self.settings.user_sampling)
+        self._episodes = BatchedEpisodes(self.core, self.settings.user_sampling)
         self._rng = np.random.default_rng(seed)
-        self._all_rows = torch.arange(num_envs, device=self.core.device)
         self._actions: np.ndarray | None = None
-
-    def _obs(self) -> dict[str, np.ndarray]:
-        return {"x": self.core.x.cpu().numpy().copy(), "t": self.core.t.cpu().numpy().copy()}
 
     def reset(self) -> dict[str, np.ndarray]:
         if self._seeds[0] is not None:
             self._rng = np.random.default_rng(self._seeds[0])
         self._reset_seeds()
-        users = self._users(self.num_envs, self._rng)
-        self.core.reset_rows(self._all_rows, users, _torch_generator(self._rng, self.core.device))
+        self._episodes.reset_all(self._rng)
         self.reset_infos = [{} for _ in range(self.num_envs)]
-        return self._obs()
+        return self._episodes.obs()
 
     def step_async(self, actions: np.ndarray) -> None:
         self._actions = actions
 
     def step_wait(self):
-        actions = np.asarray(self._actions)
-        if actions.shape != (self.num_envs, self.core.n_items):
-            raise ValueError(f"actions shape {actions.shape} != ({self.num_envs}, "
-                             f"{self.core.n_items})")
-        result = self.core.step(torch.tensor(actions, dtype=torch.float32,
-                                             device=self.core.device))
+        result = self.core.step(_as_action_tensor(
+            self._actions, (self.num_envs, self.core.n_items), self.core.device))
         dones = result.terminated.cpu().numpy()
         infos: list[dict[str, Any]] = [{} for _ in range(self.num_envs)]
         if dones.any():
@@ -64,10 +54,8 @@ class ReFiTVecEnv(VecEnv):
             for row in np.flatnonzero(dones):  # SB3 wants one info dict per finished row
                 infos[row] = {"terminal_observation": {"x": final_x[row], "t": 0},
                               "TimeLimit.truncated": False}
-            rows = result.terminated.nonzero().squeeze(-1)
-            self.core.reset_rows(rows, self._users(len(rows), self._rng),
-                                 _torch_generator(self._rng, self.core.device))
-        return self._obs(), result.reward.cpu().numpy(), dones, infos
+            self._episodes.restart(result.terminated, self._rng)
+        return self._episodes.obs(), result.reward.cpu().numpy(), dones, infos
 
     def close(self) -> None:
         pass

@@ -9,7 +9,7 @@ import pytest
 
 import refit_gym.bench as bench
 from refit_gym.cli import main
-from refit_gym.gym_env import _dataset
+from refit_gym.gym_env import cached_dataset
 from refit_gym.specs import load_env_spec
 
 SYN = "ReFiT-Synthetic-v0"
@@ -45,7 +45,7 @@ def test_bench_writes_table_json_plots_and_reuses_cells(tmp_path: Path, monkeypa
 
 
 def test_bench_rejects_bad_algorithm_lists(tmp_path: Path) -> None:
-    spec, data = load_env_spec(SYN), _dataset(SYN, None)
+    spec, data = load_env_spec(SYN), cached_dataset(SYN, None)
     with pytest.raises(ValueError, match="unknown algorithms"):
         bench.run_bench(spec, data, ["pretrained", "dqn"], [1], tmp_path)
     with pytest.raises(ValueError, match="include refit"):

@@ -123,7 +123,7 @@ def test_valid_and_test_cannot_influence_observations_or_rewards(small_data, mon
     assert (other.valid != small_data.valid).nnz > 0
     traces = []
     for data in (small_data, other):
-        monkeypatch.setattr(gym_env, "_dataset", lambda env_id, data_dir, d=data: d)
+        monkeypatch.setattr(gym_env, "cached_dataset", lambda env_id, data_dir, d=data: d)
         venv = ReFiTVectorEnv(num_envs=6, env_id=SYN, holdout_fraction=0.2)
         obs, _ = venv.reset(seed=4)
         trace = [obs["x"]]

@@ -55,9 +55,9 @@ SMALL = {"epochs": 2, "users_per_batch": 64, "group_size": 4, "checkpoint_every"
 
 def test_finetune_selects_by_validation_and_writes_outputs(pretrained: Path, tmp_path) -> None:
     spec = load_env_spec(SYN)
-    from refit_gym.gym_env import _dataset
+    from refit_gym.gym_env import cached_dataset
 
-    data = _dataset(SYN, None)
+    data = cached_dataset(SYN, None)
     result = finetune(spec, data, pretrained, "refit", tmp_path, seed=3, hyperparams=SMALL,
                       progress=False)
     valid = [h["valid"]["ndcg@20"] for h in result["history"]]
@@ -77,9 +77,9 @@ def test_interrupted_run_resumes_to_the_same_result(pretrained: Path, tmp_path,
                                                     monkeypatch) -> None:
     spec = load_env_spec(SYN)
     from refit_gym import refit_agent
-    from refit_gym.gym_env import _dataset
+    from refit_gym.gym_env import cached_dataset
 
-    data = _dataset(SYN, None)
+    data = cached_dataset(SYN, None)
     whole = finetune(spec, data, pretrained, "refit", tmp_path / "whole", seed=5,
                      hyperparams=SMALL, progress=False)
 
