@@ -11,8 +11,10 @@ Only training interactions ever enter it; valid and test splits are not even pas
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
+import numpy as np
 import scipy.sparse as sp
 import torch
 from torch import Tensor
@@ -82,9 +84,7 @@ class DenoisingMDP:
                              f"{users.min().item()}..{users.max().item()}")
         full = dense_rows(self.train, users.cpu().numpy(), self.device)
         if self.holdout_fraction > 0:
-            hidden = torch.rand(full.shape, generator=generator, device=self.device)
-            hidden = (hidden < self.holdout_fraction) & (full > 0)
-            history, target = full.masked_fill(hidden, 0.0), hidden.float()
+            history, target = self._hide(full, users, generator)
         else:
             history, target = full, full
         x = history
@@ -106,6 +106,24 @@ class DenoisingMDP:
         self.history = self.history.index_put((rows,), history)
         self.relevance = self.relevance.index_put((rows,), relevance)
 
+    def _hide(self, full: Tensor, users: Tensor, generator: torch.Generator
+              ) -> tuple[Tensor, Tensor]:
+        """Split rows ``full`` (k, n) into (visible history, hidden target), both (k, n).
+
+        Each interaction is hidden independently with probability ``holdout_fraction``. One
+        uniform draw per interaction, in CSR order, not per item: O(nnz) instead of O(k * n).
+        """
+        rows_csr = self.train[users.cpu().numpy()]
+        counts = torch.from_numpy(np.diff(rows_csr.indptr)).to(self.device)
+        row_of = torch.repeat_interleave(torch.arange(len(users), device=self.device), counts)
+        item_of = torch.from_numpy(rows_csr.indices.astype(np.int64)).to(self.device)
+        draw = torch.rand(len(item_of), generator=generator, device=self.device)
+        hidden = draw < self.holdout_fraction
+        row_of, item_of = row_of[hidden], item_of[hidden]
+        target = torch.zeros_like(full).index_put_((row_of, item_of), full.new_ones(()))
+        history = full.index_put((row_of, item_of), full.new_zeros(()))
+        return history, target
+
     def step(self, action: Tensor) -> StepResult:
         """Apply actions (B, n): x <- clip(action), t <- t - 1; reward rows that reach t = 0.
 
@@ -119,10 +137,10 @@ class DenoisingMDP:
                              f"{tuple(self.x.shape)} (num_rows, n_items)")
         if not action.is_floating_point():
             raise TypeError(f"actions must be floating point, got {action.dtype}")
-        if bool((self.t <= 0).any()):
+        if self.t.min().item() <= 0:
             raise RuntimeError("step() on a terminated episode: reset its row first")
-        low, high = torch.aminmax(action)  # one pass; NaN and inf propagate into it
-        if not (bool(torch.isfinite(low)) and bool(torch.isfinite(high))):
+        low, high = (v.item() for v in torch.aminmax(action))  # NaN and inf propagate into it
+        if not (math.isfinite(low) and math.isfinite(high)):
             raise ValueError("actions contain NaN or infinite values; the denoiser diverged or "
                              "an agent produced invalid output")
         action = action.to(self.device, torch.float32)
