@@ -29,8 +29,13 @@ from refit_gym.gym_env import EnvSettings
 from refit_gym.metrics import evaluate
 from refit_gym.pretrain import LossAwareTimestepSampler, train_epoch
 from refit_gym.refit_agent import ReFiTAgent, ReFiTConfig, epoch_seed, user_batches
-from refit_gym.sb3_agents import SB3_ALGOS, EpisodeRewards, make_model, split_hyperparams
-from refit_gym.sb3_vec_env import ReFiTVecEnv
+from refit_gym.sb3_agents import (
+    SB3_ALGOS,
+    EpisodeRewards,
+    make_model,
+    make_vec_env,
+    split_hyperparams,
+)
 from refit_gym.specs import EnvSpec, load_agent_hyperparams
 
 SELECTION_METRIC = "ndcg@20"
@@ -158,7 +163,7 @@ def _sb3_epochs(spec: EnvSpec, algo: str, sb3_model, driver: dict[str, Any], ste
                 n_users: int, state: RunState, out_dir: Path,
                 end_of_epoch: Callable[[], bool], progress: bool) -> None:
     """SB3's own ``learn`` for one epoch at a time; the .zip is the resumable state."""
-    episodes = driver.get("users_per_epoch") or n_users
+    episodes = (driver.get("users_per_epoch") or n_users) * driver["group_size"]
     callback = EpisodeRewards()
     bar = tqdm(total=driver["epochs"], initial=state.epoch - 1, desc=f"{algo} {spec.id}",
                disable=not progress)
@@ -208,15 +213,15 @@ def finetune(
         config = identity_config = {"budget_seconds": budget_seconds}
     else:
         driver, sb3_args = split_hyperparams(params)
-        config = {"epochs": 1, "users_per_epoch": 0, "n_envs": 16, **driver}
+        config = {"epochs": 1, "users_per_epoch": 0, "n_envs": 16, "group_size": 1, **driver}
         identity_config = {**config, **sb3_args}
     identity = {"env": spec.id, "algo": algo, "seed": seed, "checkpoint": sha256_of(
         Path(checkpoint)), "config": identity_config, "env_kwargs": dataclasses.asdict(settings)}
     state = RunState(out_dir / "state.pt", identity)
     resumed = state.load()
     if algo in SB3_ALGOS:
-        venv = ReFiTVecEnv(spec.id, num_envs=config["n_envs"], seed=seed,
-                           **dataclasses.asdict(settings))
+        venv = make_vec_env(spec, config["n_envs"], config["group_size"], seed,
+                            dataclasses.asdict(settings))
         zip_path = out_dir / f"{algo}.zip"
         if resumed is not None and zip_path.is_file():
             sb3_model = SB3_ALGOS[algo].load(zip_path, env=venv, device=device)

@@ -126,10 +126,17 @@ class BatchedEpisodes:
     """The vector faces' shared bookkeeping: whole-batch resets, same-step restarts of
     finished rows, and numpy observations; every draw comes from the ``rng`` passed in."""
 
-    def __init__(self, core: DenoisingMDP, user_sampling: str) -> None:
-        self.core = core
-        self.users = _UserPicker(core.n_users, user_sampling)
+    def __init__(self, core: DenoisingMDP, user_sampling: str, group_size: int = 1) -> None:
+        self.core, self.group_size = core, group_size
+        self.picker = _UserPicker(core.n_users, user_sampling)
         self.all_rows = torch.arange(core.num_rows, device=core.device)
+
+    def users(self, k: int, rng: np.random.Generator) -> torch.Tensor:
+        """Users of ``k`` new episodes: k / group_size draws, each repeated group_size times."""
+        if k % self.group_size:
+            raise RuntimeError(f"{k} rows finished, not whole groups of {self.group_size}: "
+                               "grouped rows must start together")
+        return self.picker(k // self.group_size, rng).repeat_interleave(self.group_size)
 
     def obs(self) -> dict[str, np.ndarray]:
         return {"x": self.core.x.cpu().numpy().copy(), "t": self.core.t.cpu().numpy().copy()}

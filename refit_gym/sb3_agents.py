@@ -1,8 +1,10 @@
 """PPO, A2C (Stable-Baselines3) and TRPO (sb3-contrib) with the pretrained diffusion actor.
 
-Hyperparameters come from agents/<algo>.toml in SB3's own argument names, plus three driver
-keys: ``n_envs`` (parallel episodes), ``epochs`` and ``users_per_epoch`` (training length, in
-episodes: one epoch is ``users_per_epoch`` episodes, i.e. that many times T environment steps).
+Hyperparameters come from agents/<algo>.toml in SB3's own argument names, plus four driver
+keys: ``n_envs`` (parallel episodes), ``group_size`` (episodes per drawn user; > 1 turns on the
+group-relative reward, :class:`GroupRelativeReward`), ``epochs`` and ``users_per_epoch`` (0 =
+all users): one epoch is users_per_epoch x group_size episodes of T environment steps, the same
+count of trajectories as a ReFiT epoch with the same settings.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from sb3_contrib import TRPO
 from stable_baselines3 import A2C, PPO
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.on_policy_algorithm import OnPolicyAlgorithm
+from stable_baselines3.common.vec_env import VecEnv, VecEnvWrapper
 
 from refit_gym.denoiser import MLPDenoiser
 from refit_gym.sb3_policy import DiffusionActorCriticPolicy
@@ -22,7 +25,7 @@ from refit_gym.sb3_vec_env import ReFiTVecEnv
 from refit_gym.specs import EnvSpec
 
 SB3_ALGOS: dict[str, type[OnPolicyAlgorithm]] = {"ppo": PPO, "a2c": A2C, "trpo": TRPO}
-DRIVER_KEYS = ("n_envs", "epochs", "users_per_epoch")
+DRIVER_KEYS = ("n_envs", "group_size", "epochs", "users_per_epoch")
 
 
 def split_hyperparams(params: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -31,7 +34,14 @@ def split_hyperparams(params: dict[str, Any]) -> tuple[dict[str, Any], dict[str,
     return driver, {k: v for k, v in params.items() if k not in DRIVER_KEYS}
 
 
-def make_model(algo: str, spec: EnvSpec, venv: ReFiTVecEnv, pretrained: MLPDenoiser,
+def make_vec_env(spec: EnvSpec, n_envs: int, group_size: int, seed: int,
+                 settings: dict[str, Any]) -> VecEnv:
+    """The SB3 face of ``spec``; wrapped in :class:`GroupRelativeReward` when group_size > 1."""
+    venv = ReFiTVecEnv(spec.id, num_envs=n_envs, seed=seed, group_size=group_size, **settings)
+    return GroupRelativeReward(venv) if group_size > 1 else venv
+
+
+def make_model(algo: str, spec: EnvSpec, venv: VecEnv, pretrained: MLPDenoiser,
                sb3_args: dict[str, Any], seed: int, device: str) -> OnPolicyAlgorithm:
     """An SB3 model whose actor starts as ``pretrained``; unknown arguments raise TypeError."""
     sb3_args = dict(sb3_args)
@@ -46,8 +56,45 @@ def make_model(algo: str, spec: EnvSpec, venv: ReFiTVecEnv, pretrained: MLPDenoi
     return model
 
 
+class GroupRelativeReward(VecEnvWrapper):
+    """Replaces each terminal reward by its advantage over the other episodes of its group.
+
+    ``venv`` plays each user in ``group_size`` = G consecutive rows that start and end together
+    (:class:`ReFiTVecEnv`). The reward of episode i becomes r_i - mean_{j != i} r_j over its
+    group (leave-one-out): the baseline does not depend on episode i's actions, so the policy
+    gradient stays unbiased, while the between-user spread of rewards, which a critic on
+    (x_t, t) would have to learn user by user, cancels. Terminal rewards only, so with
+    gamma = 1 every step of the episode sees the same centred return. The environment's own
+    reward is kept in ``info["raw_reward"]``.
+    """
+
+    def __init__(self, venv: ReFiTVecEnv) -> None:
+        if venv.group_size < 2:
+            raise ValueError("GroupRelativeReward needs a ReFiTVecEnv with group_size >= 2")
+        super().__init__(venv)
+        self.group_size = venv.group_size
+
+    def reset(self) -> dict[str, np.ndarray]:
+        return self.venv.reset()
+
+    def step_wait(self):
+        obs, rewards, dones, infos = self.venv.step_wait()
+        if dones.any():
+            grouped_done = dones.reshape(-1, self.group_size)
+            if not (grouped_done.all(1) | ~grouped_done.any(1)).all():
+                raise RuntimeError("episodes of one group ended at different steps")
+            group = rewards.reshape(-1, self.group_size).astype(np.float64)
+            others = (group.sum(1, keepdims=True) - group) / (self.group_size - 1)
+            centred = np.where(grouped_done, group - others, group).reshape(-1)
+            for row in np.flatnonzero(dones):
+                infos[row]["raw_reward"] = float(rewards[row])
+            rewards = centred.astype(np.float32)
+        return obs, rewards, dones, infos
+
+
 class EpisodeRewards(BaseCallback):
-    """Collects the terminal reward of every finished episode during ``learn``."""
+    """Collects the environment's terminal reward of every finished episode during ``learn``
+    (the raw one, before :class:`GroupRelativeReward`)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -55,6 +102,8 @@ class EpisodeRewards(BaseCallback):
 
     def _on_step(self) -> bool:
         dones = np.asarray(self.locals["dones"])
-        if dones.any():
-            self.rewards.extend(np.asarray(self.locals["rewards"])[dones].tolist())
+        rewards = np.asarray(self.locals["rewards"])
+        infos = self.locals["infos"]
+        self.rewards.extend(infos[row].get("raw_reward", float(rewards[row]))
+                            for row in np.flatnonzero(dones))
         return True
