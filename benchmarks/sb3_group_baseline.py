@@ -18,36 +18,38 @@ rank with: its column is its reward only.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 from pathlib import Path
 
 from common import write_result
 
+from refit_gym.data import InteractionData
 from refit_gym.finetune import finetune
 from refit_gym.gym_env import EnvSettings, cached_dataset
 from refit_gym.pretrain import pretrain
-from refit_gym.sb3_agents import SB3_ALGOS, EpisodeRewards, make_vec_env, split_hyperparams
-from refit_gym.specs import load_agent_hyperparams, load_env_spec
+from refit_gym.sb3_agents import (
+    SB3_ALGOS,
+    EpisodeRewards,
+    episodes_per_epoch,
+    make_vec_env,
+    split_hyperparams,
+)
+from refit_gym.specs import EnvSpec, load_agent_hyperparams, load_env_spec
 
 ENV = "ReFiT-Synthetic-v0"
 
 
-def scratch_rewards(algo: str, seed: int) -> list[float]:
+def scratch_rewards(algo: str, spec: EnvSpec, data: InteractionData, seed: int) -> list[float]:
     """Mean episode reward per epoch of SB3's MultiInputPolicy, same budget and driver."""
-    spec = load_env_spec(ENV)
-    driver, sb3_args = split_hyperparams(load_agent_hyperparams(algo, ENV))
+    driver, sb3_args = split_hyperparams(load_agent_hyperparams(algo, spec.id))
     sb3_args.pop("policy_kwargs", None)
-    settings = EnvSettings.resolve(spec, {})
-    venv = make_vec_env(spec, driver["n_envs"], driver["group_size"], seed,
-                        dataclasses.asdict(settings))
+    venv = make_vec_env(spec, EnvSettings.resolve(spec, {}), data.train, driver["n_envs"],
+                        driver["group_size"], seed)
     model = SB3_ALGOS[algo]("MultiInputPolicy", venv, seed=seed, device="cpu", verbose=0,
                             **sb3_args)
-    n_users = cached_dataset(ENV, None).n_users
-    episodes = (driver["users_per_epoch"] or n_users) * driver["group_size"]
     callback, means = EpisodeRewards(), []
     for _ in range(driver["epochs"]):
-        model.learn(episodes * spec.diffusion.steps, callback=callback,
-                    reset_num_timesteps=False)
+        model.learn(episodes_per_epoch(driver, data.n_users) * spec.diffusion.steps,
+                    callback=callback, reset_num_timesteps=False)
         means.append(sum(callback.rewards) / len(callback.rewards))
         callback.rewards = []
     return means
@@ -109,7 +111,7 @@ def main() -> None:
                         f"{result['test']['ndcg@20']:.4f} (epoch {result['best_epoch']}) | "
                         f"{result['wall_time_s']:.0f} |")
             print(rows[-1], flush=True)
-        rewards = scratch_rewards(algo, args.seed)
+        rewards = scratch_rewards(algo, spec, data, args.seed)
         curves[algo]["SB3 MultiInputPolicy, from scratch"] = rewards
         rows.append(f"| {algo} | SB3 MultiInputPolicy, from scratch | {rewards[0]:.3f} → "
                     f"{rewards[-1]:.3f} | (no chain) | |")

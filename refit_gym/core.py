@@ -19,7 +19,6 @@ import scipy.sparse as sp
 import torch
 from torch import Tensor
 
-from refit_gym.data import dense_rows
 from refit_gym.diffusion import GaussianDiffusion
 from refit_gym.rewards import Reward
 
@@ -82,9 +81,11 @@ class DenoisingMDP:
         if users.numel() and (users.min() < 0 or users.max() >= self.n_users):
             raise IndexError(f"user ids must be in [0, {self.n_users}), got "
                              f"{users.min().item()}..{users.max().item()}")
-        full = dense_rows(self.train, users.cpu().numpy(), self.device)
+        row_of, item_of, values = self._history_entries(users)
+        full = torch.zeros(len(users), self.n_items, device=self.device)
+        full.index_put_((row_of, item_of), values)
         if self.holdout_fraction > 0:
-            history, target = self._hide(full, users, generator)
+            history, target = self._hide(full, row_of, item_of, generator)
         else:
             history, target = full, full
         x = history
@@ -106,19 +107,25 @@ class DenoisingMDP:
         self.history = self.history.index_put((rows,), history)
         self.relevance = self.relevance.index_put((rows,), relevance)
 
-    def _hide(self, full: Tensor, users: Tensor, generator: torch.Generator
-              ) -> tuple[Tensor, Tensor]:
-        """Split rows ``full`` (k, n) into (visible history, hidden target), both (k, n).
-
-        Each interaction is hidden independently with probability ``holdout_fraction``. One
-        uniform draw per interaction, in CSR order, not per item: O(nnz) instead of O(k * n).
-        """
+    def _history_entries(self, users: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(row in the batch, item, value) of every training interaction of ``users``, in CSR
+        order, on the core's device: O(nnz), the only read of the sparse matrix per reset."""
         rows_csr = self.train[users.cpu().numpy()]
         counts = torch.from_numpy(np.diff(rows_csr.indptr)).to(self.device)
         row_of = torch.repeat_interleave(torch.arange(len(users), device=self.device), counts)
         item_of = torch.from_numpy(rows_csr.indices.astype(np.int64)).to(self.device)
-        draw = torch.rand(len(item_of), generator=generator, device=self.device)
-        hidden = draw < self.holdout_fraction
+        values = torch.from_numpy(rows_csr.data.astype(np.float32)).to(self.device)
+        return row_of, item_of, values
+
+    def _hide(self, full: Tensor, row_of: Tensor, item_of: Tensor, generator: torch.Generator
+              ) -> tuple[Tensor, Tensor]:
+        """Split rows ``full`` (k, n) into (visible history, hidden target), both (k, n).
+
+        Each interaction (``row_of``, ``item_of``) is hidden independently with probability
+        ``holdout_fraction``: one uniform draw per interaction, not per item.
+        """
+        hidden = torch.rand(len(item_of), generator=generator,
+                            device=self.device) < self.holdout_fraction
         row_of, item_of = row_of[hidden], item_of[hidden]
         target = torch.zeros_like(full).index_put_((row_of, item_of), full.new_ones(()))
         history = full.index_put((row_of, item_of), full.new_zeros(()))
@@ -138,7 +145,8 @@ class DenoisingMDP:
         if not action.is_floating_point():
             raise TypeError(f"actions must be floating point, got {action.dtype}")
         if self.t.min().item() <= 0:
-            raise RuntimeError("step() on a terminated episode: reset its row first")
+            raise RuntimeError("step() on a terminated episode: call reset() first (reset_rows "
+                               "on the torch core)")
         low, high = (v.item() for v in torch.aminmax(action))  # NaN and inf propagate into it
         if not (math.isfinite(low) and math.isfinite(high)):
             raise ValueError("actions contain NaN or infinite values; the denoiser diverged or "

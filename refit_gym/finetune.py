@@ -32,6 +32,7 @@ from refit_gym.refit_agent import ReFiTAgent, ReFiTConfig, epoch_seed, user_batc
 from refit_gym.sb3_agents import (
     SB3_ALGOS,
     EpisodeRewards,
+    episodes_per_epoch,
     make_model,
     make_vec_env,
     split_hyperparams,
@@ -163,7 +164,7 @@ def _sb3_epochs(spec: EnvSpec, algo: str, sb3_model, driver: dict[str, Any], ste
                 n_users: int, state: RunState, out_dir: Path,
                 end_of_epoch: Callable[[], bool], progress: bool) -> None:
     """SB3's own ``learn`` for one epoch at a time; the .zip is the resumable state."""
-    episodes = (driver.get("users_per_epoch") or n_users) * driver["group_size"]
+    episodes = episodes_per_epoch(driver, n_users)
     callback = EpisodeRewards()
     bar = tqdm(total=driver["epochs"], initial=state.epoch - 1, desc=f"{algo} {spec.id}",
                disable=not progress)
@@ -220,8 +221,8 @@ def finetune(
     state = RunState(out_dir / "state.pt", identity)
     resumed = state.load()
     if algo in SB3_ALGOS:
-        venv = make_vec_env(spec, config["n_envs"], config["group_size"], seed,
-                            dataclasses.asdict(settings))
+        venv = make_vec_env(spec, settings, data.train, config["n_envs"], config["group_size"],
+                            seed)
         zip_path = out_dir / f"{algo}.zip"
         if resumed is not None and zip_path.is_file():
             sb3_model = SB3_ALGOS[algo].load(zip_path, env=venv, device=device)

@@ -81,12 +81,17 @@ def _cache_dir() -> Path:
     return Path(root or Path.home() / ".cache") / "refit-gym"
 
 
-def make_core(env_id: str, num_rows: int, **overrides: Any) -> tuple[EnvSpec, EnvSettings,
-                                                                      DenoisingMDP]:
-    """The batched core of ``env_id`` with ``num_rows`` rows (the torch-native path)."""
+def make_core(env_id: str, num_rows: int, *, train: sp.csr_matrix | None = None,
+              **overrides: Any) -> tuple[EnvSpec, EnvSettings, DenoisingMDP]:
+    """The batched core of ``env_id`` with ``num_rows`` rows (the torch-native path).
+
+    ``train``: the training matrix when the caller has loaded the data already (otherwise it
+    is read from ``data_dir``, once per process).
+    """
     spec = load_env_spec(env_id)
     settings = EnvSettings.resolve(spec, overrides)
-    train = cached_dataset(spec.id, settings.data_dir).train
+    if train is None:
+        train = cached_dataset(spec.id, settings.data_dir).train
     core = settings.build_core(train, GaussianDiffusion(spec.diffusion, settings.device),
                                settings.build_reward(train), num_rows)
     return spec, settings, core
@@ -127,6 +132,9 @@ class BatchedEpisodes:
     finished rows, and numpy observations; every draw comes from the ``rng`` passed in."""
 
     def __init__(self, core: DenoisingMDP, user_sampling: str, group_size: int = 1) -> None:
+        if group_size < 1 or core.num_rows % group_size:
+            raise ValueError(f"num_envs ({core.num_rows}) must be a positive multiple of "
+                             f"group_size ({group_size})")
         self.core, self.group_size = core, group_size
         self.picker = _UserPicker(core.n_users, user_sampling)
         self.all_rows = torch.arange(core.num_rows, device=core.device)
@@ -192,8 +200,6 @@ class ReFiTEnv(gym.Env):
         return self._obs(), {"user": int(user[0]), "t": self.core.steps}
 
     def step(self, action: Any):
-        if int(self.core.t[0]) <= 0:
-            raise RuntimeError("step() after the episode terminated: call reset() first")
         tensor = _as_action_tensor(action, self.action_space.shape, self.core.device)
         result = self.core.step(tensor.unsqueeze(0))
         terminated = bool(result.terminated[0])

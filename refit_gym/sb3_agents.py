@@ -13,6 +13,7 @@ import dataclasses
 from typing import Any
 
 import numpy as np
+import scipy.sparse as sp
 from sb3_contrib import TRPO
 from stable_baselines3 import A2C, PPO
 from stable_baselines3.common.callbacks import BaseCallback
@@ -20,6 +21,7 @@ from stable_baselines3.common.on_policy_algorithm import OnPolicyAlgorithm
 from stable_baselines3.common.vec_env import VecEnv, VecEnvWrapper
 
 from refit_gym.denoiser import MLPDenoiser
+from refit_gym.gym_env import EnvSettings
 from refit_gym.sb3_policy import DiffusionActorCriticPolicy
 from refit_gym.sb3_vec_env import ReFiTVecEnv
 from refit_gym.specs import EnvSpec
@@ -34,10 +36,17 @@ def split_hyperparams(params: dict[str, Any]) -> tuple[dict[str, Any], dict[str,
     return driver, {k: v for k, v in params.items() if k not in DRIVER_KEYS}
 
 
-def make_vec_env(spec: EnvSpec, n_envs: int, group_size: int, seed: int,
-                 settings: dict[str, Any]) -> VecEnv:
-    """The SB3 face of ``spec``; wrapped in :class:`GroupRelativeReward` when group_size > 1."""
-    venv = ReFiTVecEnv(spec.id, num_envs=n_envs, seed=seed, group_size=group_size, **settings)
+def episodes_per_epoch(driver: dict[str, Any], n_users: int) -> int:
+    """users_per_epoch (0: all users) x group_size."""
+    return (driver.get("users_per_epoch") or n_users) * driver["group_size"]
+
+
+def make_vec_env(spec: EnvSpec, settings: EnvSettings, train: sp.csr_matrix, n_envs: int,
+                 group_size: int, seed: int) -> VecEnv:
+    """The SB3 face of ``spec`` over ``train``; wrapped in :class:`GroupRelativeReward` when
+    group_size > 1."""
+    venv = ReFiTVecEnv(spec.id, num_envs=n_envs, seed=seed, group_size=group_size, train=train,
+                       **dataclasses.asdict(settings))
     return GroupRelativeReward(venv) if group_size > 1 else venv
 
 
@@ -83,12 +92,12 @@ class GroupRelativeReward(VecEnvWrapper):
             grouped_done = dones.reshape(-1, self.group_size)
             if not (grouped_done.all(1) | ~grouped_done.any(1)).all():
                 raise RuntimeError("episodes of one group ended at different steps")
+            # Rows still running have reward 0, as do their group-mates: they stay 0.
             group = rewards.reshape(-1, self.group_size).astype(np.float64)
             others = (group.sum(1, keepdims=True) - group) / (self.group_size - 1)
-            centred = np.where(grouped_done, group - others, group).reshape(-1)
             for row in np.flatnonzero(dones):
                 infos[row]["raw_reward"] = float(rewards[row])
-            rewards = centred.astype(np.float32)
+            rewards = (group - others).reshape(-1).astype(np.float32)
         return obs, rewards, dones, infos
 
 

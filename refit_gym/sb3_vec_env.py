@@ -21,7 +21,8 @@ from refit_gym.gym_env import (
 
 
 class ReFiTVecEnv(VecEnv):
-    """``num_envs`` rows of ``env_id``'s MDP for SB3 algorithms; keywords as for ``gym.make``.
+    """``num_envs`` rows of ``env_id``'s MDP for SB3 algorithms; keywords as for ``gym.make``
+    (and ``train``, as for :func:`refit_gym.gym_env.make_core`).
 
     ``group_size`` G > 1 plays each drawn user in G consecutive rows at once (rows
     [0, G) share a user, then [G, 2G), ...), each with its own noise and holdout draw: the
@@ -30,17 +31,17 @@ class ReFiTVecEnv(VecEnv):
 
     def __init__(self, env_id: str = "ReFiT-Synthetic-v0", num_envs: int = 8,
                  seed: int | None = None, group_size: int = 1, **overrides: Any) -> None:
-        if group_size < 1 or num_envs % group_size:
-            raise ValueError(f"num_envs ({num_envs}) must be a positive multiple of "
-                             f"group_size ({group_size})")
         self.spec_, self.settings, self.core = make_core(env_id, num_envs, **overrides)
         self.render_mode = None
-        self.group_size = group_size
         super().__init__(num_envs, observation_space(self.core.n_items, self.core.steps),
                          action_space(self.core.n_items))
         self._episodes = BatchedEpisodes(self.core, self.settings.user_sampling, group_size)
         self._rng = np.random.default_rng(seed)
         self._actions: np.ndarray | None = None
+
+    @property
+    def group_size(self) -> int:
+        return self._episodes.group_size
 
     def reset(self) -> dict[str, np.ndarray]:
         if self._seeds[0] is not None:

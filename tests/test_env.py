@@ -218,3 +218,13 @@ def test_amazon_book_env_passes_both_checkers_without_dense_matrices(data_dir) -
     assert core.x.shape == (1, 24915)  # state is per row: no users x items tensor anywhere
     gym_check_env(env.unwrapped)
     sb3_check_env(env.unwrapped)
+
+
+def test_faces_run_on_the_callers_training_matrix(small_data) -> None:
+    """finetune hands its loaded data to the SB3 face (honouring --data-dir, no second load)."""
+    venv = ReFiTVecEnv(SYN, num_envs=3, seed=0, train=small_data.train, reward="neg_mse")
+    assert (venv.core.n_users, venv.core.n_items) == small_data.train.shape
+    venv.reset()
+    users = venv.core.users.numpy()
+    expected = small_data.train[users].toarray().astype(np.float32)
+    np.testing.assert_array_equal(venv.core.history.numpy(), expected)
