@@ -23,6 +23,7 @@ from refit_gym.diffusion import GaussianDiffusion
 from refit_gym.rewards import Reward
 
 ACTION_BOUND = 10.0  # |x| bound of observations and actions; clean vectors live in [0, 1]
+HOLDOUTS = ("random", "temporal")
 
 
 @dataclass
@@ -47,14 +48,35 @@ class DenoisingMDP:
         *,
         sampling_steps: int = 0,
         holdout_fraction: float = 0.0,
+        holdout: str = "random",
+        order: sp.csr_matrix | None = None,
         device: torch.device | str = "cpu",
     ) -> None:
+        """``holdout``: "random" hides each interaction with probability ``holdout_fraction``;
+        "temporal" hides each user's latest round(fraction * n_u) interactions (at most
+        n_u - 1) by ``order``, the chronological positions of ``train``'s entries
+        (:attr:`refit_gym.data.InteractionData.train_order`)."""
         if not 0 <= sampling_steps <= diffusion.steps:
             raise ValueError(f"sampling_steps must be in [0, {diffusion.steps}], "
                              f"got {sampling_steps}")
         if not 0.0 <= holdout_fraction < 1.0:
             raise ValueError(f"holdout_fraction must be in [0, 1), got {holdout_fraction}")
+        if holdout not in HOLDOUTS:
+            raise ValueError(f"holdout must be one of {HOLDOUTS}, got {holdout!r}")
         self.train = train.tocsr()
+        self.holdout = holdout
+        self._order: np.ndarray | None = None
+        if holdout == "temporal":
+            if order is None:
+                raise ValueError("holdout='temporal' needs the chronological order of the "
+                                 "training interactions, which this dataset does not record; "
+                                 "use holdout='random'")
+            order = order.tocsr()
+            if not (np.array_equal(order.indptr, self.train.indptr)
+                    and np.array_equal(order.indices, self.train.indices)):
+                raise ValueError("order does not have the training matrix's sparsity pattern; "
+                                 "pass the train_order of the same dataset")
+            self._order = order.data
         self.diffusion, self.reward = diffusion, reward
         self.sampling_steps, self.holdout_fraction = sampling_steps, holdout_fraction
         self.device = torch.device(device)
@@ -81,11 +103,15 @@ class DenoisingMDP:
         if users.numel() and (users.min() < 0 or users.max() >= self.n_users):
             raise IndexError(f"user ids must be in [0, {self.n_users}), got "
                              f"{users.min().item()}..{users.max().item()}")
-        row_of, item_of, values = self._history_entries(users)
+        entries, counts = self._history_entries(users)
+        row_of = torch.repeat_interleave(torch.arange(len(users), device=self.device), counts)
+        item_of = torch.from_numpy(self.train.indices[entries].astype(np.int64)).to(self.device)
+        values = torch.from_numpy(self.train.data[entries].astype(np.float32)).to(self.device)
         full = torch.zeros(len(users), self.n_items, device=self.device)
         full.index_put_((row_of, item_of), values)
         if self.holdout_fraction > 0:
-            history, target = self._hide(full, row_of, item_of, generator)
+            hidden = self._hidden(entries, row_of, counts, generator)
+            history, target = self._hide(full, row_of[hidden], item_of[hidden])
         else:
             history, target = full, full
         x = history
@@ -107,26 +133,34 @@ class DenoisingMDP:
         self.history = self.history.index_put((rows,), history)
         self.relevance = self.relevance.index_put((rows,), relevance)
 
-    def _history_entries(self, users: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """(row in the batch, item, value) of every training interaction of ``users``, in CSR
-        order, on the core's device: O(nnz), the only read of the sparse matrix per reset."""
-        rows_csr = self.train[users.cpu().numpy()]
-        counts = torch.from_numpy(np.diff(rows_csr.indptr)).to(self.device)
-        row_of = torch.repeat_interleave(torch.arange(len(users), device=self.device), counts)
-        item_of = torch.from_numpy(rows_csr.indices.astype(np.int64)).to(self.device)
-        values = torch.from_numpy(rows_csr.data.astype(np.float32)).to(self.device)
-        return row_of, item_of, values
+    def _history_entries(self, users: Tensor) -> tuple[np.ndarray, Tensor]:
+        """Indices into the CSR arrays of every training interaction of ``users`` (k,), row by
+        row in CSR order, and each row's count (k,) on the core's device: O(nnz), the only read
+        of the sparse matrix per reset."""
+        users_np = users.cpu().numpy()
+        starts = self.train.indptr[users_np]
+        counts = self.train.indptr[users_np + 1] - starts
+        entries = np.arange(counts.sum()) + np.repeat(starts - (np.cumsum(counts) - counts),
+                                                      counts)
+        return entries, torch.from_numpy(counts.astype(np.int64)).to(self.device)
 
-    def _hide(self, full: Tensor, row_of: Tensor, item_of: Tensor, generator: torch.Generator
-              ) -> tuple[Tensor, Tensor]:
-        """Split rows ``full`` (k, n) into (visible history, hidden target), both (k, n).
+    def _hidden(self, entries: np.ndarray, row_of: Tensor, counts: Tensor,
+                generator: torch.Generator) -> Tensor:
+        """Which of the ``entries`` (their rows ``row_of``) the holdout hides, a bool mask.
 
-        Each interaction (``row_of``, ``item_of``) is hidden independently with probability
-        ``holdout_fraction``: one uniform draw per interaction, not per item.
+        Random: one uniform draw per interaction (not per item). Temporal: no draw.
         """
-        hidden = torch.rand(len(item_of), generator=generator,
-                            device=self.device) < self.holdout_fraction
-        row_of, item_of = row_of[hidden], item_of[hidden]
+        if self._order is None:
+            return torch.rand(len(entries), generator=generator,
+                              device=self.device) < self.holdout_fraction
+        position = torch.from_numpy(self._order[entries]).to(self.device)
+        n_hidden = torch.minimum(torch.round(self.holdout_fraction * counts), counts - 1)
+        return position > (counts - n_hidden.clamp(min=0))[row_of]
+
+    @staticmethod
+    def _hide(full: Tensor, row_of: Tensor, item_of: Tensor) -> tuple[Tensor, Tensor]:
+        """Split rows ``full`` (k, n) into (visible history, hidden target), both (k, n), hiding
+        the interactions (``row_of``, ``item_of``)."""
         target = torch.zeros_like(full).index_put_((row_of, item_of), full.new_ones(()))
         history = full.index_put((row_of, item_of), full.new_zeros(()))
         return history, target

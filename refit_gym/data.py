@@ -25,12 +25,18 @@ class DataError(ValueError):
 
 @dataclass(frozen=True)
 class InteractionData:
-    """Binary user-item interactions split into train / valid / test, all (n_users, n_items)."""
+    """Binary user-item interactions split into train / valid / test, all (n_users, n_items).
+
+    ``train_order``: the same pattern as ``train``, each entry the interaction's position in its
+    user's chronological sequence (1 = earliest, float32, exact to 2**24); None when the source
+    records no order. It is what a temporal holdout hides the latest part of.
+    """
 
     name: str
     train: sp.csr_matrix
     valid: sp.csr_matrix
     test: sp.csr_matrix
+    train_order: sp.csr_matrix | None = None
 
     @property
     def n_users(self) -> int:
@@ -118,6 +124,18 @@ def pairs_to_csr(users: np.ndarray, items: np.ndarray, shape: tuple[int, int], s
     return matrix
 
 
+def order_matrix(users: np.ndarray, items: np.ndarray, shape: tuple[int, int]) -> sp.csr_matrix:
+    """Each pair's position among its user's pairs, in the order listed (1 = first), as a CSR
+    matrix with the pattern of ``pairs_to_csr(users, items, ...)`` (pairs must be unique)."""
+    by_user = np.argsort(users, kind="stable")
+    counts = np.bincount(users, minlength=shape[0])
+    position = np.empty(len(users), dtype=np.float32)
+    position[by_user] = np.arange(1, len(users) + 1) - (np.cumsum(counts) - counts)[users[by_user]]
+    matrix = sp.csr_matrix((position, (users, items)), shape=shape)
+    matrix.sum_duplicates()  # canonical (sorted) like pairs_to_csr's; there are no duplicates
+    return matrix
+
+
 def _check_disjoint(splits: Mapping[str, sp.csr_matrix], source: str) -> None:
     names = list(splits)
     for i, a in enumerate(names):
@@ -130,8 +148,12 @@ def _check_disjoint(splits: Mapping[str, sp.csr_matrix], source: str) -> None:
                 )
 
 
-def _from_splits(name: str, pairs: Mapping[str, np.ndarray], sources: Mapping[str, str]):
-    """Build the dataset; ids are sized by the training split, as DiffRec does."""
+def _from_splits(name: str, pairs: Mapping[str, np.ndarray], sources: Mapping[str, str],
+                 chronological: bool):
+    """Build the dataset; ids are sized by the training split, as DiffRec does.
+
+    ``chronological``: each user's training pairs are listed oldest first (kept as
+    ``train_order``)."""
     for split, p in pairs.items():
         if len(p) == 0:
             raise DataError(f"{sources[split]}: the {split} split is empty")
@@ -139,7 +161,8 @@ def _from_splits(name: str, pairs: Mapping[str, np.ndarray], sources: Mapping[st
     shape = (int(train[:, 0].max()) + 1, int(train[:, 1].max()) + 1)
     matrices = {s: pairs_to_csr(p[:, 0], p[:, 1], shape, sources[s]) for s, p in pairs.items()}
     _check_disjoint(matrices, f"{name} ({Path(sources['train']).parent})")
-    return InteractionData(name, matrices["train"], matrices["valid"], matrices["test"])
+    order = order_matrix(train[:, 0], train[:, 1], shape) if chronological else None
+    return InteractionData(name, matrices["train"], matrices["valid"], matrices["test"], order)
 
 
 # --------------------------------------------------------------------------- formats
@@ -160,11 +183,12 @@ def _load_pairs_npy(path: Path) -> np.ndarray:
 
 
 def load_diffrec(directory: str | os.PathLike[str], name: str | None = None) -> InteractionData:
-    """DiffRec's ``{train,valid,test}_list.npy``: int (n, 2) arrays of 0-based (user, item)."""
+    """DiffRec's ``{train,valid,test}_list.npy``: int (n, 2) arrays of 0-based (user, item),
+    chronological within a user (DiffRec's split: valid and test hold the later interactions)."""
     directory = Path(directory)
     sources = {s: str(directory / f"{s}_list.npy") for s in ("train", "valid", "test")}
     pairs = {s: _load_pairs_npy(Path(p)) for s, p in sources.items()}
-    return _from_splits(name or directory.name, pairs, sources)
+    return _from_splits(name or directory.name, pairs, sources, chronological=True)
 
 
 def _read_adjacency_text(path: Path) -> np.ndarray:
@@ -234,8 +258,9 @@ def load_lightgcn(
             raise DataError(f"{sources['train']}: the train split is empty")
         train, valid = carve_validation(train, valid_fraction, split_seed)
         sources["valid"] = f"{sources['train']} (carved validation)"
+    # KGAT's files do not document an order within a line: no train_order.
     return _from_splits(name or directory.name, {"train": train, "valid": valid, "test": test},
-                        sources)
+                        sources, chronological=False)
 
 
 def load_movielens_ratings(
@@ -284,7 +309,7 @@ def load_movielens_ratings(
     items = np.searchsorted(train_items, items)
     pairs = {s: np.stack([users[split == k], items[split == k]], axis=1)
              for k, s in enumerate(("train", "valid", "test"))}
-    return _from_splits(name, pairs, dict.fromkeys(pairs, str(path)))
+    return _from_splits(name, pairs, dict.fromkeys(pairs, str(path)), chronological=True)
 
 
 # --------------------------------------------------------------------------- by spec

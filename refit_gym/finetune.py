@@ -110,7 +110,7 @@ def _refit_epochs(spec: EnvSpec, data: InteractionData, settings: EnvSettings, m
             users = batches[state.batch].to(device)
             rows = len(users) * config.group_size
             if rows not in cores:
-                cores[rows] = settings.build_core(data.train, diffusion, reward, rows)
+                cores[rows] = settings.build_core(data, diffusion, reward, rows)
             started = time.perf_counter()
             stats = agent.train_batch(cores[rows], users, generator)
             state.elapsed += time.perf_counter() - started
@@ -192,7 +192,7 @@ def finetune(
     """Fine-tune ``checkpoint`` with ``algo``; returns (and writes) the metrics payload.
 
     ``hyperparams`` override agents/<algo>.toml; ``env_kwargs`` override the spec's MDP
-    settings (reward, reward_params, holdout_fraction, ...). ``continue`` trains with the
+    settings (reward, reward_params, holdout_fraction, holdout, ...). ``continue`` trains with the
     backbone's own loss until ``budget_seconds`` of wall time have passed.
     """
     if algo not in ALGOS:
@@ -221,7 +221,7 @@ def finetune(
     state = RunState(out_dir / "state.pt", identity)
     resumed = state.load()
     if algo in SB3_ALGOS:
-        venv = make_vec_env(spec, settings, data.train, config["n_envs"], config["group_size"],
+        venv = make_vec_env(spec, settings, data, config["n_envs"], config["group_size"],
                             seed)
         zip_path = out_dir / f"{algo}.zip"
         if resumed is not None and zip_path.is_file():

@@ -35,6 +35,7 @@ class EnvSettings:
     reward: str = "collaborative"
     reward_params: dict[str, Any] = field(default_factory=dict)
     holdout_fraction: float = 0.0
+    holdout: str = "random"  # "random" or "temporal" (the latest interactions; core.HOLDOUTS)
     sampling_steps: int = 0
     user_sampling: str = "uniform"  # "uniform" draws users with np_random; "sequential" cycles
     device: str = "cpu"
@@ -62,12 +63,14 @@ class EnvSettings:
         """The reward these settings name, over the training matrix ``train``."""
         return make_reward(self.reward, self.reward_params, train, self.device, _cache_dir())
 
-    def build_core(self, train: sp.csr_matrix, diffusion: GaussianDiffusion, reward: Reward,
+    def build_core(self, data: InteractionData, diffusion: GaussianDiffusion, reward: Reward,
                    num_rows: int) -> DenoisingMDP:
-        """A core of ``num_rows`` rows with these settings (rewards can be shared by cores)."""
-        return DenoisingMDP(train, diffusion, reward, num_rows,
+        """A core of ``num_rows`` rows over ``data.train`` with these settings (rewards can be
+        shared by cores)."""
+        return DenoisingMDP(data.train, diffusion, reward, num_rows,
                             sampling_steps=self.sampling_steps,
-                            holdout_fraction=self.holdout_fraction, device=self.device)
+                            holdout_fraction=self.holdout_fraction, holdout=self.holdout,
+                            order=data.train_order, device=self.device)
 
 
 @cache
@@ -81,19 +84,19 @@ def _cache_dir() -> Path:
     return Path(root or Path.home() / ".cache") / "refit-gym"
 
 
-def make_core(env_id: str, num_rows: int, *, train: sp.csr_matrix | None = None,
+def make_core(env_id: str, num_rows: int, *, data: InteractionData | None = None,
               **overrides: Any) -> tuple[EnvSpec, EnvSettings, DenoisingMDP]:
     """The batched core of ``env_id`` with ``num_rows`` rows (the torch-native path).
 
-    ``train``: the training matrix when the caller has loaded the data already (otherwise it
-    is read from ``data_dir``, once per process).
+    ``data``: the dataset when the caller has loaded it already (otherwise it is read from
+    ``data_dir``, once per process); only its training split is used.
     """
     spec = load_env_spec(env_id)
     settings = EnvSettings.resolve(spec, overrides)
-    if train is None:
-        train = cached_dataset(spec.id, settings.data_dir).train
-    core = settings.build_core(train, GaussianDiffusion(spec.diffusion, settings.device),
-                               settings.build_reward(train), num_rows)
+    if data is None:
+        data = cached_dataset(spec.id, settings.data_dir)
+    core = settings.build_core(data, GaussianDiffusion(spec.diffusion, settings.device),
+                               settings.build_reward(data.train), num_rows)
     return spec, settings, core
 
 

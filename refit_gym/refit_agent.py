@@ -6,7 +6,8 @@ backbone's own chain. Each batch of users plays ``group_size`` trajectories per 
 environment's torch path; the advantage is the reward minus the user's group mean, divided by
 the group's std. The loss is the (optionally ratio-clipped) policy gradient on the exact
 per-step Gaussian log-likelihoods, plus an optional KL penalty to the frozen pretrained
-denoiser, over the last ``train_steps`` reverse steps. Evaluation uses the deterministic mean
+denoiser, over the last ``train_steps`` reverse steps (the earlier steps explore too, or follow
+the mean chain with ``explore_all_steps=False``). Evaluation uses the deterministic mean
 chain, exactly as DiffRec ranks.
 """
 
@@ -32,6 +33,9 @@ class ReFiTConfig:
     lr: float = 1e-5
     weight_decay: float = 0.0
     train_steps: int = 10  # gradients on the last train_steps reverse steps (t < train_steps)
+    # False: the untrained steps (t >= train_steps) follow the mean chain, as evaluation does,
+    # so their noise does not blur the reward of the steps that are trained.
+    explore_all_steps: bool = True
     update_epochs: int = 1  # > 1 reuses each batch with importance-ratio clipping
     clip_range: float = 0.2
     kl_coef: float = 0.0  # weight of KL(pi_theta || pi_pretrained), per step
@@ -93,9 +97,13 @@ class ReFiTAgent:
             for _ in range(core.steps):
                 t = core.denoiser_timestep()
                 x_t = core.x
-                action, log_prob, _ = policy_step(self.model, self.diffusion, x_t, t, cfg.kappa,
-                                                  generator=generator)
-                if int(t[0]) < cfg.train_steps:
+                trained = int(t[0]) < cfg.train_steps
+                if trained or cfg.explore_all_steps:
+                    action, log_prob, _ = policy_step(self.model, self.diffusion, x_t, t,
+                                                      cfg.kappa, generator=generator)
+                else:
+                    action = self.diffusion.reverse_mean(self.model, x_t, t)
+                if trained:
                     stored.append((x_t, t, action, log_prob))  # states are never mutated
                 result = core.step(action)
         advantages = group_advantages(result.reward, cfg.group_size)

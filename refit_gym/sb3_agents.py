@@ -13,13 +13,13 @@ import dataclasses
 from typing import Any
 
 import numpy as np
-import scipy.sparse as sp
 from sb3_contrib import TRPO
 from stable_baselines3 import A2C, PPO
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.on_policy_algorithm import OnPolicyAlgorithm
 from stable_baselines3.common.vec_env import VecEnv, VecEnvWrapper
 
+from refit_gym.data import InteractionData
 from refit_gym.denoiser import MLPDenoiser
 from refit_gym.gym_env import EnvSettings
 from refit_gym.sb3_policy import DiffusionActorCriticPolicy
@@ -41,11 +41,11 @@ def episodes_per_epoch(driver: dict[str, Any], n_users: int) -> int:
     return (driver.get("users_per_epoch") or n_users) * driver["group_size"]
 
 
-def make_vec_env(spec: EnvSpec, settings: EnvSettings, train: sp.csr_matrix, n_envs: int,
+def make_vec_env(spec: EnvSpec, settings: EnvSettings, data: InteractionData, n_envs: int,
                  group_size: int, seed: int) -> VecEnv:
-    """The SB3 face of ``spec`` over ``train``; wrapped in :class:`GroupRelativeReward` when
-    group_size > 1."""
-    venv = ReFiTVecEnv(spec.id, num_envs=n_envs, seed=seed, group_size=group_size, train=train,
+    """The SB3 face of ``spec`` over ``data``'s training split; wrapped in
+    :class:`GroupRelativeReward` when group_size > 1."""
+    venv = ReFiTVecEnv(spec.id, num_envs=n_envs, seed=seed, group_size=group_size, data=data,
                        **dataclasses.asdict(settings))
     return GroupRelativeReward(venv) if group_size > 1 else venv
 

@@ -22,7 +22,7 @@ from refit_gym.gym_env import (
 
 class ReFiTVecEnv(VecEnv):
     """``num_envs`` rows of ``env_id``'s MDP for SB3 algorithms; keywords as for ``gym.make``
-    (and ``train``, as for :func:`refit_gym.gym_env.make_core`).
+    (and ``data``, as for :func:`refit_gym.gym_env.make_core`).
 
     ``group_size`` G > 1 plays each drawn user in G consecutive rows at once (rows
     [0, G) share a user, then [G, 2G), ...), each with its own noise and holdout draw: the

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from refit_gym.data import InteractionData, pairs_to_csr
+from refit_gym.data import InteractionData, order_matrix, pairs_to_csr
 
 
 def make_synthetic(
@@ -71,4 +71,6 @@ def make_synthetic(
         pairs_to_csr(users[split == k], items[split == k], shape, f"synthetic ({s})")
         for k, s in enumerate(("train", "valid", "test"))
     )
-    return InteractionData(name, train, valid, test)
+    in_train = split == 0
+    return InteractionData(name, train, valid, test,
+                           order_matrix(users[in_train], items[in_train], shape))

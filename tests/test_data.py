@@ -39,6 +39,18 @@ def test_diffrec_loads_sparse_splits(tmp_path: Path) -> None:
     assert rows.tolist() == [[1, 0, 0, 1], [1, 1, 0, 0]]
 
 
+def test_train_order_is_the_listed_order_within_each_user(tmp_path: Path) -> None:
+    # User 0 lists items 3, 0, 2 (in that order); user 1's pairs are interleaved with user 0's.
+    train = [(0, 3), (1, 1), (0, 0), (1, 0), (0, 2)]
+    data = load_diffrec(write_diffrec(tmp_path / "order", train, [(0, 1)], [(1, 2)]))
+    order = data.train_order
+    assert order is not None
+    assert (order.indptr.tolist(), order.indices.tolist()) == (
+        data.train.indptr.tolist(), data.train.indices.tolist())
+    assert order[0].toarray().tolist() == [[2, 0, 3, 1]]  # items 0, 2, 3 came 2nd, 3rd, 1st
+    assert order[1].toarray().tolist() == [[2, 1, 0, 0]]
+
+
 @pytest.mark.parametrize(
     ("mutate", "message"),
     [
@@ -74,6 +86,7 @@ def test_lightgcn_text_and_carved_validation(tmp_path: Path) -> None:
     assert data.valid.getnnz(axis=1).tolist() == [2, 2, 0, 0]  # round(0.2 n), >= 1 kept in train
     assert data.train.nnz + data.valid.nnz == 23
     assert data.train.multiply(data.valid).nnz == 0
+    assert data.train_order is None  # KGAT's lines record no chronological order
     again = load_lightgcn(directory, valid_fraction=0.2, split_seed=7)
     other = load_lightgcn(directory, valid_fraction=0.2, split_seed=8)
     assert (again.valid != data.valid).nnz == 0
@@ -122,6 +135,8 @@ def test_movielens_ratings_preprocessing(tmp_path: Path) -> None:
     first_user_train = data.train[0].indices.tolist()
     assert data.valid[0].indices.tolist() == [8] and data.test[0].indices.tolist() == [9]
     assert first_user_train == [0, 1, 2, 3, 5, 6, 7]
+    # User 2 watched items 9, 8, 7, 6, 4 (movies 109, 108, ...; 105 rated low): by time.
+    assert data.train_order[1].toarray().ravel()[[9, 8, 7, 6, 4]].tolist() == [1, 2, 3, 4, 5]
     (tmp_path / "bad.dat").write_text("1::2::5\n")
     with pytest.raises(DataError, match="user::movie::rating::timestamp"):
         load_movielens_ratings(tmp_path / "bad.dat")
@@ -162,3 +177,5 @@ def test_ml1m_reference_split(ml1m) -> None:
     assert (ml1m.n_users, ml1m.n_items) == (5949, 2810)
     assert (ml1m.train.nnz, ml1m.valid.nnz, ml1m.test.nnz) == (403277, 110722, 57532)
     assert ml1m.valid.getnnz(axis=1).min() >= 1 and ml1m.test.getnnz(axis=1).min() >= 1
+    # train_list.npy lists user 0's 30 training items as 0, 1, ..., 29 (first seen first).
+    assert ml1m.train_order[0, :30].toarray().ravel().tolist() == list(range(1, 31))

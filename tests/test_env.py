@@ -10,6 +10,7 @@ from gymnasium.utils.env_checker import check_env as gym_check_env
 from stable_baselines3.common.env_checker import check_env as sb3_check_env
 
 import refit_gym  # noqa: F401  (registers the ids)
+from refit_gym.data import InteractionData
 from refit_gym.gym_env import ReFiTEnv, ReFiTVectorEnv, make_core
 from refit_gym.sb3_vec_env import ReFiTVecEnv
 
@@ -114,10 +115,39 @@ def test_holdout_hides_part_of_history_as_target() -> None:
     assert 0.35 < hidden.sum().item() / full.sum().item() < 0.65
 
 
+def test_temporal_holdout_hides_each_users_latest_interactions(small_data) -> None:
+    _, _, core = make_core(SYN, 40, data=small_data, holdout_fraction=0.25, holdout="temporal",
+                           reward="hit", reward_params={"k": 5})  # relevance = the target
+    users = torch.arange(40)
+    core.reset_rows(users, users, torch.Generator().manual_seed(0))
+    order = small_data.train_order[:40].toarray()
+    counts = small_data.train[:40].getnnz(axis=1)
+    n_hidden = np.minimum(np.round(0.25 * counts), counts - 1)
+    expected = (order > (counts - n_hidden)[:, None]).astype(np.float32)
+    np.testing.assert_array_equal(core.relevance.numpy(), expected)
+    full = small_data.train[:40].toarray()
+    np.testing.assert_array_equal(core.history.numpy() + expected, full)  # a partition
+    assert (core.relevance.sum(1).numpy() == n_hidden).all()
+    history = core.history.clone()
+    core.reset_rows(users, users, torch.Generator().manual_seed(1))  # nothing is drawn
+    assert torch.equal(core.history, history)
+
+
+def test_temporal_holdout_needs_an_ordered_dataset(small_data) -> None:
+    unordered = InteractionData("unordered", small_data.train, small_data.valid, small_data.test)
+    with pytest.raises(ValueError, match=r"chronological order.*holdout='random'"):
+        make_core(SYN, 4, data=unordered, holdout_fraction=0.2, holdout="temporal")
+    shuffled = InteractionData("bad", small_data.train, small_data.valid, small_data.test,
+                               small_data.valid)
+    with pytest.raises(ValueError, match="sparsity pattern"):
+        make_core(SYN, 4, data=shuffled, holdout_fraction=0.2, holdout="temporal")
+    with pytest.raises(ValueError, match="holdout must be one of"):
+        make_core(SYN, 4, holdout_fraction=0.2, holdout="latest")
+
+
 def test_valid_and_test_cannot_influence_observations_or_rewards(small_data, monkeypatch) -> None:
     """Same train, different valid/test: the same seeded episodes, bit for bit."""
     import refit_gym.gym_env as gym_env
-    from refit_gym.data import InteractionData
 
     other = InteractionData("other", small_data.train, small_data.test, small_data.valid)
     assert (other.valid != small_data.valid).nnz > 0
@@ -220,9 +250,9 @@ def test_amazon_book_env_passes_both_checkers_without_dense_matrices(data_dir) -
     sb3_check_env(env.unwrapped)
 
 
-def test_faces_run_on_the_callers_training_matrix(small_data) -> None:
+def test_faces_run_on_the_callers_dataset(small_data) -> None:
     """finetune hands its loaded data to the SB3 face (honouring --data-dir, no second load)."""
-    venv = ReFiTVecEnv(SYN, num_envs=3, seed=0, train=small_data.train, reward="neg_mse")
+    venv = ReFiTVecEnv(SYN, num_envs=3, seed=0, data=small_data, reward="neg_mse")
     assert (venv.core.n_users, venv.core.n_items) == small_data.train.shape
     venv.reset()
     users = venv.core.users.numpy()
