@@ -43,6 +43,17 @@ CONFIGS: dict[str, dict] = {
         "reward": "ndcg", "holdout_fraction": 0.2,
         "reward_params": {"k": 20, "alphas": [0.3], **LOWRANK}},
     "neg. MSE to history": {"reward": "neg_mse", "reward_params": {}},
+    # The temporal holdout hides each user's latest interactions, as validation and test do.
+    "hit@20, temporal holdout 0.2": {"reward": "hit", "holdout_fraction": 0.2,
+                                     "holdout": "temporal", "reward_params": {"k": 20}},
+    "ndcg@20, temporal holdout 0.2": {"reward": "ndcg", "holdout_fraction": 0.2,
+                                      "holdout": "temporal", "reward_params": {"k": 20}},
+    "graded ndcg@20 a=0.3, temporal holdout 0.2": {
+        "reward": "ndcg", "holdout_fraction": 0.2, "holdout": "temporal",
+        "reward_params": {"k": 20, "alphas": [0.3], **LOWRANK}},
+    "log-lik (a=0), temporal holdout 0.2, excl.": {
+        "reward": "collaborative", "holdout_fraction": 0.2, "holdout": "temporal",
+        "reward_params": {"alphas": [], "tau": 0.05, "exclude_history": True}},
 }
 
 
@@ -58,11 +69,11 @@ def main() -> None:
     args = parser.parse_args()
     spec = load_env_spec(args.env)
     data = cached_dataset(spec.id, None)
-    chosen = list(CONFIGS.items())
-    if args.only:
-        chosen = [chosen[int(i) - 1] for i in args.only.split(",")]
+    numbers = [int(i) for i in args.only.split(",")] if args.only else range(1, len(CONFIGS) + 1)
+    configs = list(CONFIGS.items())
     rows = []
-    for number, (name, env_kwargs) in enumerate(chosen, start=1):
+    for number in numbers:
+        name, env_kwargs = configs[number - 1]
         out = Path(args.out) / f"config{number}"
         budget = {"epochs": args.epochs, "users_per_epoch": args.users_per_epoch}
         result = finetune(spec, data, args.checkpoint, "refit", out, seed=args.seed,

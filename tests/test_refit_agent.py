@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -13,8 +14,9 @@ from refit_gym.cli import main
 from refit_gym.denoiser import DenoiserConfig, MLPDenoiser
 from refit_gym.diffusion import GaussianDiffusion
 from refit_gym.finetune import finetune
+from refit_gym.gym_env import make_core
 from refit_gym.metrics import evaluate
-from refit_gym.refit_agent import group_advantages, policy_step
+from refit_gym.refit_agent import ReFiTAgent, ReFiTConfig, group_advantages, policy_step
 from refit_gym.specs import load_env_spec
 
 SYN = "ReFiT-Synthetic-v0"
@@ -34,6 +36,30 @@ def test_policy_step_samples_and_scores_the_exact_gaussian() -> None:
     assert 0.8 < z.std().item() < 1.2  # the sample has the policy's std
     _, rescored, _ = policy_step(model, diffusion, x, t, kappa=3.0, action=action)
     torch.testing.assert_close(rescored, log_prob)
+
+
+def test_untrained_steps_follow_the_mean_chain_without_exploration() -> None:
+    """explore_all_steps=False: steps t >= train_steps are the deterministic mean chain, so two
+    rollouts with different noise agree there and differ only on the trained steps."""
+    _, _, core = make_core(SYN, 4, reward="neg_mse")
+    torch.manual_seed(0)
+    model = MLPDenoiser(DenoiserConfig(n_items=core.n_items, dims=(8,)))
+    diffusion = GaussianDiffusion(load_env_spec(SYN).diffusion)
+    config = ReFiTConfig(group_size=2, train_steps=2, lr=0.0, explore_all_steps=False)
+    agent = ReFiTAgent(model, copy.deepcopy(model), diffusion, config)
+    traces = []
+    for seed in (1, 2):
+        trace: list[torch.Tensor] = []
+        step = core.step
+        core.step = lambda action, trace=trace, step=step: (trace.append(action), step(action))[1]
+        agent.train_batch(core, torch.tensor([0, 1]), torch.Generator().manual_seed(seed))
+        del core.step
+        traces.append(trace)
+    untrained = core.steps - config.train_steps
+    for a, b in zip(traces[0][:untrained], traces[1][:untrained]):
+        assert torch.equal(a, b)
+    for a, b in zip(traces[0][untrained:], traces[1][untrained:]):
+        assert not torch.equal(a, b)
 
 
 def test_group_advantages_are_normalised_per_user() -> None:
