@@ -74,7 +74,9 @@ def main() -> None:
     share_rows = ["| reward setting | environment s / episode | denoiser s / episode | share |",
                   "|---|---|---|---|"]
     settings = {
-        "spec default (hit@20, 20% holdout)": {},
+        "hit@20, 20% random holdout": {
+            "reward": "hit", "holdout": "random", "holdout_fraction": 0.2,
+            "reward_params": {"k": 20}},
         "collaborative a=0.5 rank 256, no holdout": {
             "reward": "collaborative", "holdout_fraction": 0.0,
             "reward_params": {"alphas": [0.5], "tau": 0.05, "rank": 256}},
