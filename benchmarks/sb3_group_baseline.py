@@ -42,7 +42,7 @@ def scratch_rewards(algo: str, spec: EnvSpec, data: InteractionData, seed: int) 
     """Mean episode reward per epoch of SB3's MultiInputPolicy, same budget and driver."""
     driver, sb3_args = split_hyperparams(load_agent_hyperparams(algo, spec.id))
     sb3_args.pop("policy_kwargs", None)
-    venv = make_vec_env(spec, EnvSettings.resolve(spec, {}), data.train, driver["n_envs"],
+    venv = make_vec_env(spec, EnvSettings.resolve(spec, {}), data, driver["n_envs"],
                         driver["group_size"], seed)
     model = SB3_ALGOS[algo]("MultiInputPolicy", venv, seed=seed, device="cpu", verbose=0,
                             **sb3_args)

@@ -150,12 +150,12 @@ class DenoisingMDP:
 
         Random: one uniform draw per interaction (not per item). Temporal: no draw.
         """
-        if self._order is None:
+        if self.holdout == "random":
             return torch.rand(len(entries), generator=generator,
                               device=self.device) < self.holdout_fraction
         position = torch.from_numpy(self._order[entries]).to(self.device)
         n_hidden = torch.minimum(torch.round(self.holdout_fraction * counts), counts - 1)
-        return position > (counts - n_hidden.clamp(min=0))[row_of]
+        return position > (counts - n_hidden)[row_of]  # empty rows have no entries to index
 
     @staticmethod
     def _hide(full: Tensor, row_of: Tensor, item_of: Tensor) -> tuple[Tensor, Tensor]:

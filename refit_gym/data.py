@@ -124,13 +124,19 @@ def pairs_to_csr(users: np.ndarray, items: np.ndarray, shape: tuple[int, int], s
     return matrix
 
 
+def rank_within_user(sorted_users: np.ndarray) -> np.ndarray:
+    """Each entry's 0-based position among its user's entries; ``sorted_users`` holds user ids
+    in ascending order (grouped by user, as after a sort by user)."""
+    counts = np.bincount(sorted_users)
+    return np.arange(len(sorted_users)) - (np.cumsum(counts) - counts)[sorted_users]
+
+
 def order_matrix(users: np.ndarray, items: np.ndarray, shape: tuple[int, int]) -> sp.csr_matrix:
     """Each pair's position among its user's pairs, in the order listed (1 = first), as a CSR
     matrix with the pattern of ``pairs_to_csr(users, items, ...)`` (pairs must be unique)."""
     by_user = np.argsort(users, kind="stable")
-    counts = np.bincount(users, minlength=shape[0])
     position = np.empty(len(users), dtype=np.float32)
-    position[by_user] = np.arange(1, len(users) + 1) - (np.cumsum(counts) - counts)[users[by_user]]
+    position[by_user] = rank_within_user(users[by_user]) + 1
     matrix = sp.csr_matrix((position, (users, items)), shape=shape)
     matrix.sum_duplicates()  # canonical (sorted) like pairs_to_csr's; there are no duplicates
     return matrix
@@ -227,9 +233,8 @@ def carve_validation(pairs: np.ndarray, fraction: float, seed: int) -> tuple[np.
     users = pairs[:, 0]
     order = np.lexsort((rng.random(len(pairs)), users))  # by user, random within a user
     counts = np.bincount(users)
-    starts = np.cumsum(counts) - counts
     sorted_users = users[order]
-    rank = np.arange(len(order)) - starts[sorted_users]
+    rank = rank_within_user(sorted_users)
     n_valid = np.minimum(np.round(counts * fraction), np.maximum(counts - 1, 0))
     is_valid = np.zeros(len(pairs), dtype=bool)
     is_valid[order] = rank < n_valid[sorted_users]
@@ -295,7 +300,7 @@ def load_movielens_ratings(
     users, items = users[order], items[order]
     _, users = np.unique(users, return_inverse=True)
     counts = np.bincount(users)
-    rank = np.arange(len(users)) - (np.cumsum(counts) - counts)[users]
+    rank = rank_within_user(users)
     n = counts[users]
     n_test = np.maximum(1, np.floor(n * fractions[2]))
     n_valid = np.maximum(1, np.floor(n * fractions[1]))

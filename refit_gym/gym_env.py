@@ -58,7 +58,6 @@ class EnvSettings:
                              f"got {settings.user_sampling!r}")
         return settings
 
-
     def build_reward(self, train: sp.csr_matrix) -> Reward:
         """The reward these settings name, over the training matrix ``train``."""
         return make_reward(self.reward, self.reward_params, train, self.device, _cache_dir())

@@ -81,7 +81,10 @@ class GroupRelativeReward(VecEnvWrapper):
         if venv.group_size < 2:
             raise ValueError("GroupRelativeReward needs a ReFiTVecEnv with group_size >= 2")
         super().__init__(venv)
-        self.group_size = venv.group_size
+
+    @property
+    def group_size(self) -> int:
+        return self.venv.group_size
 
     def reset(self) -> dict[str, np.ndarray]:
         return self.venv.reset()

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from refit_gym.data import InteractionData, order_matrix, pairs_to_csr
+from refit_gym.data import InteractionData, order_matrix, pairs_to_csr, rank_within_user
 
 
 def make_synthetic(
@@ -62,7 +62,7 @@ def make_synthetic(
     order = np.lexsort((rng.random(len(users)), users))
     users, items = users[order], items[order]
     n = counts[users]
-    rank = np.arange(len(users)) - (np.cumsum(counts) - counts)[users]
+    rank = rank_within_user(users)
     n_test = np.maximum(1, np.round(n * test_fraction))
     n_valid = np.maximum(1, np.round(n * valid_fraction))
     split = np.where(rank >= n - n_test, 2, np.where(rank >= n - n_test - n_valid, 1, 0))
