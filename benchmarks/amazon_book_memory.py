@@ -17,11 +17,11 @@ from pathlib import Path
 
 from common import fresh_training, peak_rss_mib, write_result
 
-from refit_gym.checkpoint import save_denoiser
+from refit_gym.backbones import save_backbone
 from refit_gym.data import load_dataset
-from refit_gym.finetune import finetune
-from refit_gym.pretrain import train_epoch
 from refit_gym.specs import load_env_spec
+from refit_gym.training.finetune import finetune
+from refit_gym.training.pretrain import train_epoch
 
 
 def main() -> None:
@@ -35,18 +35,18 @@ def main() -> None:
     start = time.perf_counter()
     data = load_dataset(spec.dataset)
     t_load, rss_load = time.perf_counter() - start, peak_rss_mib()
-    model, diffusion, optimizer, sampler, generator = fresh_training(spec, data.n_items)
+    model, optimizer, sampler, generator = fresh_training(spec, data.n_items)
     epoch_times = []
     for _ in range(args.epochs):
         start = time.perf_counter()
-        loss = train_epoch(model, diffusion, data, optimizer, sampler, spec.pretrain, generator)
+        loss = train_epoch(model, data, optimizer, sampler, spec.pretrain, generator)
         epoch_times.append(time.perf_counter() - start)
     rss_pretrain = peak_rss_mib()
     finetune_rows = []
     if args.finetune_users:
         with tempfile.TemporaryDirectory() as tmp:
             checkpoint = Path(tmp) / "denoiser.pt"
-            save_denoiser(checkpoint, model, spec.id, seed=0, epoch=args.epochs)
+            save_backbone(checkpoint, model, spec.id, seed=0, epoch=args.epochs)
             start = time.perf_counter()
             result = finetune(spec, data, checkpoint, "refit", Path(tmp) / "refit", seed=1,
                               hyperparams={"epochs": 1, "users_per_epoch": args.finetune_users},
@@ -69,7 +69,7 @@ def main() -> None:
         "| measurement | value |", "|---|---|",
         f"| load + validate + carve validation | {t_load:.1f} s |",
         f"| peak RSS after loading | {rss_load:.0f} MiB |",
-        f"| denoiser parameters (dims {list(spec.denoiser['dims'])}) | {n_params / 1e6:.1f} M |",
+        f"| denoiser parameters (dims {list(spec.backbone['dims'])}) | {n_params / 1e6:.1f} M |",
         f"| pretraining epoch(s) | {', '.join(f'{t:.0f} s' for t in epoch_times)} "
         f"(last loss {loss:.4f}) |",
         f"| peak RSS after pretraining | {rss_pretrain:.0f} MiB |",

@@ -12,10 +12,8 @@ from pathlib import Path
 
 import torch
 
-from refit_gym.denoiser import MLPDenoiser
-from refit_gym.diffusion import GaussianDiffusion
-from refit_gym.pretrain import LossAwareTimestepSampler
 from refit_gym.specs import EnvSpec
+from refit_gym.training.pretrain import make_timestep_sampler
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -61,11 +59,10 @@ def write_result(name: str, title: str, lines: list[str]) -> Path:
 
 
 def fresh_training(spec: EnvSpec, n_items: int):
-    """A seeded, untrained backbone with its schedule, AdamW, t-sampler and generator."""
+    """A seeded, untrained backbone with AdamW, its t-sampler and a generator."""
     torch.manual_seed(0)
-    model = MLPDenoiser(spec.denoiser_config(n_items))
-    diffusion = GaussianDiffusion(spec.diffusion)
+    model = spec.build_backbone(n_items)
     optimizer = torch.optim.AdamW(model.parameters(), lr=spec.pretrain.lr,
                                   weight_decay=spec.pretrain.weight_decay)
-    sampler = LossAwareTimestepSampler(diffusion.steps)
-    return model, diffusion, optimizer, sampler, torch.Generator().manual_seed(0)
+    sampler = make_timestep_sampler(spec.pretrain, model.diffusion.steps)
+    return model, optimizer, sampler, torch.Generator().manual_seed(0)

@@ -20,10 +20,9 @@ import numpy as np
 import torch
 from common import best_of, write_result
 
-from refit_gym.denoiser import MLPDenoiser
-from refit_gym.gym_env import cached_dataset, make_core
-from refit_gym.rewards import make_reward
-from refit_gym.sb3_vec_env import ReFiTVecEnv
+from refit_gym.mdp.gym_env import cached_dataset, make_core
+from refit_gym.mdp.rewards import make_reward
+from refit_gym.mdp.sb3_vec_env import ReFiTVecEnv
 
 ML1M = "ReFiT-ML1M-v0"
 
@@ -84,10 +83,10 @@ def main() -> None:
     for label, overrides in settings.items():
         spec, _, core = make_core(ML1M, 256, **overrides)
         torch.manual_seed(0)
-        model = MLPDenoiser(spec.denoiser_config(core.n_items)).eval()
+        model = spec.build_backbone(core.n_items).eval()
 
-        def policy(x, t, core=core, model=model):
-            return core.diffusion.reverse_mean(model, x, t)
+        def policy(x, t, model=model):
+            return model.reverse_mean(x, t, None)
 
         env_s, policy_s = min((episodes(core, 256, policy) for _ in range(args.repeats)),
                               key=lambda pair: pair[0] + pair[1])

@@ -17,17 +17,15 @@ import numpy as np
 import torch
 from common import best_of, fresh_training, write_result
 
-from refit_gym.core import DenoisingMDP
-from refit_gym.denoiser import DenoiserConfig, MLPDenoiser
-from refit_gym.diffusion import GaussianDiffusion
-from refit_gym.gym_env import cached_dataset
-from refit_gym.pretrain import train_epoch
-from refit_gym.refit_agent import ReFiTAgent, ReFiTConfig, policy_step, user_batches
-from refit_gym.rewards import make_reward
-from refit_gym.sb3_agents import make_model
-from refit_gym.sb3_vec_env import ReFiTVecEnv
+from refit_gym.data.synthetic import make_synthetic
+from refit_gym.mdp.core import DenoisingMDP
+from refit_gym.mdp.gym_env import cached_dataset
+from refit_gym.mdp.rewards import make_reward
+from refit_gym.mdp.sb3_vec_env import ReFiTVecEnv
+from refit_gym.rl.refit_agent import ReFiTAgent, ReFiTConfig, policy_step, user_batches
+from refit_gym.rl.sb3_agents import make_model
 from refit_gym.specs import load_agent_hyperparams, load_env_spec
-from refit_gym.synthetic import make_synthetic
+from refit_gym.training.pretrain import train_epoch
 
 REWARD = {"alphas": [0.5], "tau": 0.05, "rank": 64}
 
@@ -35,9 +33,8 @@ REWARD = {"alphas": [0.5], "tau": 0.05, "rank": 64}
 def refit_seconds(data, spec, config: ReFiTConfig, max_batches: int | None) -> tuple[float, int]:
     """Seconds for ``max_batches`` (or all) ReFiT batches, and how many batches that was."""
     torch.manual_seed(0)
-    model = MLPDenoiser(spec.denoiser_config(data.n_items))
-    diffusion = GaussianDiffusion(spec.diffusion)
-    agent = ReFiTAgent(model, MLPDenoiser(model.config), diffusion, config)
+    model = spec.build_backbone(data.n_items)
+    agent = ReFiTAgent(model, spec.build_backbone(data.n_items), config)
     reward = make_reward("collaborative", REWARD, data.train)
     generator = torch.Generator().manual_seed(0)
     batches = user_batches(data.n_users, config.users_per_batch, generator)[:max_batches]
@@ -46,7 +43,7 @@ def refit_seconds(data, spec, config: ReFiTConfig, max_batches: int | None) -> t
     for users in batches:
         rows = len(users) * config.group_size
         if rows not in cores:
-            cores[rows] = DenoisingMDP(data.train, diffusion, reward, rows)
+            cores[rows] = DenoisingMDP(data.train, model.diffusion, reward, rows)
         agent.train_batch(cores[rows], users, generator)
     return time.perf_counter() - start, len(batches)
 
@@ -55,10 +52,10 @@ def rollout_paths(spec, data, batch: int, repeats: int) -> tuple[float, float]:
     """Seconds for one T-step rollout of ``batch`` episodes: SB3's ``collect_rollouts`` (PPO,
     pretrained actor, numpy VecEnv) and the ReFiT agent's torch path (policy_step + core)."""
     torch.manual_seed(0)
-    denoiser = MLPDenoiser(spec.denoiser_config(data.n_items)).eval()
+    backbone = spec.build_backbone(data.n_items).eval()
     venv = ReFiTVecEnv(spec.id, num_envs=batch, seed=0)
     steps = spec.diffusion.steps
-    model = make_model("ppo", spec, venv, denoiser, {"n_steps": steps, "batch_size": batch},
+    model = make_model("ppo", venv, backbone, {"n_steps": steps, "batch_size": batch},
                        seed=0, device="cpu")
 
     def sb3_rollout() -> None:
@@ -66,14 +63,13 @@ def rollout_paths(spec, data, batch: int, repeats: int) -> tuple[float, float]:
         model.collect_rollouts(model.env, callback, model.rollout_buffer, steps)
 
     core = venv.core
-    diffusion = GaussianDiffusion(spec.diffusion)
     generator = torch.Generator().manual_seed(0)
 
     def torch_rollout() -> None:
         core.reset_rows(torch.arange(batch), torch.arange(batch), generator)
         with torch.no_grad():
             for _ in range(steps):
-                action, _, _ = policy_step(denoiser, diffusion, core.x, core.denoiser_timestep(),
+                action, _, _ = policy_step(backbone, core.x, core.denoiser_timestep(), None,
                                            10.0, generator=generator)
                 core.step(action)
 
@@ -91,9 +87,9 @@ def main() -> None:
     seconds, done = refit_seconds(data, spec, config, args.batches)
     n_batches = -(-data.n_users // config.users_per_batch)
     refit_epoch = seconds / done * n_batches
-    model, diffusion, optimizer, sampler, generator = fresh_training(spec, data.n_items)
-    pretrain_epoch = best_of(lambda: train_epoch(model, diffusion, data, optimizer, sampler,
-                                                 spec.pretrain, generator), 3)
+    model, optimizer, sampler, generator = fresh_training(spec, data.n_items)
+    pretrain_epoch = best_of(lambda: train_epoch(model, data, optimizer, sampler, spec.pretrain,
+                                                 generator), 3)
     lines = [
         "## One ReFiT epoch over all ML-1M users against one pretraining epoch", "",
         f"ReFiT settings from agents/refit.toml ({config.users_per_batch} users x "
@@ -133,8 +129,8 @@ def main() -> None:
         lines += [f"## Scaling with {label} (synthetic, one ReFiT epoch over all users)", "",
                   "| users | items | seconds |", "|---|---|---|", *rows, "",
                   f"log-log slope: {slope:.2f} (1 = linear)", ""]
-    denoiser = DenoiserConfig(n_items=1, dims=syn.denoiser["dims"])
-    lines.append(f"Synthetic backbone: dims {list(denoiser.dims)}, T = {syn.diffusion.steps}; "
+    lines.append(f"Synthetic backbone: dims {list(syn.backbone['dims'])}, "
+                 f"T = {syn.diffusion.steps}; "
                  "its parameters grow linearly with the items.")
     write_result("finetune_speed", "ReFiT fine-tuning speed and scaling", lines)
 

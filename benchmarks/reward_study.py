@@ -17,9 +17,9 @@ from pathlib import Path
 
 from common import write_result
 
-from refit_gym.finetune import finetune
-from refit_gym.gym_env import cached_dataset
+from refit_gym.mdp.gym_env import cached_dataset
 from refit_gym.specs import load_env_spec
+from refit_gym.training.finetune import finetune
 
 LOWRANK = {"propagation": "lowrank", "rank": 256}
 CONFIGS: dict[str, dict] = {

@@ -23,10 +23,8 @@ from pathlib import Path
 from common import write_result
 
 from refit_gym.data import InteractionData
-from refit_gym.finetune import finetune
-from refit_gym.gym_env import EnvSettings, cached_dataset
-from refit_gym.pretrain import pretrain
-from refit_gym.sb3_agents import (
+from refit_gym.mdp.gym_env import EnvSettings, cached_dataset
+from refit_gym.rl.sb3_agents import (
     SB3_ALGOS,
     EpisodeRewards,
     episodes_per_epoch,
@@ -34,6 +32,8 @@ from refit_gym.sb3_agents import (
     split_hyperparams,
 )
 from refit_gym.specs import EnvSpec, load_agent_hyperparams, load_env_spec
+from refit_gym.training.finetune import finetune
+from refit_gym.training.pretrain import pretrain
 
 ENV = "ReFiT-Synthetic-v0"
 

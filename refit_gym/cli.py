@@ -9,13 +9,11 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from refit_gym.checkpoint import CheckpointError, load_denoiser
-from refit_gym.data import DataError, load_dataset
-from refit_gym.diffusion import GaussianDiffusion
-from refit_gym.fileio import write_json
-from refit_gym.finetune import ALGOS
-from refit_gym.metrics import evaluate, format_metrics_table
+from refit_gym.backbones import CheckpointError, load_backbone
+from refit_gym.data import DataError, load_dataset, write_json
 from refit_gym.specs import SpecError, load_env_spec
+from refit_gym.training.finetune import ALGOS
+from refit_gym.training.metrics import evaluate, format_metrics_table
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -44,7 +42,7 @@ def _report(title: str, payload: dict, json_path: str | None) -> None:
 
 
 def cmd_pretrain(args: argparse.Namespace) -> None:
-    from refit_gym.pretrain import pretrain
+    from refit_gym.training.pretrain import pretrain
 
     spec, data = _load(args)
     out = Path(args.out or f"runs/{spec.id}/pretrain-seed{args.seed}")
@@ -61,14 +59,12 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
     spec, data = _load(args)
-    denoiser, meta = load_denoiser(args.checkpoint, data.n_items, args.device)
+    backbone, meta = load_backbone(args.checkpoint, data.n_items, args.device)
     if meta.get("env_id") != spec.id:
         raise CheckpointError(
             f"checkpoint {args.checkpoint} belongs to {meta.get('env_id')}, not {spec.id}"
         )
-    diffusion = GaussianDiffusion(spec.diffusion, args.device)
-    metrics = evaluate(denoiser, diffusion, data, batch_size=spec.pretrain.eval_batch_size,
-                       sampling_steps=spec.env.get("sampling_steps", 0), device=args.device,
+    metrics = evaluate(backbone, data, spec.pretrain, device=args.device,
                        progress=not args.quiet)
     payload = {"env": spec.id, "checkpoint": str(args.checkpoint), **metrics}
     _report(f"{spec.id} evaluate {args.checkpoint}", payload, args.json)
@@ -103,7 +99,7 @@ def _run_options(parser: argparse.ArgumentParser, set_help: str) -> None:
 
 
 def cmd_finetune(args: argparse.Namespace) -> None:
-    from refit_gym.finetune import finetune
+    from refit_gym.training.finetune import finetune
 
     spec, data = _load(args)
     out = Path(args.out or f"runs/{spec.id}/{args.algo}-seed{args.seed}")
@@ -123,7 +119,7 @@ def cmd_finetune(args: argparse.Namespace) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
-    from refit_gym.bench import run_bench
+    from refit_gym.training.bench import run_bench
 
     spec, data = _load(args)
     hyperparams: dict[str, dict] = {}
@@ -145,7 +141,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
 
 def cmd_download(args: argparse.Namespace) -> None:
-    from refit_gym.download import fetch_dataset
+    from refit_gym.data.download import fetch_dataset
 
     spec = load_env_spec(args.env)
     directory = fetch_dataset(spec.dataset, args.data_dir, progress=not args.quiet)
@@ -156,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="refit-gym", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("pretrain", help="train the DiffRec backbone (DiffRec's protocol)")
+    p = sub.add_parser("pretrain", help="train the id's backbone with its own protocol")
     _common(p)
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--out", default=None,

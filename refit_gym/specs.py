@@ -1,5 +1,8 @@
 """Environment specs: the single source of each registered id's defaults (envs/*.toml).
 
+A spec names its dataset, its diffusion schedule, its backbone (``[backbone] type``), the
+backbone's training protocol and the MDP's defaults.
+
 The TOML files sit in the top-level ``envs/`` folder of the source tree and ship inside the wheel
 as the ``refit_gym.envs`` package, so :func:`load_env_spec` reads them the same way from both.
 """
@@ -18,23 +21,31 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - exercised on Python 3.10 only
     import tomli as tomllib
 
-from refit_gym.denoiser import DenoiserConfig
+from refit_gym.backbones import Backbone
+from refit_gym.backbones.registry import backbone_config, backbone_from_configs
 from refit_gym.diffusion import DiffusionConfig
 
 
 @dataclass(frozen=True)
 class PretrainConfig:
-    """DiffRec's training protocol (DESIGN section 2; DiffRec's main.py)."""
+    """A backbone's training protocol: its own loss, selection by validation, early stop."""
 
     lr: float = 1e-3
     weight_decay: float = 0.0
     batch_size: int = 400
-    reweight: bool = True  # weight the x0-MSE of step t by SNR(t-1) - SNR(t)
     importance_sampling: bool = True  # sample t by the running loss (10 per step, as DiffRec)
     eval_every: int = 5  # epochs between validation passes
-    patience: int = 20  # stop when this many epochs passed since the best validation Recall@20
+    patience: int = 20  # stop when this many epochs passed since the best validation score
     max_epochs: int = 1000
-    eval_batch_size: int = 1024  # users per reverse chain at evaluation (does not change results)
+    eval_batch_size: int = 1024  # rows per chain at evaluation (does not change results)
+    selection_metric: str = "recall@20"  # the validation metric that picks the checkpoint
+    ks: tuple[int, ...] = (10, 20)  # cut-offs K of the reported metrics
+    # Stochastic backbones: the chain length (None: all T steps) and sampling seeds of the
+    # selection passes during training; the selected model is then evaluated with its own
+    # full sampler over ``final_sampling_seeds``.
+    selection_steps: int | None = None
+    selection_sampling_seeds: int = 1
+    final_sampling_seeds: int = 3
 
 
 @dataclass(frozen=True)
@@ -44,12 +55,23 @@ class EnvSpec:
     id: str
     dataset: dict[str, Any]
     diffusion: DiffusionConfig
-    denoiser: dict[str, Any]  # DenoiserConfig fields except n_items, which comes from the data
+    backbone: dict[str, Any]  # "type" and its config's fields except n_items (from the data)
     pretrain: PretrainConfig
     env: dict[str, Any] = field(default_factory=dict)
 
-    def denoiser_config(self, n_items: int) -> DenoiserConfig:
-        return DenoiserConfig(n_items=n_items, **self.denoiser)
+    @property
+    def backbone_type(self) -> str:
+        return self.backbone["type"]
+
+    def backbone_fields(self, n_items: int) -> dict[str, Any]:
+        """The backbone config's fields for a dataset of ``n_items`` items."""
+        return {"n_items": n_items, **{k: v for k, v in self.backbone.items() if k != "type"}}
+
+    def build_backbone(self, n_items: int) -> Backbone:
+        """A freshly initialised backbone of this spec for ``n_items`` items."""
+        return backbone_from_configs({"backbone": self.backbone_type,
+                                      "config": self.backbone_fields(n_items),
+                                      "diffusion": dataclasses.asdict(self.diffusion)})
 
 
 class SpecError(ValueError):
@@ -61,23 +83,31 @@ def _build(cls: type, section: dict[str, Any], where: str) -> Any:
     unknown = sorted(set(section) - names)
     if unknown:
         raise SpecError(f"{where}: unknown keys {unknown}; allowed: {sorted(names)}")
-    return cls(**section)
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in section.items()})
 
 
 def _parse(raw: dict[str, Any], source: str) -> EnvSpec:
-    missing = [k for k in ("id", "dataset", "diffusion", "denoiser", "pretrain") if k not in raw]
+    missing = [k for k in ("id", "dataset", "diffusion", "backbone", "pretrain") if k not in raw]
     if missing:
         raise SpecError(f"{source}: missing sections {missing}")
-    denoiser_fields = {f.name for f in dataclasses.fields(DenoiserConfig)} - {"n_items"}
-    unknown = sorted(set(raw["denoiser"]) - denoiser_fields)
-    if unknown:
-        raise SpecError(f"{source} [denoiser]: unknown keys {unknown}")
+    if "type" not in raw["backbone"]:
+        raise SpecError(f"{source} [backbone]: missing key 'type' (e.g. \"diffrec\")")
+    fields = {k: v for k, v in raw["backbone"].items() if k != "type"}
+    try:  # checks the keys now, not at the first pretraining
+        backbone_config(raw["backbone"]["type"], {"n_items": 1, **fields})
+    except (ValueError, TypeError) as err:
+        raise SpecError(f"{source} [backbone]: {err}") from err
+    pretrain = _build(PretrainConfig, raw["pretrain"], f"{source} [pretrain]")
+    _, _, k = pretrain.selection_metric.partition("@")
+    if not k.isdigit() or int(k) not in pretrain.ks:
+        raise SpecError(f"{source} [pretrain]: selection_metric {pretrain.selection_metric!r} "
+                        f"must be NAME@K with K in ks = {list(pretrain.ks)}")
     return EnvSpec(
         id=raw["id"],
         dataset=dict(raw["dataset"]),
         diffusion=_build(DiffusionConfig, raw["diffusion"], f"{source} [diffusion]"),
-        denoiser={k: tuple(v) if isinstance(v, list) else v for k, v in raw["denoiser"].items()},
-        pretrain=_build(PretrainConfig, raw["pretrain"], f"{source} [pretrain]"),
+        backbone={k: tuple(v) if isinstance(v, list) else v for k, v in raw["backbone"].items()},
+        pretrain=pretrain,
         env=dict(raw.get("env", {})),
     )
 

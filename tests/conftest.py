@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from refit_gym.data import InteractionData, load_dataset
+from refit_gym.data.synthetic import make_synthetic
 from refit_gym.specs import load_env_spec
-from refit_gym.synthetic import make_synthetic
 
 
 def _data_dir() -> Path:

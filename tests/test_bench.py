@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-import refit_gym.bench as bench
+import refit_gym.training.bench as bench
 from refit_gym.cli import main
-from refit_gym.gym_env import cached_dataset
+from refit_gym.mdp.gym_env import cached_dataset
 from refit_gym.specs import load_env_spec
 
 SYN = "ReFiT-Synthetic-v0"

@@ -14,7 +14,8 @@ from refit_gym.data import (
     load_lightgcn,
     load_movielens_ratings,
 )
-from refit_gym.synthetic import make_synthetic
+from refit_gym.data.synthetic import make_synthetic
+from refit_gym.specs import load_env_spec
 
 
 def write_diffrec(directory: Path, train, valid, test) -> Path:
@@ -143,7 +144,7 @@ def test_movielens_ratings_preprocessing(tmp_path: Path) -> None:
 
 
 def test_load_dataset_errors_say_where_and_how(tmp_path: Path) -> None:
-    spec = {"name": "ml-1m_clean", "format": "diffrec"}
+    spec = {k: v for k, v in load_env_spec("ReFiT-ML1M-v0").dataset.items() if k != "sha256"}
     with pytest.raises(DataError, match=r"REFIT_DATA_DIR.*DiffRec"):
         load_dataset(spec, tmp_path)
     write_diffrec(tmp_path / "ml-1m_clean", TRAIN, VALID, TEST)

@@ -6,10 +6,17 @@ import numpy as np
 import pytest
 import torch
 
-from refit_gym.denoiser import DenoiserConfig, MLPDenoiser, timestep_embedding
-from refit_gym.diffusion import DiffusionConfig, GaussianDiffusion, gaussian_log_prob
-from refit_gym.pretrain import LossAwareTimestepSampler
+from refit_gym.backbones import DiffRec, DiffRecConfig, timestep_embedding
+from refit_gym.diffusion import (
+    DiffusionConfig,
+    GaussianDiffusion,
+    classifier_free_guidance,
+    gaussian_log_prob,
+    make_betas,
+    spaced_timesteps,
+)
 from refit_gym.specs import load_env_spec
+from refit_gym.training.pretrain import LossAwareTimestepSampler
 
 ML1M = load_env_spec("ReFiT-ML1M-v0").diffusion
 
@@ -74,30 +81,34 @@ def test_gaussian_log_prob_is_exact_and_stable() -> None:
 
 
 def test_training_loss_reweighting() -> None:
-    d = GaussianDiffusion(ML1M)
-    model = MLPDenoiser(DenoiserConfig(n_items=6, dims=(4,))).eval()
-    x0 = torch.bernoulli(torch.full((3, 6), 0.5))
-    t, noise = torch.tensor([0, 5, 39]), torch.randn(3, 6)
-    plain = d.training_loss(model, x0, t, noise, reweight=False)
-    weighted = d.training_loss(model, x0, t, noise, reweight=True)
+    torch.manual_seed(0)
+    plain_model = DiffRec(DiffRecConfig(n_items=6, dims=(4,), reweight=False), ML1M).eval()
+    weighted_model = DiffRec(DiffRecConfig(n_items=6, dims=(4,), reweight=True), ML1M).eval()
+    weighted_model.load_state_dict(plain_model.state_dict())
+    batch = {"history": torch.bernoulli(torch.full((3, 6), 0.5))}
+    t = torch.tensor([0, 5, 39])
+    plain = plain_model.training_loss(batch, t, torch.Generator().manual_seed(1))
+    weighted = weighted_model.training_loss(batch, t, torch.Generator().manual_seed(1))
     assert weighted[0].item() == pytest.approx(plain[0].item())
-    snr = d.alphas_cumprod / (1 - d.alphas_cumprod)
+    snr = plain_model.diffusion.alphas_cumprod / (1 - plain_model.diffusion.alphas_cumprod)
     for i, step in enumerate([5, 39]):
         weight = (snr[step - 1] - snr[step]).item()
         assert weighted[i + 1].item() == pytest.approx(weight * plain[i + 1].item(), rel=1e-5)
 
 
-def test_ranking_scores_runs_t_steps_along_the_mean() -> None:
-    d = GaussianDiffusion(DiffusionConfig(steps=4, noise_scale=0.1, noise_min=0.1, noise_max=0.5))
+def test_diffrec_generate_runs_t_steps_along_the_mean() -> None:
+    config = DiffusionConfig(steps=4, noise_scale=0.1, noise_min=0.1, noise_max=0.5)
     calls = []
 
-    class Identity(torch.nn.Module):
-        def forward(self, x, t):
+    class Identity(DiffRec):
+        def predict_x0(self, x_t, t, condition):
             calls.append(int(t[0]))
-            return x
+            return x_t
 
+    model = Identity(DiffRecConfig(n_items=5, dims=(3,)), config)
+    d = model.diffusion
     history = torch.rand(2, 5)
-    out = d.ranking_scores(Identity(), history)
+    out = model.generate({"history": history})
     assert calls == [3, 2, 1, 0]
     expected = history
     for step in (3, 2, 1, 0):  # with x0_pred = x_t the mean is (c1 + c2) x_t
@@ -106,7 +117,7 @@ def test_ranking_scores_runs_t_steps_along_the_mean() -> None:
 
 
 def test_denoiser_architecture_and_embedding() -> None:
-    model = MLPDenoiser(DenoiserConfig(n_items=2810, dims=(200, 600)))
+    model = DiffRec(DiffRecConfig(n_items=2810, dims=(200, 600)), ML1M)
     shapes = [tuple(layer.weight.shape) for layer in [*model.encoder, *model.decoder]]
     assert shapes == [(600, 2820), (200, 600), (600, 200), (2810, 600)]
     out = model.eval()(torch.rand(3, 2810), torch.tensor([0, 1, 39]))
@@ -115,6 +126,58 @@ def test_denoiser_architecture_and_embedding() -> None:
     assert emb.shape == (2, 10)
     assert emb[0, :5].tolist() == [1.0] * 5 and emb[0, 5:].tolist() == [0.0] * 5
     assert emb[1, 0].item() == pytest.approx(math.cos(3.0))
+
+
+def test_dreamrec_schedules_match_their_formulas() -> None:
+    """DDPM's linear, the cosine and DreamRec's exp schedule, each written out directly."""
+    T = 50
+    linear = make_betas(DiffusionConfig(steps=T, schedule="linear", beta_start=1e-4,
+                                        beta_end=0.02))
+    np.testing.assert_allclose(linear, [1e-4 + (0.02 - 1e-4) * i / (T - 1) for i in range(T)])
+    cosine = make_betas(DiffusionConfig(steps=T, schedule="cosine"))
+
+    def f(i: int) -> float:
+        return math.cos((i / T + 0.008) / 1.008 * math.pi / 2) ** 2
+
+    np.testing.assert_allclose(cosine, [min(max(1 - f(i + 1) / f(i), 1e-4), 0.9999)
+                                        for i in range(T)], rtol=1e-12)
+    exp = make_betas(DiffusionConfig(steps=T, schedule="exp"))
+    x = [1 + 2 * T * i / (T - 1) for i in range(T)]
+    np.testing.assert_allclose(exp, [1 - math.exp(-0.1 / T - xi * 0.5 * 9.9 / T**2) for xi in x],
+                               rtol=1e-12)
+    with pytest.raises(ValueError, match="unknown noise schedule"):
+        make_betas(DiffusionConfig(steps=T, schedule="sigmoid"))
+    with pytest.raises(ValueError, match="outside"):
+        make_betas(DiffusionConfig(steps=T, schedule="linear", beta_start=0.5, beta_end=1.5))
+
+
+def test_respacing_keeps_abar_and_exact_posteriors() -> None:
+    config = DiffusionConfig(steps=500, schedule="linear")
+    full = GaussianDiffusion(config)
+    assert full.respaced(500).timesteps is None  # K = T is the chain itself
+    chain = full.respaced(20)
+    steps = spaced_timesteps(500, 20)
+    assert chain.steps == 20 and steps[0] == 0 and steps[-1] == 499
+    assert np.all(np.diff(steps) > 0)
+    # abar along the chain is the full schedule's abar at the visited timesteps.
+    torch.testing.assert_close(chain.alphas_cumprod, full.alphas_cumprod[torch.from_numpy(steps)])
+    # Its posterior variance is Bayes' rule for the chain's own (larger) steps.
+    for k in range(1, 20):
+        abar, abar_prev = chain.alphas_cumprod[k], chain.alphas_cumprod[k - 1]
+        beta = 1 - abar / abar_prev
+        torch.testing.assert_close(chain.posterior_variance[k],
+                                   beta * (1 - abar_prev) / (1 - abar))
+    torch.testing.assert_close(chain.network_t(torch.tensor([0, 19])),
+                               torch.tensor([0, 499]))
+    with pytest.raises(ValueError, match="K <= T"):
+        full.respaced(501)
+
+
+def test_classifier_free_guidance() -> None:
+    cond, null = torch.tensor([[1.0, 2.0]]), torch.tensor([[0.5, -1.0]])
+    torch.testing.assert_close(classifier_free_guidance(cond, null, 4.0),
+                               5 * cond - 4 * null)
+    assert classifier_free_guidance(cond, null, 0.0) is cond
 
 
 def test_sampler_history_matches_diffrec_loop_and_samples_by_loss() -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from refit_gym.download import DownloadError, download, fetch_dataset
+from refit_gym.data.download import DownloadError, download, fetch_dataset
 
 PAYLOAD = b"0 1 2 3\n1 2 3\n" * 1000
 

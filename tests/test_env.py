@@ -11,8 +11,8 @@ from stable_baselines3.common.env_checker import check_env as sb3_check_env
 
 import refit_gym  # noqa: F401  (registers the ids)
 from refit_gym.data import InteractionData
-from refit_gym.gym_env import ReFiTEnv, ReFiTVectorEnv, make_core
-from refit_gym.sb3_vec_env import ReFiTVecEnv
+from refit_gym.mdp.gym_env import ReFiTEnv, ReFiTVectorEnv, make_core
+from refit_gym.mdp.sb3_vec_env import ReFiTVecEnv
 
 SYN = "ReFiT-Synthetic-v0"
 
@@ -147,7 +147,7 @@ def test_temporal_holdout_needs_an_ordered_dataset(small_data) -> None:
 
 def test_valid_and_test_cannot_influence_observations_or_rewards(small_data, monkeypatch) -> None:
     """Same train, different valid/test: the same seeded episodes, bit for bit."""
-    import refit_gym.gym_env as gym_env
+    import refit_gym.mdp.gym_env as gym_env
 
     other = InteractionData("other", small_data.train, small_data.test, small_data.valid)
     assert (other.valid != small_data.valid).nnz > 0

@@ -5,9 +5,16 @@ import math
 import numpy as np
 import torch
 
-from refit_gym.data import InteractionData
-from refit_gym.diffusion import DiffusionConfig, GaussianDiffusion
-from refit_gym.metrics import evaluate, format_metrics_table, ranking_metrics
+from refit_gym.backbones import DiffRec, DiffRecConfig, DreamRec, DreamRecConfig
+from refit_gym.data import InteractionData, SequenceData
+from refit_gym.diffusion import DiffusionConfig
+from refit_gym.training.metrics import (
+    evaluate_cf,
+    evaluate_sequential,
+    format_metrics_table,
+    next_item_metrics,
+    ranking_metrics,
+)
 
 
 def _reference(scores: np.ndarray, truth: list[list[int]], k: int) -> tuple[float, float]:
@@ -58,17 +65,55 @@ def test_evaluate_masks_history_and_uses_one_chain() -> None:
     preference = torch.tensor([[9.0, 8, 7, 0, 0, 0], [0, 9, 8, 7, 0, 0]])
     calls = []
 
-    class Oracle(torch.nn.Module):
-        def forward(self, x, t):
-            calls.append(len(x))
+    class Oracle(DiffRec):
+        def predict_x0(self, x_t, t, condition):
+            calls.append(len(x_t))
             return preference
 
-    diffusion = GaussianDiffusion(DiffusionConfig(steps=3, noise_scale=0.01, noise_min=0.1,
-                                                  noise_max=0.2))
-    result = evaluate(Oracle(), diffusion, data, ks=(1,), batch_size=8)
+    schedule = DiffusionConfig(steps=3, noise_scale=0.01, noise_min=0.1, noise_max=0.2)
+    result = evaluate_cf(Oracle(DiffRecConfig(n_items=6, dims=(2,)), schedule), data, ks=(1,),
+                         batch_size=8)
     # The history item has the top score but is masked; the next best is the target.
     assert result["valid"] == {"recall@1": 1.0, "ndcg@1": 1.0}
     assert result["test"] == {"recall@1": 1.0, "ndcg@1": 1.0}
     assert calls == [2, 2, 2]  # one 3-step chain for both splits
-    table = format_metrics_table(result, ks=(1,))
+    table = format_metrics_table(result)
     assert "recall@1" in table.splitlines()[0] and "1.0000" in table
+
+
+def test_next_item_metrics_match_a_ranking_loop() -> None:
+    rng = np.random.default_rng(1)
+    scores = rng.normal(size=(40, 30))
+    targets = rng.integers(0, 30, size=40)
+    got = next_item_metrics(torch.from_numpy(scores), torch.from_numpy(targets), ks=(1, 5, 20))
+    for k in (1, 5, 20):
+        hr = ndcg = 0.0
+        for row, target in zip(scores, targets):
+            ranked = sorted(range(30), key=lambda i: -row[i])[:k]  # DreamRec: top-K then index
+            if target in ranked:
+                hr += 1
+                ndcg += 1 / math.log2(ranked.index(target) + 2)
+        assert got[f"hr@{k}"].mean().item() == np_approx(hr / 40)
+        assert got[f"ndcg@{k}"].mean().item() == np_approx(ndcg / 40)
+
+
+def test_sequential_evaluation_averages_sampling_seeds_and_splits_by_target() -> None:
+    """Every row counts; seeds change the samples; seen/unseen split the rows by target."""
+    histories = {s: np.array([[0, 1, 5], [2, 5, 5], [5, 5, 5]]) for s in ("train", "valid", "test")}
+    targets = {"train": np.array([1, 2, 3]), "valid": np.array([1, 4, 3]),
+               "test": np.array([4, 4, 2])}
+    data = SequenceData("toy", 5, histories, targets)
+    torch.manual_seed(0)
+    model = DreamRec(DreamRecConfig(n_items=5, max_len=3, hidden=4),
+                     DiffusionConfig(steps=5, schedule="linear"))
+    out = evaluate_sequential(model, data, ks=(1, 5), batch_size=2, sampling_seeds=(0, 1, 2))
+    assert out["valid"]["hr@5"] == 1.0 and out["test"]["hr@5"] == 1.0  # 5 items: always in
+    assert out["valid_seen"]["rows"] == 2 and out["valid_unseen"]["rows"] == 1
+    assert out["test_seen"]["rows"] == 1 and out["test_unseen"]["rows"] == 2
+    single = [evaluate_sequential(model, data, ks=(1,), sampling_seeds=(s,), splits=("valid",))
+              for s in (0, 1, 2)]
+    per_seed = [r["valid"]["hr@1"] for r in single]
+    assert out["valid"]["hr@1"] == np_approx(float(np.mean(per_seed)))
+    assert out["valid_std"]["hr@1"] == np_approx(float(np.std(per_seed)))
+    again = evaluate_sequential(model, data, ks=(1, 5), batch_size=3, sampling_seeds=(0, 1, 2))
+    assert again["test"] == out["test"]  # batch size does not change seeded results

@@ -9,32 +9,30 @@ from pathlib import Path
 import pytest
 import torch
 
-from refit_gym.checkpoint import CheckpointError, load_denoiser
+from refit_gym.backbones import CheckpointError, DiffRec, DiffRecConfig, load_backbone
 from refit_gym.cli import main
-from refit_gym.denoiser import DenoiserConfig, MLPDenoiser
-from refit_gym.diffusion import GaussianDiffusion
-from refit_gym.finetune import finetune
-from refit_gym.gym_env import make_core
-from refit_gym.metrics import evaluate
-from refit_gym.refit_agent import ReFiTAgent, ReFiTConfig, group_advantages, policy_step
+from refit_gym.mdp.gym_env import make_core
+from refit_gym.rl.refit_agent import ReFiTAgent, ReFiTConfig, group_advantages, policy_step
 from refit_gym.specs import load_env_spec
+from refit_gym.training.finetune import finetune
+from refit_gym.training.metrics import evaluate
 
 SYN = "ReFiT-Synthetic-v0"
 
 
 def test_policy_step_samples_and_scores_the_exact_gaussian() -> None:
-    diffusion = GaussianDiffusion(load_env_spec("ReFiT-ML1M-v0").diffusion)
     torch.manual_seed(0)
-    model = MLPDenoiser(DenoiserConfig(n_items=50, dims=(8,))).eval()
+    model = DiffRec(DiffRecConfig(n_items=50, dims=(8,)),
+                    load_env_spec("ReFiT-ML1M-v0").diffusion).eval()
     x, t = torch.rand(4, 50), torch.tensor([39, 20, 1, 0])
     generator = torch.Generator().manual_seed(1)
-    action, log_prob, mean = policy_step(model, diffusion, x, t, kappa=3.0, generator=generator)
-    std = 3.0 * diffusion.reverse_std(t)
+    action, log_prob, mean = policy_step(model, x, t, None, kappa=3.0, generator=generator)
+    std = 3.0 * model.diffusion.reverse_std(t)
     reference = torch.distributions.Normal(mean.double(), std[:, None]).log_prob(action.double())
     torch.testing.assert_close(log_prob, reference.sum(-1), rtol=0, atol=1e-6)
     z = (action.double() - mean.double()) / std[:, None]
     assert 0.8 < z.std().item() < 1.2  # the sample has the policy's std
-    _, rescored, _ = policy_step(model, diffusion, x, t, kappa=3.0, action=action)
+    _, rescored, _ = policy_step(model, x, t, None, kappa=3.0, action=action)
     torch.testing.assert_close(rescored, log_prob)
 
 
@@ -43,10 +41,9 @@ def test_untrained_steps_follow_the_mean_chain_without_exploration() -> None:
     rollouts with different noise agree there and differ only on the trained steps."""
     _, _, core = make_core(SYN, 4, reward="neg_mse")
     torch.manual_seed(0)
-    model = MLPDenoiser(DenoiserConfig(n_items=core.n_items, dims=(8,)))
-    diffusion = GaussianDiffusion(load_env_spec(SYN).diffusion)
+    model = DiffRec(DiffRecConfig(n_items=core.n_items, dims=(8,)), load_env_spec(SYN).diffusion)
     config = ReFiTConfig(group_size=2, train_steps=2, lr=0.0, explore_all_steps=False)
-    agent = ReFiTAgent(model, copy.deepcopy(model), diffusion, config)
+    agent = ReFiTAgent(model, copy.deepcopy(model), config)
     traces = []
     for seed in (1, 2):
         trace: list[torch.Tensor] = []
@@ -81,7 +78,7 @@ SMALL = {"epochs": 2, "users_per_batch": 64, "group_size": 4, "checkpoint_every"
 
 def test_finetune_selects_by_validation_and_writes_outputs(pretrained: Path, tmp_path) -> None:
     spec = load_env_spec(SYN)
-    from refit_gym.gym_env import cached_dataset
+    from refit_gym.mdp.gym_env import cached_dataset
 
     data = cached_dataset(SYN, None)
     result = finetune(spec, data, pretrained, "refit", tmp_path, seed=3, hyperparams=SMALL,
@@ -91,9 +88,9 @@ def test_finetune_selects_by_validation_and_writes_outputs(pretrained: Path, tmp
     assert result["valid"]["ndcg@20"] == max(valid)  # the start model is a candidate
     assert result["valid"]["ndcg@20"] >= result["start"]["valid"]["ndcg@20"]
     assert result["best_epoch"] == valid.index(max(valid))
-    model, meta = load_denoiser(tmp_path / "finetuned.pt", data.n_items)
+    model, meta = load_backbone(tmp_path / "finetuned.pt", data.n_items)
     assert meta["extra"]["epoch"] == result["best_epoch"]
-    again = evaluate(model, GaussianDiffusion(spec.diffusion), data)
+    again = evaluate(model, data, spec.pretrain)
     assert again["valid"] == pytest.approx(result["valid"], abs=1e-9)
     assert json.loads((tmp_path / "metrics.json").read_text())["valid"] == result["valid"]
     assert any((tmp_path / "tensorboard").iterdir())
@@ -102,8 +99,8 @@ def test_finetune_selects_by_validation_and_writes_outputs(pretrained: Path, tmp
 def test_interrupted_run_resumes_to_the_same_result(pretrained: Path, tmp_path,
                                                     monkeypatch) -> None:
     spec = load_env_spec(SYN)
-    from refit_gym import refit_agent
-    from refit_gym.gym_env import cached_dataset
+    from refit_gym.mdp.gym_env import cached_dataset
+    from refit_gym.rl import refit_agent
 
     data = cached_dataset(SYN, None)
     whole = finetune(spec, data, pretrained, "refit", tmp_path / "whole", seed=5,
@@ -128,8 +125,8 @@ def test_interrupted_run_resumes_to_the_same_result(pretrained: Path, tmp_path,
                        hyperparams=SMALL, progress=False)
     strip = [{k: v for k, v in h.items() if k != "elapsed"} for h in whole["history"]]
     assert [{k: v for k, v in h.items() if k != "elapsed"} for h in resumed["history"]] == strip
-    a, _ = load_denoiser(tmp_path / "whole" / "finetuned.pt")
-    b, _ = load_denoiser(tmp_path / "cut" / "finetuned.pt")
+    a, _ = load_backbone(tmp_path / "whole" / "finetuned.pt")
+    b, _ = load_backbone(tmp_path / "cut" / "finetuned.pt")
     for key, value in a.state_dict().items():
         assert torch.equal(value, b.state_dict()[key]), key
     with pytest.raises(CheckpointError, match="different run"):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from refit_gym.rewards import Propagator, make_reward
+from refit_gym.mdp.rewards import Propagator, make_reward
 
 
 def _dense_hops(train: np.ndarray, h: np.ndarray, hops: int) -> list[np.ndarray]:

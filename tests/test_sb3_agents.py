@@ -10,12 +10,10 @@ import pytest
 import torch
 from stable_baselines3 import PPO
 
-from refit_gym.checkpoint import load_denoiser
+from refit_gym.backbones import load_backbone
 from refit_gym.cli import main
-from refit_gym.diffusion import GaussianDiffusion
-from refit_gym.sb3_agents import SB3_ALGOS, GroupRelativeReward, make_model
-from refit_gym.sb3_vec_env import ReFiTVecEnv
-from refit_gym.specs import load_env_spec
+from refit_gym.mdp.sb3_vec_env import ReFiTVecEnv
+from refit_gym.rl.sb3_agents import SB3_ALGOS, GroupRelativeReward, make_model
 
 SYN = "ReFiT-Synthetic-v0"
 
@@ -26,23 +24,21 @@ def pretrained(pretrained_synthetic: Path) -> Path:
 
 
 def _model(algo: str, pretrained: Path, **sb3_args):
-    spec = load_env_spec(SYN)
     venv = ReFiTVecEnv(SYN, num_envs=4, seed=0)
-    denoiser, _ = load_denoiser(pretrained, venv.core.n_items)
+    backbone, _ = load_backbone(pretrained, venv.core.n_items)
     args = {"n_steps": 10, **sb3_args}
-    return make_model(algo, spec, venv, denoiser, args, seed=0, device="cpu"), denoiser, venv
+    return make_model(algo, venv, backbone, args, seed=0, device="cpu"), backbone, venv
 
 
 def test_actor_is_the_pretrained_chain_with_exact_log_density(pretrained: Path) -> None:
-    model, denoiser, venv = _model("ppo", pretrained, batch_size=40)
+    model, backbone, venv = _model("ppo", pretrained, batch_size=40)
     obs = venv.reset()
     obs_t, _ = model.policy.obs_to_tensor(obs)
     dist = model.policy.get_distribution(obs_t)
-    diffusion = GaussianDiffusion(load_env_spec(SYN).diffusion)
     t = torch.as_tensor(obs["t"]) - 1
-    expected_mean = diffusion.reverse_mean(denoiser.eval(), torch.as_tensor(obs["x"]), t)
+    expected_mean = backbone.eval().reverse_mean(torch.as_tensor(obs["x"]), t, None)
     torch.testing.assert_close(dist.mean, expected_mean)
-    std = 10.0 * diffusion.reverse_std(t)  # kappa = 10
+    std = 10.0 * backbone.diffusion.reverse_std(t)  # kappa = 10
     actions = dist.mean + torch.randn_like(dist.mean) * std.float()[:, None] * 3
     reference = torch.distributions.Normal(dist.mean.double(), std[:, None]).log_prob(
         actions.double()).sum(-1)

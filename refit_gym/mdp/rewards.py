@@ -25,7 +25,7 @@ import scipy.sparse.linalg as spla
 import torch
 from torch import Tensor
 
-from refit_gym.fileio import atomic_path
+from refit_gym.data.fileio import atomic_path
 
 
 def _sparse_tensor(matrix: sp.spmatrix, device: torch.device) -> Tensor:

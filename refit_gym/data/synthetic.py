@@ -1,4 +1,5 @@
-"""A seeded synthetic recommendation dataset with community structure.
+"""Seeded synthetic datasets with community structure: a collaborative-filtering one
+(:func:`make_synthetic`) and a sequential one (:func:`make_sequential_synthetic`).
 
 Users and items get latent vectors drawn around shared community centres, items a popularity
 bias; each user picks items without replacement with probability proportional to
@@ -11,7 +12,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from refit_gym.data import InteractionData, order_matrix, pairs_to_csr, rank_within_user
+from refit_gym.data.interactions import (
+    InteractionData,
+    order_matrix,
+    pairs_to_csr,
+    rank_within_user,
+)
+from refit_gym.data.sequences import SequenceData, prefix_rows
 
 
 def make_synthetic(
@@ -74,3 +81,51 @@ def make_synthetic(
     in_train = split == 0
     return InteractionData(name, train, valid, test,
                            order_matrix(users[in_train], items[in_train], shape))
+
+
+def make_sequential_synthetic(
+    n_items: int = 300,
+    n_communities: int = 6,
+    n_sessions: int = 2000,
+    mean_length: float = 8.0,
+    successors: int = 5,
+    stay: float = 0.85,
+    max_len: int = 10,
+    seed: int = 0,
+    name: str = "seq-synthetic",
+) -> SequenceData:
+    """Sessions walked on an item Markov chain with communities; every prefix is a row.
+
+    Each item has ``successors`` favoured next items in its own community (Dirichlet weights);
+    a step follows them with probability ``stay``, else jumps to a popularity-weighted item of
+    any community. Sessions are split 8:1:1 in order (the "time" order), each session's prefixes
+    becoming rows of its split, so both the history and the item graph carry signal.
+    """
+    if min(n_items, n_communities, n_sessions, successors, max_len) < 1 or mean_length < 2:
+        raise ValueError("sizes must be >= 1 and mean_length >= 2")
+    if n_items < n_communities * successors:
+        raise ValueError(f"n_items={n_items} too small for {n_communities} communities of "
+                         f">= {successors} items")
+    rng = np.random.default_rng(seed)
+    community = np.arange(n_items) % n_communities
+    members = [np.flatnonzero(community == c) for c in range(n_communities)]
+    popularity = rng.dirichlet(np.full(n_items, 0.5))
+    next_items = np.stack([rng.choice(members[c], successors, replace=False) for c in community])
+    next_cum = np.cumsum(rng.dirichlet(np.ones(successors), size=n_items), axis=1)
+    lengths = np.maximum(2, rng.poisson(mean_length - 2, n_sessions) + 2)
+    longest = int(lengths.max())
+    walk = np.empty((n_sessions, longest), dtype=np.int64)
+    walk[:, 0] = rng.choice(n_items, n_sessions, p=popularity)
+    for step in range(1, longest):  # over positions, vectorised over sessions
+        current = walk[:, step - 1]
+        pick = (rng.random((n_sessions, 1)) > next_cum[current]).sum(1).clip(max=successors - 1)
+        jump = rng.choice(n_items, n_sessions, p=popularity)
+        walk[:, step] = np.where(rng.random(n_sessions) < stay,
+                                 next_items[current, pick], jump)
+    sessions = [walk[i, : lengths[i]] for i in range(n_sessions)]
+    bounds = np.round(np.array([0.8, 0.9]) * n_sessions).astype(int)
+    histories, targets = {}, {}
+    for split, part in zip(("train", "valid", "test"), np.split(np.arange(n_sessions), bounds)):
+        histories[split], targets[split] = prefix_rows([sessions[i] for i in part], max_len,
+                                                       n_items)
+    return SequenceData(name, n_items, histories, targets)

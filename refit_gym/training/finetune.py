@@ -20,16 +20,12 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
-from refit_gym.checkpoint import CheckpointError, load_denoiser, save_denoiser
-from refit_gym.core import DenoisingMDP
-from refit_gym.data import InteractionData, sha256_of
-from refit_gym.diffusion import GaussianDiffusion
-from refit_gym.fileio import atomic_path, write_json
-from refit_gym.gym_env import EnvSettings
-from refit_gym.metrics import evaluate
-from refit_gym.pretrain import LossAwareTimestepSampler, train_epoch
-from refit_gym.refit_agent import ReFiTAgent, ReFiTConfig, epoch_seed, user_batches
-from refit_gym.sb3_agents import (
+from refit_gym.backbones import Backbone, CheckpointError, load_backbone, save_backbone
+from refit_gym.data import InteractionData, atomic_path, sha256_of, write_json
+from refit_gym.mdp.core import DenoisingMDP
+from refit_gym.mdp.gym_env import EnvSettings
+from refit_gym.rl.refit_agent import ReFiTAgent, ReFiTConfig, epoch_seed, user_batches
+from refit_gym.rl.sb3_agents import (
     SB3_ALGOS,
     EpisodeRewards,
     episodes_per_epoch,
@@ -38,6 +34,8 @@ from refit_gym.sb3_agents import (
     split_hyperparams,
 )
 from refit_gym.specs import EnvSpec, load_agent_hyperparams
+from refit_gym.training.metrics import evaluate
+from refit_gym.training.pretrain import make_timestep_sampler, train_epoch
 
 SELECTION_METRIC = "ndcg@20"
 ALGOS = ("refit", "continue", *SB3_ALGOS)
@@ -86,11 +84,11 @@ class RunState:
         return payload
 
 
-def _refit_epochs(spec: EnvSpec, data: InteractionData, settings: EnvSettings, model, reference,
-                  diffusion: GaussianDiffusion, config: ReFiTConfig, seed: int, state: RunState,
+def _refit_epochs(spec: EnvSpec, data: InteractionData, settings: EnvSettings, model: Backbone,
+                  reference: Backbone, config: ReFiTConfig, seed: int, state: RunState,
                   resumed: dict | None, device, log: Callable[[str, float, int], None],
                   end_of_epoch: Callable[[], bool], progress: bool) -> None:
-    agent = ReFiTAgent(model, reference, diffusion, config)
+    agent = ReFiTAgent(model, reference, config)
     reward = settings.build_reward(data.train)
     generator = torch.Generator(device)
     if resumed is not None:
@@ -110,7 +108,7 @@ def _refit_epochs(spec: EnvSpec, data: InteractionData, settings: EnvSettings, m
             users = batches[state.batch].to(device)
             rows = len(users) * config.group_size
             if rows not in cores:
-                cores[rows] = settings.build_core(data, diffusion, reward, rows)
+                cores[rows] = settings.build_core(data, model.diffusion, reward, rows)
             started = time.perf_counter()
             stats = agent.train_batch(cores[rows], users, generator)
             state.elapsed += time.perf_counter() - started
@@ -130,33 +128,31 @@ def _refit_epochs(spec: EnvSpec, data: InteractionData, settings: EnvSettings, m
     bar.close()
 
 
-def _continue_epochs(spec: EnvSpec, data: InteractionData, model, diffusion: GaussianDiffusion,
-                     budget: float, seed: int, state: RunState, resumed: dict | None, device,
+def _continue_epochs(spec: EnvSpec, data: InteractionData, model: Backbone, budget: float,
+                     seed: int, state: RunState, resumed: dict | None, device,
                      end_of_epoch: Callable[[], bool], progress: bool) -> None:
     """The baseline: more epochs of the backbone's own loss, for ``budget`` training seconds."""
     config = spec.pretrain
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr,
                                   weight_decay=config.weight_decay)
-    sampler = LossAwareTimestepSampler(diffusion.steps) if config.importance_sampling else None
+    sampler = make_timestep_sampler(config, model.diffusion.steps)
     generator = torch.Generator().manual_seed(seed)
     if resumed is not None:
         optimizer.load_state_dict(resumed["optimizer"])
         generator.set_state(resumed["generator"])
-        if sampler is not None:
-            sampler.load_state_dict(resumed["extra"]["sampler"])
+        sampler.load_state_dict(resumed["extra"]["sampler"])
     bar = tqdm(total=round(budget), initial=round(state.elapsed), unit="s",
                desc=f"continue {spec.id}", disable=not progress)
     while state.elapsed < budget:
         started = time.perf_counter()
-        train_epoch(model, diffusion, data, optimizer, sampler, config, generator, device)
+        train_epoch(model, data, optimizer, sampler, config, generator, device)
         spent = time.perf_counter() - started
         state.elapsed += spent
         state.epoch += 1
         bar.update(round(spent))
         if (state.epoch - 1) % config.eval_every == 0 or state.elapsed >= budget:
             end_of_epoch()
-            extra = {"sampler": sampler.state_dict()} if sampler is not None else {}
-            state.save(model, optimizer, generator, extra)
+            state.save(model, optimizer, generator, {"sampler": sampler.state_dict()})
     bar.close()
 
 
@@ -178,7 +174,7 @@ def _sb3_epochs(spec: EnvSpec, algo: str, sb3_model, driver: dict[str, Any], ste
         with atomic_path(out_dir / f"{algo}.zip") as tmp:
             sb3_model.save(tmp.with_suffix(".zip"))
             tmp.with_suffix(".zip").replace(tmp)
-        state.save(sb3_model.policy.denoiser, sb3_model.policy.optimizer, torch.Generator())
+        state.save(sb3_model.policy.backbone, sb3_model.policy.optimizer, torch.Generator())
         bar.update(1)
     bar.close()
 
@@ -199,9 +195,8 @@ def finetune(
         raise ValueError(f"unknown algorithm {algo!r}; choose one of {ALGOS}")
     out_dir = Path(out_dir)
     torch.manual_seed(seed)
-    model, _ = load_denoiser(checkpoint, data.n_items, device)
+    model, _ = load_backbone(checkpoint, data.n_items, device)
     reference = copy.deepcopy(model)
-    diffusion = GaussianDiffusion(spec.diffusion, device)
     settings = EnvSettings.resolve(spec, {"device": device, **(env_kwargs or {})})
     params = {**load_agent_hyperparams(algo, spec.id), **(hyperparams or {})}
     sb3_model = None
@@ -227,8 +222,8 @@ def finetune(
         if resumed is not None and zip_path.is_file():
             sb3_model = SB3_ALGOS[algo].load(zip_path, env=venv, device=device)
         else:
-            sb3_model = make_model(algo, spec, venv, model, sb3_args, seed, device)
-        model = sb3_model.policy.denoiser  # the actor: evaluated and saved like any denoiser
+            sb3_model = make_model(algo, venv, model, sb3_args, seed, device)
+        model = sb3_model.policy.backbone  # the actor: evaluated and saved like any backbone
     elif resumed is not None:
         model.load_state_dict(resumed["model"])
     writer = SummaryWriter(str(out_dir / "tensorboard"))
@@ -237,8 +232,7 @@ def finetune(
         writer.add_scalar(key, value, step)
 
     def evaluate_and_select() -> bool:
-        metrics = evaluate(model, diffusion, data, batch_size=spec.pretrain.eval_batch_size,
-                           sampling_steps=settings.sampling_steps, device=device)
+        metrics = evaluate(model, data, spec.pretrain, device=device)
         epoch = state.epoch - 1
         rewards = state.epoch_rewards
         state.history.append({"epoch": epoch, "elapsed": state.elapsed, **metrics,
@@ -257,19 +251,19 @@ def finetune(
         if not state.history:  # the starting model is epoch 0 of the selection
             evaluate_and_select()
         if algo == "refit":
-            _refit_epochs(spec, data, settings, model, reference, diffusion, config, seed, state,
-                          resumed, device, log, evaluate_and_select, progress)
+            _refit_epochs(spec, data, settings, model, reference, config, seed, state, resumed,
+                          device, log, evaluate_and_select, progress)
         elif algo == "continue":
-            _continue_epochs(spec, data, model, diffusion, config["budget_seconds"], seed, state,
-                             resumed, device, evaluate_and_select, progress)
+            _continue_epochs(spec, data, model, config["budget_seconds"], seed, state, resumed,
+                             device, evaluate_and_select, progress)
         else:
-            _sb3_epochs(spec, algo, sb3_model, config, diffusion.steps, data.n_users, state,
-                        out_dir, evaluate_and_select, progress)
+            _sb3_epochs(spec, algo, sb3_model, config, model.diffusion.steps, data.n_users,
+                        state, out_dir, evaluate_and_select, progress)
         state.finished = True
     writer.close()
     model.load_state_dict(state.best_weights)
     start = state.history[0]
-    save_denoiser(out_dir / "finetuned.pt", model, spec.id, algo=algo, seed=seed,
+    save_backbone(out_dir / "finetuned.pt", model, spec.id, algo=algo, seed=seed,
                   epoch=state.best["epoch"], valid=state.best["valid"], test=state.best["test"])
     payload = {
         "env": spec.id, "algo": algo, "seed": seed, "checkpoint": str(checkpoint),

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 from stable_baselines3.common.vec_env.base_vec_env import VecEnv, VecEnvIndices
 
-from refit_gym.gym_env import (
+from refit_gym.mdp.gym_env import (
     BatchedEpisodes,
     _as_action_tensor,
     action_space,
@@ -22,11 +22,11 @@ from refit_gym.gym_env import (
 
 class ReFiTVecEnv(VecEnv):
     """``num_envs`` rows of ``env_id``'s MDP for SB3 algorithms; keywords as for ``gym.make``
-    (and ``data``, as for :func:`refit_gym.gym_env.make_core`).
+    (and ``data``, as for :func:`refit_gym.mdp.gym_env.make_core`).
 
     ``group_size`` G > 1 plays each drawn user in G consecutive rows at once (rows
     [0, G) share a user, then [G, 2G), ...), each with its own noise and holdout draw: the
-    groups a group-relative baseline needs (:class:`refit_gym.sb3_agents.GroupRelativeReward`).
+    groups a group-relative baseline needs (:class:`refit_gym.rl.sb3_agents.GroupRelativeReward`).
     """
 
     def __init__(self, env_id: str = "ReFiT-Synthetic-v0", num_envs: int = 8,

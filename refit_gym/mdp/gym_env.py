@@ -1,15 +1,13 @@
 """Gymnasium faces of the denoising MDP: ``ReFiTEnv`` (one user) and ``ReFiTVectorEnv``.
 
-Both wrap :class:`refit_gym.core.DenoisingMDP`; the vector env steps all N rows in one batched
+Both wrap :class:`refit_gym.mdp.core.DenoisingMDP`; the vector env steps all N rows in one batched
 call (no N sub-environments) and resets finished rows in the same step.
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from functools import cache
-from pathlib import Path
 from typing import Any
 
 import gymnasium as gym
@@ -19,10 +17,10 @@ import torch
 from gymnasium import spaces
 from gymnasium.vector.utils import batch_space
 
-from refit_gym.core import ACTION_BOUND, DenoisingMDP
-from refit_gym.data import InteractionData, load_dataset
+from refit_gym.data import InteractionData, default_cache_dir, load_dataset
 from refit_gym.diffusion import GaussianDiffusion
-from refit_gym.rewards import Reward, make_reward
+from refit_gym.mdp.core import ACTION_BOUND, DenoisingMDP
+from refit_gym.mdp.rewards import Reward, make_reward
 from refit_gym.specs import EnvSpec, load_env_spec
 
 USER_SAMPLING = ("uniform", "sequential")
@@ -60,7 +58,8 @@ class EnvSettings:
 
     def build_reward(self, train: sp.csr_matrix) -> Reward:
         """The reward these settings name, over the training matrix ``train``."""
-        return make_reward(self.reward, self.reward_params, train, self.device, _cache_dir())
+        return make_reward(self.reward, self.reward_params, train, self.device,
+                           default_cache_dir())
 
     def build_core(self, data: InteractionData, diffusion: GaussianDiffusion, reward: Reward,
                    num_rows: int) -> DenoisingMDP:
@@ -76,11 +75,6 @@ class EnvSettings:
 def cached_dataset(env_id: str, data_dir: str | None = None) -> InteractionData:
     """The dataset of ``env_id``, loaded once per process."""
     return load_dataset(load_env_spec(env_id).dataset, data_dir)
-
-
-def _cache_dir() -> Path:
-    root = os.environ.get("REFIT_CACHE_DIR") or os.environ.get("XDG_CACHE_HOME")
-    return Path(root or Path.home() / ".cache") / "refit-gym"
 
 
 def make_core(env_id: str, num_rows: int, *, data: InteractionData | None = None,

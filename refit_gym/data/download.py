@@ -12,8 +12,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from refit_gym.data import DataError, default_data_dir, sha256_of
-from refit_gym.fileio import atomic_path
+from refit_gym.data.fileio import DataError, atomic_path, default_data_dir, sha256_of
 
 
 class DownloadError(DataError):

@@ -19,11 +19,11 @@ from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.on_policy_algorithm import OnPolicyAlgorithm
 from stable_baselines3.common.vec_env import VecEnv, VecEnvWrapper
 
+from refit_gym.backbones import Backbone, backbone_configs
 from refit_gym.data import InteractionData
-from refit_gym.denoiser import MLPDenoiser
-from refit_gym.gym_env import EnvSettings
-from refit_gym.sb3_policy import DiffusionActorCriticPolicy
-from refit_gym.sb3_vec_env import ReFiTVecEnv
+from refit_gym.mdp.gym_env import EnvSettings
+from refit_gym.mdp.sb3_vec_env import ReFiTVecEnv
+from refit_gym.rl.sb3_policy import DiffusionActorCriticPolicy
 from refit_gym.specs import EnvSpec
 
 SB3_ALGOS: dict[str, type[OnPolicyAlgorithm]] = {"ppo": PPO, "a2c": A2C, "trpo": TRPO}
@@ -50,18 +50,15 @@ def make_vec_env(spec: EnvSpec, settings: EnvSettings, data: InteractionData, n_
     return GroupRelativeReward(venv) if group_size > 1 else venv
 
 
-def make_model(algo: str, spec: EnvSpec, venv: VecEnv, pretrained: MLPDenoiser,
-               sb3_args: dict[str, Any], seed: int, device: str) -> OnPolicyAlgorithm:
+def make_model(algo: str, venv: VecEnv, pretrained: Backbone, sb3_args: dict[str, Any],
+               seed: int, device: str) -> OnPolicyAlgorithm:
     """An SB3 model whose actor starts as ``pretrained``; unknown arguments raise TypeError."""
     sb3_args = dict(sb3_args)
-    policy_kwargs = {
-        "denoiser_config": dataclasses.asdict(pretrained.config),
-        "diffusion_config": dataclasses.asdict(spec.diffusion),
-        **sb3_args.pop("policy_kwargs", {}),
-    }
+    policy_kwargs = {"backbone_configs": backbone_configs(pretrained),
+                     **sb3_args.pop("policy_kwargs", {})}
     model = SB3_ALGOS[algo](DiffusionActorCriticPolicy, venv, policy_kwargs=policy_kwargs,
                             seed=seed, device=device, verbose=0, **sb3_args)
-    model.policy.denoiser.load_state_dict(pretrained.state_dict())
+    model.policy.backbone.load_state_dict(pretrained.state_dict())
     return model
 
 

@@ -1,9 +1,12 @@
-"""Pretraining the DiffRec backbone with DiffRec's protocol (its main.py, made batched).
+"""Pretraining a backbone with its own protocol (DiffRec's main.py or DreamRec's, batched).
 
-Per epoch: shuffle users, and for each batch sample t (by the running loss once every step has
-10 recorded losses), noise the history to x_t, regress f(x_t, t) on x_0 with SNR reweighting,
-divide by the sampling probability. Every ``eval_every`` epochs evaluate; keep the checkpoint
-with the best validation Recall@20; stop after ``patience`` epochs without improvement.
+Per epoch: shuffle the training rows (users or (history, next item) rows), and for each batch
+sample t (DiffRec: by the running loss once every step has 10 recorded losses; DreamRec:
+uniformly), compute the backbone's own loss, divide by the sampling probability. Every
+``eval_every`` epochs evaluate on validation; keep the checkpoint with the best validation
+``selection_metric``; stop after ``patience`` epochs without improvement. A stochastic backbone
+is selected on a cheaper respaced chain and its selected checkpoint is then evaluated with its
+own full sampler over several sampling seeds.
 """
 
 from __future__ import annotations
@@ -17,14 +20,10 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from refit_gym.checkpoint import save_denoiser
-from refit_gym.data import InteractionData, dense_rows
-from refit_gym.denoiser import MLPDenoiser
-from refit_gym.diffusion import GaussianDiffusion
-from refit_gym.metrics import evaluate
+from refit_gym.backbones import Backbone, load_backbone, save_backbone
+from refit_gym.data import Dataset
 from refit_gym.specs import EnvSpec, PretrainConfig
-
-SELECTION_METRIC = "recall@20"  # DiffRec selects by validation Recall@20
+from refit_gym.training.metrics import evaluate
 
 
 class LossAwareTimestepSampler:
@@ -64,33 +63,54 @@ class LossAwareTimestepSampler:
         self.counts.copy_(state["counts"])
 
 
+class UniformTimestepSampler:
+    """t uniform over [0, T) (DreamRec's training), with the loss-aware sampler's interface."""
+
+    def __init__(self, steps: int) -> None:
+        self.steps = steps
+
+    def sample(self, n: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        return torch.randint(0, self.steps, (n,), generator=generator), torch.ones(n)
+
+    def record(self, t: Tensor, losses: Tensor) -> None:
+        pass
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        pass
+
+
+TimestepSampler = LossAwareTimestepSampler | UniformTimestepSampler
+
+
+def make_timestep_sampler(config: PretrainConfig, steps: int) -> TimestepSampler:
+    return (LossAwareTimestepSampler(steps) if config.importance_sampling
+            else UniformTimestepSampler(steps))
+
+
 def train_epoch(
-    denoiser: MLPDenoiser,
-    diffusion: GaussianDiffusion,
-    data: InteractionData,
+    backbone: Backbone,
+    data: Dataset,
     optimizer: torch.optim.Optimizer,
-    sampler: LossAwareTimestepSampler | None,
+    sampler: TimestepSampler,
     config: PretrainConfig,
     generator: torch.Generator,
     device: torch.device | str = "cpu",
 ) -> float:
-    """One pass over all users in shuffled batches; returns the mean batch loss."""
-    denoiser.train()
-    order = torch.randperm(data.n_users, generator=generator).numpy()
+    """One pass over all training rows in shuffled batches with the backbone's own loss;
+    returns the mean batch loss. Every draw comes from ``generator`` (CPU)."""
+    backbone.train()
+    order = torch.randperm(data.n_train_rows, generator=generator).numpy()
     total, n_batches = 0.0, 0
-    for start in range(0, data.n_users, config.batch_size):
-        x0 = dense_rows(data.train, order[start : start + config.batch_size], device)
-        if sampler is not None:
-            t, pt = sampler.sample(len(x0), generator)
-        else:
-            t, pt = torch.randint(0, diffusion.steps, (len(x0),), generator=generator), None
+    for start in range(0, data.n_train_rows, config.batch_size):
+        batch = data.train_batch(order[start : start + config.batch_size], device)
+        t, pt = sampler.sample(len(next(iter(batch.values()))), generator)
         t = t.to(device)
-        noise = torch.randn(x0.shape, generator=generator).to(device)
-        losses = diffusion.training_loss(denoiser, x0, t, noise, config.reweight)
-        if sampler is not None:
-            sampler.record(t, losses)
-            losses = losses / pt.to(device)
-        loss = losses.mean()
+        losses = backbone.training_loss(batch, t, generator)
+        sampler.record(t, losses)
+        loss = (losses / pt.to(device)).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -108,18 +128,21 @@ class PretrainResult:
     test: dict[str, float]
     wall_time_s: float
     history: list[dict] = field(default_factory=list)
+    train_seconds: float = 0.0  # training and selection passes, before the final evaluation
+    extra: dict = field(default_factory=dict)  # spreads and seen/unseen splits (sequential)
 
     def to_json(self, env_id: str, seed: int) -> dict:
         return {
             "env": env_id, "seed": seed, "checkpoint": str(self.checkpoint),
             "best_epoch": self.best_epoch, "epochs": self.epochs, "valid": self.valid,
-            "test": self.test, "wall_time_s": self.wall_time_s, "history": self.history,
+            "test": self.test, "wall_time_s": self.wall_time_s,
+            "train_seconds": self.train_seconds, "history": self.history, **self.extra,
         }
 
 
 def pretrain(
     spec: EnvSpec,
-    data: InteractionData,
+    data: Dataset,
     out_dir: str | Path,
     *,
     seed: int = 1,
@@ -132,15 +155,15 @@ def pretrain(
     Test metrics are recorded at each evaluation for the report, never used for selection.
     """
     config = spec.pretrain
+    metric = config.selection_metric
     max_epochs = config.max_epochs if max_epochs is None else max_epochs
     torch.manual_seed(seed)  # weight init and dropout
-    generator = torch.Generator().manual_seed(seed)  # shuffling, t and noise
-    denoiser = MLPDenoiser(spec.denoiser_config(data.n_items)).to(device)
-    diffusion = GaussianDiffusion(spec.diffusion, device)
+    generator = torch.Generator().manual_seed(seed)  # shuffling, t, noise, condition dropout
+    backbone = spec.build_backbone(data.n_items).to(device)
     optimizer = torch.optim.AdamW(
-        denoiser.parameters(), lr=config.lr, weight_decay=config.weight_decay
+        backbone.parameters(), lr=config.lr, weight_decay=config.weight_decay
     )
-    sampler = LossAwareTimestepSampler(diffusion.steps) if config.importance_sampling else None
+    sampler = make_timestep_sampler(config, backbone.diffusion.steps)
     checkpoint = Path(out_dir) / "denoiser.pt"
     best: dict = {"epoch": 0, "score": -np.inf, "valid": {}, "test": {}}
     history: list[dict] = []
@@ -151,19 +174,26 @@ def pretrain(
         if epoch - best["epoch"] >= config.patience:
             epoch -= 1
             break
-        loss = train_epoch(denoiser, diffusion, data, optimizer, sampler, config, generator, device)
+        loss = train_epoch(backbone, data, optimizer, sampler, config, generator, device)
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}", best=f"{best['score']:.4f}@{best['epoch']}")
         if epoch % config.eval_every and epoch != max_epochs:
             continue
-        metrics = evaluate(denoiser, diffusion, data, batch_size=config.eval_batch_size,
-                           sampling_steps=spec.env.get("sampling_steps", 0), device=device)
+        metrics = evaluate(backbone, data, config, device=device, selection=True)
         history.append({"epoch": epoch, "loss": loss, **metrics})
-        if metrics["valid"][SELECTION_METRIC] > best["score"]:
-            best = {"epoch": epoch, "score": metrics["valid"][SELECTION_METRIC], **metrics}
-            save_denoiser(checkpoint, denoiser, spec.id, seed=seed, epoch=epoch, **metrics)
+        if metrics["valid"][metric] > best["score"]:
+            best = {"epoch": epoch, "score": metrics["valid"][metric], **metrics}
+            save_backbone(checkpoint, backbone, spec.id, seed=seed, epoch=epoch, **metrics)
     bar.close()
+    train_seconds = time.perf_counter() - started
+    if backbone.stochastic_inference:  # the selected model under its own full sampler
+        selected, _ = load_backbone(checkpoint, data.n_items, device)
+        best.update(evaluate(selected, data, config, device=device, progress=progress))
+        save_backbone(checkpoint, selected, spec.id, seed=seed, epoch=best["epoch"],
+                      **{k: v for k, v in best.items() if k not in ("epoch", "score")})
     return PretrainResult(
         checkpoint=checkpoint, best_epoch=best["epoch"], epochs=epoch, valid=best["valid"],
         test=best["test"], wall_time_s=time.perf_counter() - started, history=history,
+        train_seconds=train_seconds,
+        extra={k: v for k, v in best.items() if k not in ("epoch", "score", "valid", "test")},
     )

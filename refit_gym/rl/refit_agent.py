@@ -1,14 +1,14 @@
-"""The ReFiT agent: policy-gradient fine-tuning of a pretrained DiffRec denoiser (DESIGN 4).
+"""The ReFiT agent: policy-gradient fine-tuning of a pretrained diffusion backbone (DESIGN 5).
 
-Policy: pi_theta(x_{t-1} | x_t) = N(mu_theta(x_t, t), (kappa sigma_t)^2 I), mu_theta the DiffRec
-posterior mean of the denoiser's x0 prediction, sigma_t the fixed posterior std; kappa = 1 is the
-backbone's own chain. Each batch of users plays ``group_size`` trajectories per user on the
-environment's torch path; the advantage is the reward minus the user's group mean, divided by
-the group's std. The loss is the (optionally ratio-clipped) policy gradient on the exact
-per-step Gaussian log-likelihoods, plus an optional KL penalty to the frozen pretrained
-denoiser, over the last ``train_steps`` reverse steps (the earlier steps explore too, or follow
-the mean chain with ``explore_all_steps=False``). Evaluation uses the deterministic mean
-chain, exactly as DiffRec ranks.
+Policy: pi_theta(x_{t-1} | x_t, c) = N(mu_theta(x_t, c, t), (kappa sigma_t)^2 I), mu_theta the
+backbone's reverse-step mean (the posterior mean of its guided x0 prediction), sigma_t the fixed
+posterior std; kappa = 1 is the backbone's own chain. Each batch of users plays ``group_size``
+trajectories per user on the environment's torch path; the advantage is the reward minus the
+user's group mean, divided by the group's std. The loss is the (optionally ratio-clipped) policy
+gradient on the exact per-step Gaussian log-likelihoods, plus an optional KL penalty to the
+frozen pretrained backbone, over the last ``train_steps`` reverse steps (the earlier steps
+explore too, or follow the mean chain with ``explore_all_steps=False``). Evaluation uses the
+backbone's own inference (DiffRec: the deterministic mean chain).
 """
 
 from __future__ import annotations
@@ -19,8 +19,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from refit_gym.core import DenoisingMDP
+from refit_gym.backbones import Backbone
 from refit_gym.diffusion import GaussianDiffusion, gaussian_log_prob
+from refit_gym.mdp.core import DenoisingMDP
 
 
 @dataclass(frozen=True)
@@ -44,15 +45,17 @@ class ReFiTConfig:
 
 
 def policy_step(
-    model: nn.Module, diffusion: GaussianDiffusion, x_t: Tensor, t: Tensor, kappa: float,
+    model: Backbone, x_t: Tensor, t: Tensor, condition: Tensor | None, kappa: float,
     action: Tensor | None = None, generator: torch.Generator | None = None,
+    chain: GaussianDiffusion | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """One reverse step of the Gaussian policy: (action, exact log-prob (B,) float64, mean).
 
     Samples ``action`` = mu + kappa sigma_t eps when none is given; otherwise scores it.
+    Shapes: x_t (B, d), t (B,) chain steps, condition as ``model.encode`` returns it.
     """
-    mean = diffusion.reverse_mean(model, x_t, t)
-    std = kappa * diffusion.reverse_std(t)
+    mean = model.reverse_mean(x_t, t, condition, chain)
+    std = kappa * model.reverse_std(t, chain)
     if action is None:
         noise = torch.randn(mean.shape, generator=generator, device=mean.device)
         action = (mean + std.to(mean.dtype).unsqueeze(-1) * noise).detach()
@@ -77,10 +80,8 @@ class BatchStats:
 class ReFiTAgent:
     """Owns the policy (the denoiser being tuned), its frozen reference and the optimiser."""
 
-    def __init__(self, model: nn.Module, reference: nn.Module, diffusion: GaussianDiffusion,
-                 config: ReFiTConfig) -> None:
-        self.model, self.reference, self.diffusion, self.config = (model, reference, diffusion,
-                                                                   config)
+    def __init__(self, model: Backbone, reference: Backbone, config: ReFiTConfig) -> None:
+        self.model, self.reference, self.config = model, reference, config
         self.model.eval()  # no dropout: rollout and update must score the same policy
         self.reference.eval().requires_grad_(False)
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr,
@@ -92,17 +93,19 @@ class ReFiTAgent:
         cfg = self.config
         rows = torch.arange(core.num_rows, device=core.device)
         core.reset_rows(rows, users.repeat_interleave(cfg.group_size), generator)
+        batch = core.backbone_batch()
         stored: list[tuple[Tensor, Tensor, Tensor, Tensor]] = []
         with torch.no_grad():
+            condition = self.model.encode(batch)
             for _ in range(core.steps):
                 t = core.denoiser_timestep()
                 x_t = core.x
                 trained = int(t[0]) < cfg.train_steps
                 if trained or cfg.explore_all_steps:
-                    action, log_prob, _ = policy_step(self.model, self.diffusion, x_t, t,
-                                                      cfg.kappa, generator=generator)
+                    action, log_prob, _ = policy_step(self.model, x_t, t, condition, cfg.kappa,
+                                                      generator=generator)
                 else:
-                    action = self.diffusion.reverse_mean(self.model, x_t, t)
+                    action = self.model.reverse_mean(x_t, t, condition)
                 if trained:
                     stored.append((x_t, t, action, log_prob))  # states are never mutated
                 result = core.step(action)
@@ -110,10 +113,13 @@ class ReFiTAgent:
 
         kl_total = clipped = 0.0
         grad_norm = torch.zeros(())
+        with torch.no_grad():
+            ref_condition = self.reference.encode(batch)
         for _ in range(cfg.update_epochs):
             self.optimizer.zero_grad(set_to_none=True)
+            condition = self.model.encode(batch)  # with gradients: the encoder is tuned too
             for x_t, t, action, old_log_prob in stored:
-                _, log_prob, mean = policy_step(self.model, self.diffusion, x_t, t, cfg.kappa,
+                _, log_prob, mean = policy_step(self.model, x_t, t, condition, cfg.kappa,
                                                 action=action)
                 # Beyond e^20 the clipped objective is flat anyway; the clamp only keeps a
                 # far-moved policy (update_epochs > 1) from overflowing to inf * 0 = NaN.
@@ -124,12 +130,13 @@ class ReFiTAgent:
                 loss = -surrogate.mean()
                 if cfg.kl_coef > 0:
                     with torch.no_grad():
-                        ref_mean = self.diffusion.reverse_mean(self.reference, x_t, t)
-                    var = (cfg.kappa * self.diffusion.reverse_std(t)).pow(2)
+                        ref_mean = self.reference.reverse_mean(x_t, t, ref_condition)
+                    var = (cfg.kappa * self.model.reverse_std(t)).pow(2)
                     kl = (mean.double() - ref_mean.double()).pow(2).sum(-1) / (2 * var)
                     loss = loss + cfg.kl_coef * kl.mean()
                     kl_total += kl.mean().item()
-                (loss / len(stored)).backward()
+                # The condition's graph is shared by every step: keep it until the last one.
+                (loss / len(stored)).backward(retain_graph=condition is not None)
                 clipped += ((ratio - 1).abs() > cfg.clip_range).double().mean().item()
             grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
             self.optimizer.step()

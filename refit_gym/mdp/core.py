@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from refit_gym.diffusion import GaussianDiffusion
-from refit_gym.rewards import Reward
+from refit_gym.mdp.rewards import Reward
 
 ACTION_BOUND = 10.0  # |x| bound of observations and actions; clean vectors live in [0, 1]
 HOLDOUTS = ("random", "temporal")
@@ -201,6 +201,10 @@ class DenoisingMDP:
         return StepResult(self.x, self.t, reward, terminated)
 
     def denoiser_timestep(self) -> Tensor:
-        """DiffRec's network index t - 1 (in [0, T)) of each row's next reverse step."""
+        """The chain step t - 1 (in [0, T)) of each row's next reverse step."""
         return (self.t - 1).clamp(min=0)
+
+    def backbone_batch(self) -> dict[str, Tensor]:
+        """The rows' episode inputs as a backbone batch (what ``Backbone.encode`` reads)."""
+        return {"history": self.history}
 

@@ -14,11 +14,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from refit_gym.data import InteractionData
-from refit_gym.fileio import atomic_path, write_json
-from refit_gym.finetune import ALGOS, finetune
-from refit_gym.pretrain import pretrain
+from refit_gym.data import InteractionData, atomic_path, write_json
 from refit_gym.specs import EnvSpec
+from refit_gym.training.finetune import ALGOS, finetune
+from refit_gym.training.pretrain import pretrain
 
 KEYS = ("recall@10", "recall@20", "ndcg@10", "ndcg@20")
 ORDER = ("pretrained", "refit", "ppo", "a2c", "trpo", "continue")

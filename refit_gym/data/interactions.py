@@ -1,4 +1,5 @@
-"""The data layer: one sparse dataset object from DiffRec, LightGCN/KGAT and GroupLens files.
+"""Collaborative-filtering data: one sparse dataset object from DiffRec, LightGCN/KGAT and
+GroupLens files.
 
 Everything is stored as CSR (users x items, float32 ones); only a batch of rows is ever densified
 (:func:`dense_rows`). Loaders validate their files and raise :class:`DataError` with a message
@@ -7,20 +8,16 @@ that names the file, the problem and the fix.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
 import torch
 
-
-class DataError(ValueError):
-    """A data file is missing, malformed or inconsistent with the others."""
+from refit_gym.data.fileio import DataError
 
 
 @dataclass(frozen=True)
@@ -46,6 +43,16 @@ class InteractionData:
     def n_items(self) -> int:
         return self.train.shape[1]
 
+    @property
+    def n_train_rows(self) -> int:
+        """Rows a training epoch passes over: the users."""
+        return self.n_users
+
+    def train_batch(self, rows: np.ndarray, device: torch.device | str = "cpu"
+                    ) -> dict[str, torch.Tensor]:
+        """Training rows ``rows`` as a backbone batch: ``{"history": (B, n_items)}``."""
+        return {"history": dense_rows(self.train, rows, device)}
+
     def summary(self) -> str:
         return (
             f"{self.name}: {self.n_users} users, {self.n_items} items, interactions "
@@ -58,34 +65,6 @@ def dense_rows(
 ) -> torch.Tensor:
     """Rows ``users`` of a sparse matrix as a dense float32 tensor of shape (len(users), n)."""
     return torch.from_numpy(matrix[users].toarray().astype(np.float32, copy=False)).to(device)
-
-
-def default_data_dir() -> Path:
-    """``$REFIT_DATA_DIR``, else ``$XDG_CACHE_HOME/refit-gym`` (``~/.cache/refit-gym``)."""
-    if os.environ.get("REFIT_DATA_DIR"):
-        return Path(os.environ["REFIT_DATA_DIR"]).expanduser()
-    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(cache) / "refit-gym"
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def verify_checksums(directory: Path, expected: Mapping[str, str]) -> None:
-    """Compare each file's sha256 with its pinned value; a mismatch names the file and the fix."""
-    for filename, want in expected.items():
-        got = sha256_of(directory / filename)
-        if got != want:
-            raise DataError(
-                f"{directory / filename}: sha256 {got} does not match the pinned {want}. The file "
-                "is not the published version (corrupt, truncated or a different split): replace "
-                "it with the original, or load it with verify=False to use it anyway."
-            )
 
 
 # --------------------------------------------------------------------------- pairs -> CSR
@@ -315,48 +294,3 @@ def load_movielens_ratings(
     pairs = {s: np.stack([users[split == k], items[split == k]], axis=1)
              for k, s in enumerate(("train", "valid", "test"))}
     return _from_splits(name, pairs, dict.fromkeys(pairs, str(path)), chronological=True)
-
-
-# --------------------------------------------------------------------------- by spec
-
-
-def dataset_files(dataset: Mapping[str, Any]) -> list[str]:
-    return {"diffrec": ["train_list.npy", "valid_list.npy", "test_list.npy"],
-            "lightgcn": ["train.txt", "test.txt"]}.get(dataset["format"], [])
-
-
-def load_dataset(
-    dataset: Mapping[str, Any], data_dir: str | os.PathLike[str] | None = None, verify: bool = True
-) -> InteractionData:
-    """Load the dataset a spec's ``[dataset]`` section describes, from ``data_dir``.
-
-    ``verify`` checks pinned sha256 sums. A missing file says where it was looked for and how to
-    obtain it.
-    """
-    fmt = dataset["format"]
-    if fmt == "synthetic":
-        from refit_gym.synthetic import make_synthetic
-
-        params = {k: v for k, v in dataset.items() if k not in ("format",)}
-        return make_synthetic(**params)
-    directory = Path(data_dir or default_data_dir()) / dataset["name"]
-    missing = [f for f in dataset_files(dataset) if not (directory / f).is_file()]
-    if missing:
-        how = (
-            "run `refit-gym download --env <id>` to fetch it (checksummed)"
-            if dataset.get("urls")
-            else "obtain DiffRec's split (datasets/ml-1m_clean.rar in DiffRec's public "
-            "repository) and extract it there"
-        )
-        raise DataError(
-            f"dataset {dataset['name']!r} not found: missing {missing} in {directory}. Set "
-            f"REFIT_DATA_DIR to the folder that holds {dataset['name']}/, or {how}."
-        )
-    if verify and dataset.get("sha256"):
-        verify_checksums(directory, dataset["sha256"])
-    if fmt == "diffrec":
-        return load_diffrec(directory, dataset["name"])
-    if fmt == "lightgcn":
-        return load_lightgcn(directory, dataset["name"], dataset.get("valid_fraction", 0.1),
-                             dataset.get("split_seed", 2024))
-    raise DataError(f"unknown dataset format {fmt!r}; known: diffrec, lightgcn, synthetic")

@@ -1,9 +1,9 @@
-"""Stable-Baselines3 policy whose actor is the pretrained DiffRec denoiser (DESIGN section 4).
+"""Stable-Baselines3 policy whose actor is the pretrained diffusion backbone (DESIGN section 5).
 
 The action distribution is the reverse-diffusion Gaussian N(mu_theta(x_t, t), (kappa sigma_t)^2 I):
-mu_theta is the DiffRec posterior mean of the denoiser's x0 prediction, sigma_t the fixed
-posterior std. The critic is a small value head on (x_t, one-hot t). PPO, A2C and TRPO use it
-unchanged through :class:`refit_gym.sb3_vec_env.ReFiTVecEnv`.
+mu_theta is the backbone's reverse-step mean (the posterior mean of its x0 prediction), sigma_t
+the fixed posterior std. The critic is a small value head on (x_t, one-hot t). PPO, A2C and
+TRPO use it unchanged through :class:`refit_gym.mdp.sb3_vec_env.ReFiTVecEnv`.
 
 Log-probability reduction (explicit, because it decides whether ratios are usable): SB3 sums a
 diagonal Gaussian's log-density over dimensions. Here that sum is taken exactly, in float64
@@ -27,8 +27,8 @@ from stable_baselines3.common.policies import ActorCriticPolicy
 from stable_baselines3.common.preprocessing import preprocess_obs
 from torch import Tensor, nn
 
-from refit_gym.denoiser import DenoiserConfig, MLPDenoiser
-from refit_gym.diffusion import DiffusionConfig, GaussianDiffusion, gaussian_log_prob
+from refit_gym.backbones import Backbone, backbone_from_configs
+from refit_gym.diffusion import gaussian_log_prob
 
 
 class DiffusionGaussian(Distribution):
@@ -74,8 +74,8 @@ class DiffusionGaussian(Distribution):
 
 
 class DiffusionActorCriticPolicy(ActorCriticPolicy):
-    """Actor: the DiffRec denoiser (load pretrained weights into ``.denoiser``); critic: a
-    small MLP on [x_t, one-hot t]. Observation ``{"x": (n,), "t": Discrete(T + 1)}``.
+    """Actor: the backbone (load pretrained weights into ``.backbone``); critic: a small MLP on
+    [x_t, one-hot t]. Observation ``{"x": (d,), "t": Discrete(T + 1)}``.
     """
 
     def __init__(
@@ -83,46 +83,39 @@ class DiffusionActorCriticPolicy(ActorCriticPolicy):
         observation_space: spaces.Dict,
         action_space: spaces.Box,
         lr_schedule: Any,
-        denoiser_config: dict[str, Any] | None = None,
-        diffusion_config: dict[str, Any] | None = None,
+        backbone_configs: dict[str, Any] | None = None,
         kappa: float = 10.0,
         value_hidden: int = 64,
         **kwargs: Any,
     ) -> None:
-        if denoiser_config is None or diffusion_config is None:
-            raise ValueError("DiffusionActorCriticPolicy needs policy_kwargs denoiser_config "
-                             "and diffusion_config (see refit_gym.sb3_agents.make_model)")
-        config = {**denoiser_config, "dims": tuple(denoiser_config["dims"]), "dropout": 0.0}
+        if backbone_configs is None:
+            raise ValueError("DiffusionActorCriticPolicy needs policy_kwargs backbone_configs "
+                             "(see refit_gym.rl.sb3_agents.make_model)")
         # Dropout off: SB3 switches the policy to train mode before updates, and the rollout's
         # and the update's log-probabilities must score the same policy.
-        self.denoiser_config = DenoiserConfig(**config)
-        self.diffusion = GaussianDiffusion(DiffusionConfig(**diffusion_config))
+        self.backbone_configs = {**backbone_configs,
+                                 "config": {**backbone_configs["config"], "dropout": 0.0}}
         self.kappa, self.value_hidden = kappa, value_hidden
-        self._extra = {"denoiser_config": denoiser_config, "diffusion_config": diffusion_config,
-                       "kappa": kappa, "value_hidden": value_hidden}
+        self._extra = {"backbone_configs": backbone_configs, "kappa": kappa,
+                       "value_hidden": value_hidden}
         super().__init__(observation_space, action_space, lr_schedule, **kwargs)
 
     def _get_constructor_parameters(self) -> dict[str, Any]:
         return {**super()._get_constructor_parameters(), **self._extra}
 
     def _build(self, lr_schedule: Any) -> None:
-        n_items, steps = self.denoiser_config.n_items, self.diffusion.steps
-        self.denoiser = MLPDenoiser(self.denoiser_config)
+        self.backbone: Backbone = backbone_from_configs(self.backbone_configs)
+        dim, steps = self.backbone.state_dim, self.backbone.diffusion.steps
         # "value" in the names: TRPO leaves such parameters out of its KL Hessian.
         self.value_net = nn.Sequential(
-            nn.Linear(n_items + steps + 1, self.value_hidden), nn.Tanh(),
+            nn.Linear(dim + steps + 1, self.value_hidden), nn.Tanh(),
             nn.Linear(self.value_hidden, 1))
         self.action_dist = DiffusionGaussian()
         self.optimizer = self.optimizer_class(self.parameters(), lr=lr_schedule(1),
                                               **self.optimizer_kwargs)
 
-    def to(self, *args: Any, **kwargs: Any) -> DiffusionActorCriticPolicy:
-        module = super().to(*args, **kwargs)
-        self.diffusion = GaussianDiffusion(self.diffusion.config, self.device)
-        return module
-
     def _unpack(self, obs: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
-        """x (B, n), one-hot t (B, T+1), and DiffRec's network index t - 1 (B,)."""
+        """x (B, d), one-hot t (B, T+1), and the chain step t - 1 (B,)."""
         pre = preprocess_obs(obs, self.observation_space, normalize_images=False)
         x = pre["x"].float()
         t_onehot = pre["t"].float().reshape(len(x), -1)  # the buffer stores t as (B, 1)
@@ -130,14 +123,15 @@ class DiffusionActorCriticPolicy(ActorCriticPolicy):
         return x, t_onehot, t_index
 
     def _distribution(self, x: Tensor, t_index: Tensor) -> DiffusionGaussian:
-        mean = self.diffusion.reverse_mean(self.denoiser, x, t_index)
+        # The observation carries no history: only an unconditional backbone (DiffRec) fits.
+        mean = self.backbone.reverse_mean(x, t_index, None)
         if not bool(torch.isfinite(mean.sum())):
             raise FloatingPointError(
                 "the diffusion policy's mean is not finite: the actor diverged. Ratios "
                 "exp(log pi - log pi_old) over thousands of items overflow when one update moves "
                 "the policy too far; lower learning_rate or set target_kl (PPO checks it before "
                 "each gradient step).")
-        std = self.kappa * self.diffusion.reverse_std(t_index)
+        std = self.kappa * self.backbone.reverse_std(t_index)
         return self.action_dist.proba_distribution(mean, std)
 
     def _value(self, x: Tensor, t_onehot: Tensor) -> Tensor:

@@ -1,0 +1,101 @@
+"""The backbone interface: what the MDP core, the agents, pretraining, ``continue`` and
+evaluation need of a diffusion recommender, whatever its scenario.
+
+A *batch* is a dict of tensors built by the dataset (``data.train_batch``/``data.eval_batch``):
+collaborative filtering ``{"history": (B, n_items) float32}``; sequential ``{"history": (B, L)
+long item ids, "target": (B,) long}``. A backbone owns its networks and its T-step training
+schedule (``self.diffusion``); a respaced K-step *chain* (:meth:`GaussianDiffusion.respaced`) can
+be passed wherever the reverse process runs.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from refit_gym.diffusion import DiffusionConfig, GaussianDiffusion
+
+Batch = dict[str, Tensor]
+
+
+class Backbone(nn.Module, ABC):
+    """A pretrained diffusion recommender over states of ``state_dim`` numbers."""
+
+    name: ClassVar[str]  # the key of BACKBONES and of checkpoints
+    stochastic_inference: ClassVar[bool]  # False: the mean chain (DiffRec); True: sampled
+
+    def __init__(self, config: Any, diffusion_config: DiffusionConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.diffusion = GaussianDiffusion(diffusion_config)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> Backbone:
+        module = super()._apply(fn, recurse)
+        device = next(self.parameters()).device
+        if device != self.diffusion.device:  # the schedule follows .to(device)
+            self.diffusion = self.diffusion.to(device)
+        return module
+
+    @property
+    @abstractmethod
+    def state_dim(self) -> int:
+        """Dimension d of a diffusion state x_t (DiffRec: n_items; DreamRec: embedding size)."""
+
+    @property
+    @abstractmethod
+    def n_items(self) -> int:
+        """Number of rankable items (columns of :meth:`scores`)."""
+
+    @abstractmethod
+    def encode(self, batch: Batch) -> Tensor | None:
+        """The per-row condition c (B, ...) of the reverse process, computed once per episode;
+        None for an unconditional backbone."""
+
+    @abstractmethod
+    def predict_x0(self, x_t: Tensor, t: Tensor, condition: Tensor | None) -> Tensor:
+        """f_theta(x_t, c, t) -> x_0 (B, d), guidance included; ``t`` (B,) network timesteps."""
+
+    @abstractmethod
+    def initial_state(self, batch: Batch, chain: GaussianDiffusion,
+                      generator: torch.Generator | None) -> Tensor:
+        """x_K (B, d), where the reverse chain starts."""
+
+    @abstractmethod
+    def training_loss(self, batch: Batch, t: Tensor, generator: torch.Generator) -> Tensor:
+        """The backbone's own per-row loss (B,) at network timesteps ``t`` (B,); its draws
+        (noise, condition dropout) come from ``generator``."""
+
+    @abstractmethod
+    def scores(self, x0: Tensor) -> Tensor:
+        """Item scores (B, n_items) of final states x_0 (B, d); higher ranks first."""
+
+    def reverse_mean(self, x_t: Tensor, t: Tensor, condition: Tensor | None,
+                     chain: GaussianDiffusion | None = None) -> Tensor:
+        """mu_theta(x_t, c, t) (B, d): the posterior mean at the (guided) x0 prediction, for
+        chain steps ``t`` (B,) of ``chain`` (default: the training schedule)."""
+        chain = chain or self.diffusion
+        return chain.posterior_mean(self.predict_x0(x_t, chain.network_t(t), condition), x_t, t)
+
+    def reverse_std(self, t: Tensor, chain: GaussianDiffusion | None = None) -> Tensor:
+        """sigma_t (B,) float64, the fixed std of the reverse step at chain steps ``t``."""
+        return (chain or self.diffusion).reverse_std(t)
+
+    @torch.no_grad()
+    def generate(self, batch: Batch, chain: GaussianDiffusion | None = None,
+                 generator: torch.Generator | None = None) -> Tensor:
+        """The backbone's own inference chain from x_K to x_0 (B, d): the mean at every step, or,
+        when ``stochastic_inference``, the mean plus sigma_t z at every step but the last."""
+        chain = chain or self.diffusion
+        condition = self.encode(batch)
+        x = self.initial_state(batch, chain, generator)
+        for step in reversed(range(chain.steps)):
+            t = torch.full((x.shape[0],), step, dtype=torch.long, device=x.device)
+            x_next = self.reverse_mean(x, t, condition, chain)
+            if self.stochastic_inference and step > 0:
+                noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+                x_next = x_next + chain.reverse_std(t).to(x.dtype).unsqueeze(-1) * noise
+            x = x_next
+        return x

@@ -1,0 +1,90 @@
+"""Backbone checkpoints: a state_dict plus JSON-able configs, written atomically.
+
+Loaded with ``torch.load(weights_only=True)``: a checkpoint is data, never code. It records the
+backbone's kind, its config and its diffusion schedule, so it rebuilds without its spec.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from refit_gym.backbones.base import Backbone
+from refit_gym.backbones.registry import BACKBONES, backbone_from_configs
+from refit_gym.data.fileio import atomic_path
+
+CHECKPOINT_FORMAT = "refit-gym/backbone-v1"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, corrupt, or does not fit the environment it is used with."""
+
+
+def backbone_configs(backbone: Backbone) -> dict[str, Any]:
+    """The JSON-able description that :func:`backbone_from_configs` rebuilds ``backbone`` from."""
+    return {"backbone": backbone.name, "config": dataclasses.asdict(backbone.config),
+            "diffusion": dataclasses.asdict(backbone.diffusion.config)}
+
+
+def save_backbone(path: str | os.PathLike[str], backbone: Backbone, env_id: str,
+                  **extra: Any) -> Path:
+    """Write ``backbone`` (weights + configs) and JSON-able ``extra`` metadata to ``path``."""
+    payload = {
+        "format": CHECKPOINT_FORMAT, "env_id": env_id, **backbone_configs(backbone),
+        "state_dict": {k: v.detach().cpu() for k, v in backbone.state_dict().items()},
+        "extra": extra,
+    }
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+    return Path(path)
+
+
+def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The raw payload of a refit-gym checkpoint, with a clear error for anything else."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(
+            f"checkpoint {path} not found; create one with `refit-gym pretrain --env <id>`"
+        )
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, pickle.UnpicklingError, EOFError, zipfile.BadZipFile, ValueError) as err:
+        raise CheckpointError(
+            f"checkpoint {path} is corrupt or not a PyTorch file ({type(err).__name__}: "
+            f"{str(err)[:200]}); delete it and re-run the command that wrote it"
+        ) from err
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(
+            f"{path} is not a refit-gym backbone checkpoint (expected format "
+            f"{CHECKPOINT_FORMAT!r}); pass a .pt written by `refit-gym pretrain` or `finetune`"
+        )
+    if payload.get("backbone") not in BACKBONES:
+        raise CheckpointError(f"{path}: unknown backbone {payload.get('backbone')!r}; known: "
+                              f"{sorted(BACKBONES)}")
+    return payload
+
+
+def load_backbone(
+    path: str | os.PathLike[str], n_items: int | None = None,
+    device: torch.device | str = "cpu",
+) -> tuple[Backbone, dict[str, Any]]:
+    """Rebuild the backbone of a checkpoint; ``n_items`` checks it fits the dataset."""
+    payload = read_checkpoint(path)
+    backbone = backbone_from_configs(payload)
+    if n_items is not None and backbone.n_items != n_items:
+        raise CheckpointError(
+            f"checkpoint {path} was trained on {backbone.n_items} items (env "
+            f"{payload.get('env_id')}) but this dataset has {n_items}; use a checkpoint of the "
+            "same environment"
+        )
+    try:
+        backbone.load_state_dict(payload["state_dict"])
+    except RuntimeError as err:
+        raise CheckpointError(f"checkpoint {path} does not match its own config: {err}") from err
+    return backbone.to(device), payload
