@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from refit_gym.mdp.gym_env import EnvSettings
 from refit_gym.specs import EnvSpec
 from refit_gym.training.pretrain import make_timestep_sampler
 
@@ -66,3 +67,15 @@ def fresh_training(spec: EnvSpec, n_items: int):
                                   weight_decay=spec.pretrain.weight_decay)
     sampler = make_timestep_sampler(spec.pretrain, model.diffusion.steps)
     return model, optimizer, sampler, torch.Generator().manual_seed(0)
+
+
+def untrained_episodes(spec: EnvSpec, data, env_kwargs: dict | None = None):
+    """A seeded, untrained backbone of ``spec`` and the episode source and reward of ``data``
+    (a sequential id scores with this backbone's E): speed does not depend on the weights."""
+    torch.manual_seed(0)
+    model = spec.build_backbone(data.n_items).eval()
+    settings = EnvSettings.resolve(spec, env_kwargs or {})
+    table = model.item_table()
+    embeddings = None if table is None else table.detach()
+    return (model, settings.build_source(spec, data, embeddings),
+            settings.build_reward(data, embeddings))

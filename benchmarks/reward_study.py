@@ -1,12 +1,17 @@
-"""The reward study: which reward, holdout and hops make ReFiT improve *validation* NDCG@20.
+"""The reward study: which reward (and, for CF, holdout and hops) makes ReFiT improve
+*validation* NDCG@20.
 
 Each configuration fine-tunes the same pretrained backbone with the ReFiT agent (same seed and
-hyperparameters) and is judged by validation metrics only; test is not looked at here. Runs are
-resumable and reused: rerunning skips finished configurations.
+hyperparameters) and is judged by validation metrics only; test is not looked at here. The
+fixed-episode column is the optimiser's own check (its reward on fixed training episodes).
+Runs are resumable and reused: rerunning skips finished configurations.
 
     REFIT_DATA_DIR=../shared/data python benchmarks/reward_study.py --env ReFiT-ML1M-v0 \
         --checkpoint runs/pretrain/ReFiT-ML1M-v0-seed1/denoiser.pt --epochs 1 \
         --users-per-epoch 1536 --out runs/reward_study
+    REFIT_DATA_DIR=../shared/data python benchmarks/reward_study.py --env ReFiT-Zhihu-v0 \
+        --checkpoint runs/pretrain/ReFiT-Zhihu-v0-seed1/denoiser.pt --epochs 1 \
+        --users-per-epoch 6400 --out runs/reward_study_zhihu
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from refit_gym.specs import load_env_spec
 from refit_gym.training.finetune import finetune
 
 LOWRANK = {"propagation": "lowrank", "rank": 256}
-CONFIGS: dict[str, dict] = {
+CF_CONFIGS: dict[str, dict] = {
     "collab a=0.5, whole history": {
         "reward": "collaborative", "reward_params": {"alphas": [0.5], "tau": 0.05, **LOWRANK}},
     "log-lik (a=0), holdout 0.2, excl.": {
@@ -55,6 +60,20 @@ CONFIGS: dict[str, dict] = {
         "reward": "collaborative", "holdout_fraction": 0.2, "holdout": "temporal",
         "reward_params": {"alphas": [], "tau": 0.05, "exclude_history": True}},
 }
+TRANSITIONS = {"alphas": [0.5], "propagation": "exact"}  # one hop of the item-transition graph
+SEQ_CONFIGS: dict[str, dict] = {
+    "log-lik of the next item, tau 0.1": {
+        "reward": "collaborative", "reward_params": {"tau": 0.1}},
+    "log-lik of the next item, tau 1": {
+        "reward": "collaborative", "reward_params": {"tau": 1.0}},
+    "collab a=0.5 transitions, tau 0.1": {
+        "reward": "collaborative", "reward_params": {"tau": 0.1, **TRANSITIONS}},
+    "hit@20": {"reward": "hit", "reward_params": {"k": 20}},
+    "ndcg@20": {"reward": "ndcg", "reward_params": {"k": 20}},
+    "graded ndcg@20 a=0.5 transitions": {
+        "reward": "ndcg", "reward_params": {"k": 20, **TRANSITIONS}},
+    "neg. MSE to E[target] (DreamRec's loss)": {"reward": "neg_mse", "reward_params": {}},
+}
 
 
 def main() -> None:
@@ -69,8 +88,10 @@ def main() -> None:
     args = parser.parse_args()
     spec = load_env_spec(args.env)
     data = cached_dataset(spec.id, None)
-    numbers = [int(i) for i in args.only.split(",")] if args.only else range(1, len(CONFIGS) + 1)
-    configs = list(CONFIGS.items())
+    sequential = spec.backbone_type == "dreamrec"
+    configs = list((SEQ_CONFIGS if sequential else CF_CONFIGS).items())
+    hits = "hr@20" if sequential else "recall@20"
+    numbers = [int(i) for i in args.only.split(",")] if args.only else range(1, len(configs) + 1)
     rows = []
     for number in numbers:
         name, env_kwargs = configs[number - 1]
@@ -83,19 +104,23 @@ def main() -> None:
         rewards = [h["train_reward"] for h in result["history"][1:]]
         rows.append(
             f"| {number} | {name} | {rewards[0]:.4f} → {rewards[-1]:.4f} | "
+            f"{start['fixed_reward']:.4f} → {last['fixed_reward']:.4f} | "
             f"{start['valid']['ndcg@20']:.4f} → {last['valid']['ndcg@20']:.4f} ({delta:+.1%}) "
-            f"| {start['valid']['recall@20']:.4f} → {last['valid']['recall@20']:.4f} | "
+            f"| {start['valid'][hits]:.4f} → {last['valid'][hits]:.4f} | "
             f"{result['wall_time_s']:.0f} |")
         print(rows[-1], flush=True)
         (out / "config.json").write_text(json.dumps(env_kwargs, indent=2))
     write_result(f"reward_study_{spec.id}", f"Reward study, {spec.id} (validation only)", [
         f"ReFiT agent, agents/refit.toml defaults for {spec.id} except epochs={args.epochs}, "
-        f"users_per_epoch={args.users_per_epoch or data.n_users}; "
+        f"users_per_epoch={args.users_per_epoch or data.n_train_rows}; "
         f"seed {args.seed}; backbone `{args.checkpoint}`. Columns: mean training reward of the "
-        "first → last epoch; validation NDCG@20 and Recall@20 of the pretrained start → the "
-        "last epoch; training seconds. Test metrics are not used here.", "",
-        "| # | reward | train reward | valid ndcg@20 | valid recall@20 | s |",
-        "|---|---|---|---|---|---|", *rows,
+        "first → last epoch; the reward of the backbone's own chain on 256 fixed training "
+        f"episodes, start → last epoch; validation NDCG@20 and {hits} of the pretrained start → "
+        "the last epoch (a stochastic backbone: on the tuned chain, "
+        f"{spec.pretrain.selection_sampling_seeds} sampling seed); training seconds. Test "
+        "metrics are not used here.", "",
+        f"| # | reward | train reward | fixed episodes | valid ndcg@20 | valid {hits} | s |",
+        "|---|---|---|---|---|---|---|", *rows,
     ])
 
 

@@ -48,3 +48,14 @@ def pretrained_synthetic(tmp_path_factory) -> Path:
     assert main(["pretrain", "--env", "ReFiT-Synthetic-v0", "--seed", "1", "--out", str(out),
                  "--max-epochs", "10", "--quiet"]) == 0
     return out / "denoiser.pt"
+
+
+@pytest.fixture(scope="session")
+def pretrained_seq_synthetic(tmp_path_factory) -> Path:
+    """A ReFiT-SeqSynthetic-v0 DreamRec backbone pretrained for a few epochs (its denoiser.pt)."""
+    from refit_gym.cli import main
+
+    out = tmp_path_factory.mktemp("pretrained_seq")
+    assert main(["pretrain", "--env", "ReFiT-SeqSynthetic-v0", "--seed", "1", "--out", str(out),
+                 "--max-epochs", "5", "--quiet"]) == 0
+    return out / "denoiser.pt"

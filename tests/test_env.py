@@ -19,7 +19,7 @@ SYN = "ReFiT-Synthetic-v0"
 
 def _rollout(env: ReFiTEnv, seed: int, actions: list[np.ndarray]):
     obs, info = env.reset(seed=seed)
-    trace = [(obs["x"].copy(), obs["t"], info["user"])]
+    trace = [(obs["x"].copy(), obs["t"], info["episode"])]
     for action in actions:
         obs, reward, terminated, truncated, _ = env.step(action)
         trace.append((obs["x"].copy(), obs["t"], reward, terminated, truncated))
@@ -39,9 +39,9 @@ def test_make_with_module_prefix_and_spaces() -> None:
     assert env.observation_space["x"].shape == (core.n_items,)
     assert env.observation_space["t"].n == core.steps + 1
     assert env.action_space.shape == (core.n_items,)
-    obs, info = env.reset(seed=0, options={"user": 5})
-    assert info["user"] == 5 and obs["t"] == core.steps
-    np.testing.assert_array_equal(obs["x"], core.train[5].toarray().ravel())
+    obs, info = env.reset(seed=0, options={"episode": 5})
+    assert info["episode"] == 5 and obs["t"] == core.steps
+    np.testing.assert_array_equal(obs["x"], core.source.train[5].toarray().ravel())
 
 
 def test_episode_has_t_steps_and_terminal_reward_only() -> None:
@@ -109,9 +109,9 @@ def test_holdout_hides_part_of_history_as_target() -> None:
     _, _, core = make_core(SYN, 64, holdout_fraction=0.5, reward="hit", reward_params={"k": 5})
     users = torch.arange(64)
     core.reset_rows(torch.arange(64), users, torch.Generator().manual_seed(0))
-    full = torch.from_numpy(core.train[:64].toarray()).float()
+    full = torch.from_numpy(core.source.train[:64].toarray()).float()
     hidden = core.relevance
-    assert bool(((core.history + hidden) == full).all())  # a partition of the history
+    assert bool(((core.visible + hidden) == full).all())  # a partition of the history
     assert 0.35 < hidden.sum().item() / full.sum().item() < 0.65
 
 
@@ -126,11 +126,11 @@ def test_temporal_holdout_hides_each_users_latest_interactions(small_data) -> No
     expected = (order > (counts - n_hidden)[:, None]).astype(np.float32)
     np.testing.assert_array_equal(core.relevance.numpy(), expected)
     full = small_data.train[:40].toarray()
-    np.testing.assert_array_equal(core.history.numpy() + expected, full)  # a partition
+    np.testing.assert_array_equal(core.visible.numpy() + expected, full)  # a partition
     assert (core.relevance.sum(1).numpy() == n_hidden).all()
-    history = core.history.clone()
+    history = core.visible.clone()
     core.reset_rows(users, users, torch.Generator().manual_seed(1))  # nothing is drawn
-    assert torch.equal(core.history, history)
+    assert torch.equal(core.visible, history)
 
 
 def test_temporal_holdout_needs_an_ordered_dataset(small_data) -> None:
@@ -171,7 +171,7 @@ def test_vector_env_is_native_and_autoresets_same_step() -> None:
     assert isinstance(venv, ReFiTVectorEnv)
     assert venv.metadata["autoreset_mode"] == gym.vector.AutoresetMode.SAME_STEP
     obs, info = venv.reset(seed=2)
-    assert obs["x"].shape == (5, venv.single_action_space.shape[0]) and len(info["user"]) == 5
+    assert obs["x"].shape == (5, venv.single_action_space.shape[0]) and len(info["episode"]) == 5
     steps = venv.core.steps
     for _ in range(steps):
         last = obs
@@ -234,7 +234,7 @@ def test_core_rows_reset_independently_and_reward_only_finished_rows() -> None:
     result = core.step(core.x * 0.5)
     assert result.terminated.tolist() == [True, True, False, False]
     assert bool((result.reward[:2] < 0).all()) and result.reward[2:].tolist() == [0.0, 0.0]
-    assert core.users.tolist() == [0, 1, 7, 8]
+    assert core.episodes.tolist() == [0, 1, 7, 8]
     with pytest.raises(RuntimeError, match="terminated"):
         core.step(core.x)
 
@@ -244,7 +244,7 @@ def test_core_rows_reset_independently_and_reward_only_finished_rows() -> None:
 def test_amazon_book_env_passes_both_checkers_without_dense_matrices(data_dir) -> None:
     env = gym.make("ReFiT-AmazonBook-v0", data_dir=str(data_dir))
     core = env.unwrapped.core
-    assert core.train.shape == (70679, 24915)
+    assert core.source.train.shape == (70679, 24915)
     assert core.x.shape == (1, 24915)  # state is per row: no users x items tensor anywhere
     gym_check_env(env.unwrapped)
     sb3_check_env(env.unwrapped)
@@ -253,8 +253,8 @@ def test_amazon_book_env_passes_both_checkers_without_dense_matrices(data_dir) -
 def test_faces_run_on_the_callers_dataset(small_data) -> None:
     """finetune hands its loaded data to the SB3 face (honouring --data-dir, no second load)."""
     venv = ReFiTVecEnv(SYN, num_envs=3, seed=0, data=small_data, reward="neg_mse")
-    assert (venv.core.n_users, venv.core.n_items) == small_data.train.shape
+    assert (venv.core.n_episodes, venv.core.n_items) == small_data.train.shape
     venv.reset()
-    users = venv.core.users.numpy()
+    users = venv.core.episodes.numpy()
     expected = small_data.train[users].toarray().astype(np.float32)
-    np.testing.assert_array_equal(venv.core.history.numpy(), expected)
+    np.testing.assert_array_equal(venv.core.visible.numpy(), expected)

@@ -96,9 +96,9 @@ def test_group_rows_share_a_user_and_rewards_are_leave_one_out_centred() -> None
                        reward="hit", reward_params={"k": 20})
     wrapped = GroupRelativeReward(venv)
     obs = wrapped.reset()
-    users = venv.core.users.numpy().reshape(2, 4)
+    users = venv.core.episodes.numpy().reshape(2, 4)
     assert (users == users[:, :1]).all() and users[0, 0] != users[1, 0]
-    assert not np.array_equal(venv.core.history[0].numpy(), venv.core.history[1].numpy())
+    assert not np.array_equal(venv.core.visible[0].numpy(), venv.core.visible[1].numpy())
     rng = np.random.default_rng(0)
     for _ in range(venv.core.steps):
         action = obs["x"] + rng.normal(0, 0.3, obs["x"].shape).astype(np.float32)
@@ -109,7 +109,7 @@ def test_group_rows_share_a_user_and_rewards_are_leave_one_out_centred() -> None
     others = (raw.sum(1, keepdims=True) - raw) / 3
     np.testing.assert_allclose(rewards.reshape(2, 4), raw - others, rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(rewards.reshape(2, 4).sum(1), 0.0, atol=1e-6)
-    new_users = venv.core.users.numpy().reshape(2, 4)  # same-step restart keeps the groups
+    new_users = venv.core.episodes.numpy().reshape(2, 4)  # same-step restart keeps the groups
     assert (new_users == new_users[:, :1]).all()
 
 

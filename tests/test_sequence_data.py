@@ -169,9 +169,7 @@ def test_sequential_synthetic_is_seeded_and_follows_its_chain() -> None:
     assert not np.array_equal(a.targets["train"], c.targets["train"])
     assert all(len(a.targets[s]) > 0 for s in ("train", "valid", "test"))
     # The next item mostly stays in the last item's community (items i % 3): the chain's signal.
-    last = a.histories["train"][np.arange(a.n_train_rows),
-                                (a.histories["train"] != a.n_items).sum(1) - 1]
-    same = np.mean(last % 3 == a.targets["train"] % 3)
+    same = np.mean(a.last_items("train") % 3 == a.targets["train"] % 3)
     assert same > 0.8  # stay = 0.85 of in-community steps, plus chance jumps (1/3 of 0.15)
 
 
@@ -188,3 +186,15 @@ def test_real_sequential_sets(data_dir: Path, tmp_path: Path, monkeypatch) -> No
     assert len(beauty.targets["valid"]) == len(beauty.targets["test"]) == 22363
     # 153,776 training interactions over 22,363 users: one row per item after the first.
     assert beauty.n_train_rows == 153776 - 22363
+
+
+def test_transitions_count_consecutive_training_pairs() -> None:
+    histories = {s: np.array([[0, 1, 4], [4, 4, 4], [2, 4, 4], [2, 4, 4]])
+                 for s in ("train", "valid", "test")}
+    targets = {s: np.array([2, 3, 1, 1]) for s in ("train", "valid", "test")}
+    data = SequenceData("toy", 4, histories, targets)
+    assert data.last_items("train").tolist() == [1, -1, 2, 2]
+    expected = np.zeros((4, 4))
+    expected[1, 2] = 1  # 0 1 -> 2
+    expected[2, 1] = 2  # 2 -> 1, twice; the empty history adds nothing
+    np.testing.assert_array_equal(data.transitions().toarray(), expected)

@@ -49,6 +49,20 @@ class Backbone(nn.Module, ABC):
     def n_items(self) -> int:
         """Number of rankable items (columns of :meth:`scores`)."""
 
+    @property
+    def condition_dim(self) -> int:
+        """Width of :meth:`encode`'s output; 0 for an unconditional backbone."""
+        return 0
+
+    def item_table(self) -> Tensor | None:
+        """E (n_items, d) when final states are scored against item embeddings, else None."""
+        return None
+
+    def freeze_for_finetuning(self) -> Backbone:
+        """Turn off gradients of what fine-tuning must keep (the environment's reward is defined
+        through it, e.g. DreamRec's E); returns self."""
+        return self
+
     @abstractmethod
     def encode(self, batch: Batch) -> Tensor | None:
         """The per-row condition c (B, ...) of the reverse process, computed once per episode;
@@ -85,12 +99,13 @@ class Backbone(nn.Module, ABC):
 
     @torch.no_grad()
     def generate(self, batch: Batch, chain: GaussianDiffusion | None = None,
-                 generator: torch.Generator | None = None) -> Tensor:
+                 generator: torch.Generator | None = None, start: Tensor | None = None) -> Tensor:
         """The backbone's own inference chain from x_K to x_0 (B, d): the mean at every step, or,
-        when ``stochastic_inference``, the mean plus sigma_t z at every step but the last."""
+        when ``stochastic_inference``, the mean plus sigma_t z at every step but the last.
+        ``start``: x_K when given (an environment's), else :meth:`initial_state`."""
         chain = chain or self.diffusion
         condition = self.encode(batch)
-        x = self.initial_state(batch, chain, generator)
+        x = self.initial_state(batch, chain, generator) if start is None else start
         for step in reversed(range(chain.steps)):
             t = torch.full((x.shape[0],), step, dtype=torch.long, device=x.device)
             x_next = self.reverse_mean(x, t, condition, chain)

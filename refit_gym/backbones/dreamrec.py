@@ -113,9 +113,18 @@ class DreamRec(Backbone):
     def n_items(self) -> int:
         return self.config.n_items
 
+    @property
+    def condition_dim(self) -> int:
+        return self.config.hidden
+
     def item_table(self) -> Tensor:
         """E (n_items, d): the embeddings of the rankable items (padding excluded)."""
         return self.item_embeddings.weight[: self.config.n_items]
+
+    def freeze_for_finetuning(self) -> DreamRec:
+        """E stays as pretrained: the sequential environment scores x_0 E^T with it."""
+        self.item_embeddings.weight.requires_grad_(False)
+        return self
 
     def denoise(self, x_t: Tensor, condition: Tensor, t: Tensor) -> Tensor:
         """f_theta(x_t, c, t) (B, d), unguided."""

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import scipy.sparse as sp
 import torch
 
 from refit_gym.data.fileio import DataError, atomic_path, sha256_of, verify_checksums
@@ -57,6 +58,22 @@ class SequenceData:
         seen = np.zeros(self.n_items, dtype=bool)
         seen[self.targets["train"]] = True
         return seen[self.targets[split]]
+
+    def last_items(self, split: str) -> np.ndarray:
+        """(rows,) the latest history item of each row of ``split``, or -1 for an empty one."""
+        history = self.histories[split]
+        length = (history != self.n_items).sum(1)
+        last = history[np.arange(len(history)), np.maximum(length - 1, 0)]
+        return np.where(length > 0, last, -1)
+
+    def transitions(self) -> sp.csr_matrix:
+        """C (n_items, n_items): C[i, j] counts training rows whose latest history item is i and
+        whose target is j (each consecutive pair of a training sequence once)."""
+        last = self.last_items("train")
+        keep = last >= 0
+        ones = np.ones(int(keep.sum()), dtype=np.float32)
+        return sp.csr_matrix((ones, (last[keep], self.targets["train"][keep])),
+                             shape=(self.n_items, self.n_items))
 
     def summary(self) -> str:
         rows = " / ".join(f"{s} {len(self.targets[s])}" for s in SPLITS)

@@ -1,4 +1,4 @@
-"""Gymnasium faces of the denoising MDP: ``ReFiTEnv`` (one user) and ``ReFiTVectorEnv``.
+"""Gymnasium faces of the denoising MDP: ``ReFiTEnv`` (one episode) and ``ReFiTVectorEnv``.
 
 Both wrap :class:`refit_gym.mdp.core.DenoisingMDP`; the vector env steps all N rows in one batched
 call (no N sub-environments) and resets finished rows in the same step.
@@ -8,22 +8,26 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import cache
+from pathlib import Path
 from typing import Any
 
 import gymnasium as gym
 import numpy as np
-import scipy.sparse as sp
 import torch
 from gymnasium import spaces
 from gymnasium.vector.utils import batch_space
+from torch import Tensor
 
-from refit_gym.data import InteractionData, default_cache_dir, load_dataset
+from refit_gym.backbones import CheckpointError, load_backbone
+from refit_gym.data import Dataset, InteractionData, default_cache_dir, load_dataset
 from refit_gym.diffusion import GaussianDiffusion
 from refit_gym.mdp.core import ACTION_BOUND, DenoisingMDP
+from refit_gym.mdp.episodes import EpisodeSource, InteractionEpisodes, SequenceEpisodes
 from refit_gym.mdp.rewards import Reward, make_reward
 from refit_gym.specs import EnvSpec, load_env_spec
 
 USER_SAMPLING = ("uniform", "sequential")
+CF_ONLY = ("holdout_fraction", "holdout", "sampling_steps")
 
 
 @dataclass(frozen=True)
@@ -32,10 +36,13 @@ class EnvSettings:
 
     reward: str = "collaborative"
     reward_params: dict[str, Any] = field(default_factory=dict)
+    # Collaborative filtering only: a held-out part of the history is the reward's target.
     holdout_fraction: float = 0.0
-    holdout: str = "random"  # "random" or "temporal" (the latest interactions; core.HOLDOUTS)
-    sampling_steps: int = 0
-    user_sampling: str = "uniform"  # "uniform" draws users with np_random; "sequential" cycles
+    holdout: str = "random"  # "random" or "temporal" (the latest interactions)
+    sampling_steps: int = 0  # x_K = a draw of q(x_k | h_u) with k = this (0: h_u itself)
+    steps: int | None = None  # K, the chain's steps (a respacing of the T trained); None: T
+    checkpoint: str | None = None  # sequential: the pretrained backbone whose E scores x_0
+    user_sampling: str = "uniform"  # episodes (users or rows): "uniform" draws, "sequential"
     device: str = "cpu"
     data_dir: str | None = None
 
@@ -54,30 +61,62 @@ class EnvSettings:
         if settings.user_sampling not in USER_SAMPLING:
             raise ValueError(f"user_sampling must be one of {USER_SAMPLING}, "
                              f"got {settings.user_sampling!r}")
+        if spec.backbone_type != "diffrec":
+            misplaced = [k for k in CF_ONLY if getattr(settings, k) != getattr(cls, k)]
+            if misplaced:
+                raise ValueError(f"{spec.id}: {misplaced} apply to collaborative-filtering ids "
+                                 "only (a sequential episode's target is its next item)")
         return settings
 
-    def build_reward(self, train: sp.csr_matrix) -> Reward:
-        """The reward these settings name, over the training matrix ``train``."""
-        return make_reward(self.reward, self.reward_params, train, self.device,
-                           default_cache_dir())
+    def chain(self, spec: EnvSpec) -> GaussianDiffusion:
+        """The K-step reverse chain of the episodes (all T trained steps unless ``steps``)."""
+        return GaussianDiffusion(spec.diffusion, self.device, respaced_steps=self.steps)
 
-    def build_core(self, data: InteractionData, diffusion: GaussianDiffusion, reward: Reward,
-                   num_rows: int) -> DenoisingMDP:
-        """A core of ``num_rows`` rows over ``data.train`` with these settings (rewards can be
-        shared by cores)."""
-        return DenoisingMDP(data.train, diffusion, reward, num_rows,
-                            sampling_steps=self.sampling_steps,
-                            holdout_fraction=self.holdout_fraction, holdout=self.holdout,
-                            order=data.train_order, device=self.device)
+    def item_embeddings(self, spec: EnvSpec, data: Dataset) -> Tensor | None:
+        """Sequential ids: the frozen item table E of the pretrained backbone (``checkpoint``,
+        else the default output of ``refit-gym pretrain``); CF ids: None."""
+        if isinstance(data, InteractionData):
+            return None
+        path = Path(self.checkpoint or default_checkpoint(spec.id))
+        if not path.is_file():
+            raise CheckpointError(
+                f"{spec.id} scores final states with a pretrained model's item embeddings, and "
+                f"no checkpoint was found at {path}: run `refit-gym pretrain --env {spec.id}` "
+                "(it writes there), or pass gym.make(..., checkpoint=PATH)")
+        backbone, _ = load_backbone(path, data.n_items)
+        return backbone.item_table().detach().to(self.device)
+
+    def build_reward(self, data: Dataset, item_embeddings: Tensor | None = None) -> Reward:
+        """The reward these settings name, over ``data``'s training split."""
+        return make_reward(self.reward, self.reward_params, data, self.device,
+                           default_cache_dir(), item_embeddings)
+
+    def build_source(self, spec: EnvSpec, data: Dataset,
+                     item_embeddings: Tensor | None = None) -> EpisodeSource:
+        """The episodes of ``data``'s training split with these settings."""
+        chain = self.chain(spec)
+        if isinstance(data, InteractionData):
+            return InteractionEpisodes(data.train, chain, sampling_steps=self.sampling_steps,
+                                       holdout_fraction=self.holdout_fraction,
+                                       holdout=self.holdout, order=data.train_order,
+                                       device=self.device)
+        if item_embeddings is None:
+            raise ValueError("a sequential source needs the pretrained item embeddings")
+        return SequenceEpisodes(data, chain, item_embeddings, self.device)
+
+
+def default_checkpoint(env_id: str, seed: int = 1) -> Path:
+    """Where ``refit-gym pretrain --env ID --seed S`` writes its backbone by default."""
+    return Path("runs") / env_id / f"pretrain-seed{seed}" / "denoiser.pt"
 
 
 @cache
-def cached_dataset(env_id: str, data_dir: str | None = None) -> InteractionData:
+def cached_dataset(env_id: str, data_dir: str | None = None) -> Dataset:
     """The dataset of ``env_id``, loaded once per process."""
     return load_dataset(load_env_spec(env_id).dataset, data_dir)
 
 
-def make_core(env_id: str, num_rows: int, *, data: InteractionData | None = None,
+def make_core(env_id: str, num_rows: int, *, data: Dataset | None = None,
               **overrides: Any) -> tuple[EnvSpec, EnvSettings, DenoisingMDP]:
     """The batched core of ``env_id`` with ``num_rows`` rows (the torch-native path).
 
@@ -88,34 +127,38 @@ def make_core(env_id: str, num_rows: int, *, data: InteractionData | None = None
     settings = EnvSettings.resolve(spec, overrides)
     if data is None:
         data = cached_dataset(spec.id, settings.data_dir)
-    core = settings.build_core(data, GaussianDiffusion(spec.diffusion, settings.device),
-                               settings.build_reward(data.train), num_rows)
+    embeddings = settings.item_embeddings(spec, data)
+    core = DenoisingMDP(settings.build_source(spec, data, embeddings),
+                        settings.build_reward(data, embeddings), num_rows)
     return spec, settings, core
 
 
-def observation_space(n_items: int, steps: int) -> spaces.Dict:
+def observation_space(core: DenoisingMDP) -> spaces.Dict:
+    """``x`` (the state), ``t`` (steps left) and the source's inputs (sequential: history)."""
     return spaces.Dict({
-        "x": spaces.Box(-ACTION_BOUND, ACTION_BOUND, (n_items,), np.float32),
-        "t": spaces.Discrete(steps + 1),
+        "x": spaces.Box(-ACTION_BOUND, ACTION_BOUND, (core.state_dim,), np.float32),
+        "t": spaces.Discrete(core.steps + 1),
+        **core.source.input_spaces(),
     })
 
 
-def action_space(n_items: int) -> spaces.Box:
-    return spaces.Box(-ACTION_BOUND, ACTION_BOUND, (n_items,), np.float32)
+def action_space(core: DenoisingMDP) -> spaces.Box:
+    return spaces.Box(-ACTION_BOUND, ACTION_BOUND, (core.state_dim,), np.float32)
 
 
 class _UserPicker:
-    """Chooses the users of new episodes, drawing only from the env's ``np_random``."""
+    """Chooses the episode ids (users or rows) of new episodes, drawing only from the env's
+    ``np_random``."""
 
-    def __init__(self, n_users: int, mode: str) -> None:
-        self.n_users, self.mode, self.next = n_users, mode, 0
+    def __init__(self, n_episodes: int, mode: str) -> None:
+        self.n_episodes, self.mode, self.next = n_episodes, mode, 0
 
     def __call__(self, k: int, rng: np.random.Generator) -> torch.Tensor:
         if self.mode == "uniform":
-            return torch.from_numpy(rng.integers(0, self.n_users, size=k))
-        users = (self.next + np.arange(k)) % self.n_users
-        self.next = int(users[-1] + 1) % self.n_users
-        return torch.from_numpy(users)
+            return torch.from_numpy(rng.integers(0, self.n_episodes, size=k))
+        picked = (self.next + np.arange(k)) % self.n_episodes
+        self.next = int(picked[-1] + 1) % self.n_episodes
+        return torch.from_numpy(picked)
 
 
 def _torch_generator(rng: np.random.Generator, device: torch.device) -> torch.Generator:
@@ -132,29 +175,38 @@ class BatchedEpisodes:
             raise ValueError(f"num_envs ({core.num_rows}) must be a positive multiple of "
                              f"group_size ({group_size})")
         self.core, self.group_size = core, group_size
-        self.picker = _UserPicker(core.n_users, user_sampling)
+        self.picker = _UserPicker(core.n_episodes, user_sampling)
         self.all_rows = torch.arange(core.num_rows, device=core.device)
 
     def users(self, k: int, rng: np.random.Generator) -> torch.Tensor:
-        """Users of ``k`` new episodes: k / group_size draws, each repeated group_size times."""
+        """Episode ids of ``k`` new episodes: k / group_size draws, each repeated group_size
+        times."""
         if k % self.group_size:
             raise RuntimeError(f"{k} rows finished, not whole groups of {self.group_size}: "
                                "grouped rows must start together")
         return self.picker(k // self.group_size, rng).repeat_interleave(self.group_size)
 
     def obs(self) -> dict[str, np.ndarray]:
-        return {"x": self.core.x.cpu().numpy().copy(), "t": self.core.t.cpu().numpy().copy()}
+        return observe(self.core, slice(None))
 
-    def reset_all(self, rng: np.random.Generator, users: Any = None) -> None:
+    def reset_all(self, rng: np.random.Generator, episodes: Any = None) -> None:
         picked = self.users(self.core.num_rows, rng)
-        if users is not None:
-            picked = torch.as_tensor(np.asarray(users), dtype=torch.long)
+        if episodes is not None:
+            picked = torch.as_tensor(np.asarray(episodes), dtype=torch.long)
         self.core.reset_rows(self.all_rows, picked, _torch_generator(rng, self.core.device))
 
     def restart(self, terminated: torch.Tensor, rng: np.random.Generator) -> None:
         rows = terminated.nonzero().squeeze(-1)
         self.core.reset_rows(rows, self.users(len(rows), rng),
                              _torch_generator(rng, self.core.device))
+
+
+def observe(core: DenoisingMDP, rows: Any) -> dict[str, Any]:
+    """The observation of ``rows`` (an index or a slice): numpy copies of x, t and inputs."""
+    obs = {"x": core.x[rows].cpu().numpy().copy(), "t": core.t[rows].cpu().numpy().copy()}
+    for key in core.source.input_spaces():
+        obs[key] = core.inputs[key][rows].cpu().numpy().copy()
+    return obs
 
 
 def _as_action_tensor(action: Any, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
@@ -167,39 +219,43 @@ def _as_action_tensor(action: Any, shape: tuple[int, ...], device: torch.device)
 
 
 class ReFiTEnv(gym.Env):
-    """One user per episode: T denoising steps from x_T = h_u; reward at the last step.
+    """One episode (a user, or a training row) at a time: K denoising steps from x_K; reward at
+    the last step.
 
-    Observation ``{"x": float32 (n_items,), "t": int}``; action: x_{t-1}, float32 (n_items,).
-    ``reset(options={"user": u})`` picks the user; otherwise users follow ``user_sampling``.
+    Observation ``{"x": float32 (d,), "t": int}`` plus, for a sequential id, ``"history"``
+    (L item ids, padded with n_items); action: x_{t-1}, float32 (d,).
+    ``reset(options={"episode": i})`` picks the episode; otherwise they follow ``user_sampling``.
     """
 
     metadata = {"render_modes": []}
 
     def __init__(self, env_id: str = "ReFiT-Synthetic-v0", **overrides: Any) -> None:
         self.spec_, self.settings, self.core = make_core(env_id, 1, **overrides)
-        self.observation_space = observation_space(self.core.n_items, self.core.steps)
-        self.action_space = action_space(self.core.n_items)
-        self._users = _UserPicker(self.core.n_users, self.settings.user_sampling)
+        self.observation_space = observation_space(self.core)
+        self.action_space = action_space(self.core)
+        self._picker = _UserPicker(self.core.n_episodes, self.settings.user_sampling)
 
     def _obs(self) -> dict[str, Any]:
-        return {"x": self.core.x[0].cpu().numpy().copy(), "t": int(self.core.t[0])}
+        obs = observe(self.core, 0)
+        obs["t"] = int(obs["t"])
+        return obs
 
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
         super().reset(seed=seed)
         options = options or {}
-        if "user" in options:
-            user = torch.tensor([int(options["user"])])
+        if "episode" in options:
+            episode = torch.tensor([int(options["episode"])])
         else:
-            user = self._users(1, self.np_random)
+            episode = self._picker(1, self.np_random)
         generator = _torch_generator(self.np_random, self.core.device)
-        self.core.reset_rows(torch.tensor([0]), user, generator)
-        return self._obs(), {"user": int(user[0]), "t": self.core.steps}
+        self.core.reset_rows(torch.tensor([0]), episode, generator)
+        return self._obs(), {"episode": int(episode[0]), "t": self.core.steps}
 
     def step(self, action: Any):
         tensor = _as_action_tensor(action, self.action_space.shape, self.core.device)
         result = self.core.step(tensor.unsqueeze(0))
         terminated = bool(result.terminated[0])
-        info = {"user": int(self.core.users[0]), "t": int(result.t[0])}
+        info = {"episode": int(self.core.episodes[0]), "t": int(result.t[0])}
         if terminated:
             info["reward_name"] = self.settings.reward
         return self._obs(), float(result.reward[0]), terminated, False, info
@@ -219,24 +275,24 @@ class ReFiTVectorEnv(gym.vector.VectorEnv):
                  **overrides: Any) -> None:
         self.spec_, self.settings, self.core = make_core(env_id, num_envs, **overrides)
         self.num_envs = num_envs
-        self.single_observation_space = observation_space(self.core.n_items, self.core.steps)
-        self.single_action_space = action_space(self.core.n_items)
+        self.single_observation_space = observation_space(self.core)
+        self.single_action_space = action_space(self.core)
         self.observation_space = batch_space(self.single_observation_space, num_envs)
         self.action_space = batch_space(self.single_action_space, num_envs)
         self._episodes = BatchedEpisodes(self.core, self.settings.user_sampling)
 
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
         super().reset(seed=seed)
-        self._episodes.reset_all(self.np_random, (options or {}).get("users"))
-        return self._episodes.obs(), {"user": self.core.users.cpu().numpy().copy()}
+        self._episodes.reset_all(self.np_random, (options or {}).get("episodes"))
+        return self._episodes.obs(), {"episode": self.core.episodes.cpu().numpy().copy()}
 
     def step(self, actions: Any):
         tensor = _as_action_tensor(actions, self.action_space.shape, self.core.device)
         result = self.core.step(tensor)
         terminated = result.terminated.cpu().numpy()
-        info: dict[str, Any] = {"user": self.core.users.cpu().numpy().copy()}
+        info: dict[str, Any] = {"episode": self.core.episodes.cpu().numpy().copy()}
         if terminated.any():
-            info["final_obs"] = {"x": result.x.cpu().numpy(), "t": result.t.cpu().numpy()}
+            info["final_obs"] = self._episodes.obs()
             info["_final_obs"] = terminated.copy()
             self._episodes.restart(result.terminated, self.np_random)
         rewards = result.reward.cpu().numpy().astype(np.float64)

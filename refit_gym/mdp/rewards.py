@@ -1,14 +1,19 @@
-"""Terminal rewards R(x_0; u) of the denoising MDP (DESIGN section 3).
+"""Terminal rewards R(scores(x_0); episode) of the denoising MDP, for every scenario (DESIGN 4).
 
 A reward is split in two so that the expensive part runs once per episode: ``relevance``
-turns the episode's target (B, n) into a per-item weight tensor at reset, and ``__call__`` scores
-the final state x_0 against it at the last step, in O(B n).
+turns the episode's target items y (B, n) into a per-item weight tensor at reset, and
+``__call__`` scores the final item scores (B, n) against it at the last step, in O(B n). Items
+the episode's input already shows (CF: the history) are masked from rankings; a sequential
+episode masks nothing (``visible`` None).
 
-The collaborative reward propagates the target over the item graph,
-S = D_I^-1/2 R^T D_U^-1 R D_I^-1/2 (a 3-hop user-item-user-item path), never forming S:
-either exactly with two sparse products per hop (cost per batch O(B nnz(R))), or through a
-rank-r factorisation S ~ V diag(s^2) V^T from a truncated SVD of D_U^-1/2 R D_I^-1/2 (GF-CF),
-cost O(n r) per user and O(nnz(R) r) once, cached per dataset: linear in users and in items.
+Collaborative signal: the target is propagated over an item graph S, never formed densely.
+- CF (:class:`Propagator`): S = D_I^-1/2 R^T D_U^-1 R D_I^-1/2 (user-item-user-item) over the
+  training matrix R, exactly with two sparse products per hop (O(B nnz(R)) per batch), or
+  through a rank-r factorisation S ~ V diag(s^2) V^T from a truncated SVD of
+  D_U^-1/2 R D_I^-1/2 (GF-CF), O(n r) per user and O(nnz(R) r) once, cached per dataset.
+- Sequential (:class:`TransitionPropagator`): S = D_out^-1/2 C D_in^-1/2 over the item-transition
+  counts C of the training rows (C[i, j]: j follows i), one sparse product per hop.
+Both are linear in users (rows) and in items.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import hashlib
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import scipy.sparse as sp
@@ -25,6 +30,7 @@ import scipy.sparse.linalg as spla
 import torch
 from torch import Tensor
 
+from refit_gym.data import InteractionData, SequenceData
 from refit_gym.data.fileio import atomic_path
 
 
@@ -112,23 +118,52 @@ def _cached_factors(train, user_deg, item_deg, rank, cache_dir) -> tuple[np.ndar
     return vectors, sq_values
 
 
-def _ranking_scores(x0: Tensor, history: Tensor) -> Tensor:
-    """Scores as DiffRec ranks them: the visible input history is excluded."""
-    return x0.masked_fill(history > 0, -torch.inf)
+class TransitionPropagator:
+    """h -> [h S, ..., h S^K] over the item-transition graph S = D_out^-1/2 C D_in^-1/2."""
+
+    def __init__(self, transitions: sp.csr_matrix, hops: int,
+                 device: torch.device | str = "cpu") -> None:
+        if hops < 1:
+            raise ValueError(f"hops must be >= 1, got {hops}")
+        self.hops, self.device = hops, torch.device(device)
+        out_deg = np.asarray(transitions.sum(axis=1)).ravel()
+        in_deg = np.asarray(transitions.sum(axis=0)).ravel()
+        normalised = sp.diags(_inverse_power(out_deg, 0.5)) @ transitions @ sp.diags(
+            _inverse_power(in_deg, 0.5))
+        self.St = _sparse_tensor(normalised.T, self.device)  # h S = (S^T h^T)^T
+
+    def __call__(self, h: Tensor) -> list[Tensor]:
+        out: list[Tensor] = []
+        x = h
+        for _ in range(self.hops):
+            x = torch.sparse.mm(self.St, x.T.contiguous()).T
+            out.append(x)
+        return out
+
+
+Propagate = Propagator | TransitionPropagator
+
+
+def _ranking_scores(scores: Tensor, visible: Tensor | None) -> Tensor:
+    """Scores as the scenario ranks them: items the input shows (CF history) are excluded."""
+    return scores if visible is None else scores.masked_fill(visible > 0, -torch.inf)
 
 
 class Reward(ABC):
-    """R(x_0; u). Subclasses say what the target means (``relevance``) and how x_0 scores."""
+    """R(scores; episode). Subclasses say what the target means (``relevance``) and how final
+    scores earn reward. ``visible`` (B, n) marks the items the episode's input shows (masked
+    from rankings), or is None when nothing is masked."""
 
     name: str
+    on_state: ClassVar[bool] = False  # True: scored on the final state x_0, not item scores
 
     @abstractmethod
-    def relevance(self, target: Tensor, history: Tensor) -> Tensor:
-        """Per-episode item weights (B, n) from the target (B, n) and visible history (B, n)."""
+    def relevance(self, target: Tensor, visible: Tensor | None) -> Tensor:
+        """Per-episode weights (B, n) from the target items (B, n)."""
 
     @abstractmethod
-    def __call__(self, x0: Tensor, relevance: Tensor, history: Tensor) -> Tensor:
-        """Rewards (B,) float32 of final states x0 (B, n)."""
+    def __call__(self, scores: Tensor, relevance: Tensor, visible: Tensor | None) -> Tensor:
+        """Rewards (B,) float32 of final item scores (B, n) (or states, if ``on_state``)."""
 
 
 class CollaborativeReward(Reward):
@@ -136,29 +171,29 @@ class CollaborativeReward(Reward):
 
     name = "collaborative"
 
-    def __init__(self, propagator: Propagator | None, alphas: Sequence[float], tau: float,
+    def __init__(self, propagator: Propagate | None, alphas: Sequence[float], tau: float,
                  exclude_history: bool) -> None:
         if alphas and propagator is None:
             raise ValueError("alphas need a propagator")
         self.propagator, self.alphas = propagator, list(alphas)
         self.tau, self.exclude_history = tau, exclude_history
 
-    def relevance(self, target: Tensor, history: Tensor) -> Tensor:
+    def relevance(self, target: Tensor, visible: Tensor | None) -> Tensor:
         p = target.clone()
         if self.alphas:
             for alpha, hop in zip(self.alphas, self.propagator(target)):
                 p.add_(hop, alpha=alpha)
-        if self.exclude_history:
-            p.masked_fill_(history > 0, 0.0)
+        if self.exclude_history and visible is not None:
+            p.masked_fill_(visible > 0, 0.0)
         p.clamp_(min=0.0)  # a low-rank S can dip below zero
         return p.div_(p.sum(-1, keepdim=True).clamp(min=1e-12))
 
-    def __call__(self, x0: Tensor, relevance: Tensor, history: Tensor) -> Tensor:
+    def __call__(self, scores: Tensor, relevance: Tensor, visible: Tensor | None) -> Tensor:
         # sum_i p_i (l_i - logsumexp(l)) = p . l - logsumexp(l) sum_i p_i; p is 0 on excluded
         # items, so only the normaliser needs the mask.
-        logits = x0 / self.tau
-        normaliser_logits = logits.masked_fill(history > 0, -torch.inf) if (
-            self.exclude_history) else logits
+        logits = scores / self.tau
+        normaliser_logits = logits.masked_fill(visible > 0, -torch.inf) if (
+            self.exclude_history and visible is not None) else logits
         lse = torch.logsumexp(normaliser_logits, dim=-1)
         return ((relevance * logits).sum(-1) - lse * relevance.sum(-1)).float()
 
@@ -171,11 +206,11 @@ class HitReward(Reward):
     def __init__(self, k: int = 20) -> None:
         self.k = k
 
-    def relevance(self, target: Tensor, history: Tensor) -> Tensor:
+    def relevance(self, target: Tensor, visible: Tensor | None) -> Tensor:
         return target.clone()
 
-    def __call__(self, x0: Tensor, relevance: Tensor, history: Tensor) -> Tensor:
-        top = _ranking_scores(x0, history).topk(min(self.k, x0.shape[-1]), dim=-1).indices
+    def __call__(self, scores: Tensor, relevance: Tensor, visible: Tensor | None) -> Tensor:
+        top = _ranking_scores(scores, visible).topk(min(self.k, scores.shape[-1]), dim=-1).indices
         return relevance.gather(-1, top).gt(0).any(-1).float()
 
 
@@ -188,38 +223,49 @@ class NDCGReward(Reward):
 
     name = "ndcg"
 
-    def __init__(self, k: int = 20, propagator: Propagator | None = None,
+    def __init__(self, k: int = 20, propagator: Propagate | None = None,
                  alphas: Sequence[float] = ()) -> None:
         if alphas and propagator is None:
             raise ValueError("graded NDCG needs a propagator")
         self.k, self.propagator, self.alphas = k, propagator, list(alphas)
 
-    def relevance(self, target: Tensor, history: Tensor) -> Tensor:
+    def relevance(self, target: Tensor, visible: Tensor | None) -> Tensor:
         rel = target.clone()
         if self.alphas:
             graded = sum(a * hop for a, hop in zip(self.alphas, self.propagator(target)))
             rel = torch.where(target > 0, target, graded.clamp(min=0.0))
-        return rel.masked_fill(history > 0, 0.0)
+        return rel if visible is None else rel.masked_fill(visible > 0, 0.0)
 
-    def __call__(self, x0: Tensor, relevance: Tensor, history: Tensor) -> Tensor:
-        k = min(self.k, x0.shape[-1])
-        discount = 1.0 / torch.log2(torch.arange(k, device=x0.device, dtype=torch.float32) + 2)
-        top = _ranking_scores(x0, history).topk(k, dim=-1).indices
+    def __call__(self, scores: Tensor, relevance: Tensor, visible: Tensor | None) -> Tensor:
+        k = min(self.k, scores.shape[-1])
+        discount = 1.0 / torch.log2(torch.arange(k, device=scores.device,
+                                                 dtype=torch.float32) + 2)
+        top = _ranking_scores(scores, visible).topk(k, dim=-1).indices
         dcg = (relevance.gather(-1, top) * discount).sum(-1)
         idcg = (relevance.topk(k, dim=-1).values * discount).sum(-1)
         return torch.where(idcg > 0, dcg / idcg.clamp(min=1e-12), torch.zeros_like(dcg))
 
 
 class NegativeMSEReward(Reward):
-    """-mean_i (x0_i - h_i)^2 against the whole training history (uninformative by design)."""
+    """-mean (x0 - x*)^2 to the episode's target state x*: the backbone's own regression loss.
+
+    CF: x* is the whole training history (uninformative by design); sequential: x* = E[target]
+    (DreamRec's loss), with ``item_embeddings`` E (n_items, d).
+    """
 
     name = "neg_mse"
+    on_state = True
 
-    def relevance(self, target: Tensor, history: Tensor) -> Tensor:
-        return (target + history).clamp(max=1.0)
+    def __init__(self, item_embeddings: Tensor | None = None) -> None:
+        self.item_embeddings = item_embeddings
 
-    def __call__(self, x0: Tensor, relevance: Tensor, history: Tensor) -> Tensor:
-        return -(x0 - relevance).pow(2).mean(-1)
+    def relevance(self, target: Tensor, visible: Tensor | None) -> Tensor:
+        if self.item_embeddings is not None:
+            return target @ self.item_embeddings
+        return target if visible is None else (target + visible).clamp(max=1.0)
+
+    def __call__(self, scores: Tensor, relevance: Tensor, visible: Tensor | None) -> Tensor:
+        return -(scores - relevance).pow(2).mean(-1)
 
 
 REWARD_PARAMS: dict[str, set[str]] = {
@@ -231,10 +277,15 @@ REWARD_PARAMS: dict[str, set[str]] = {
 
 
 def make_reward(
-    name: str, params: Mapping[str, Any], train: sp.csr_matrix,
+    name: str, params: Mapping[str, Any], data: InteractionData | SequenceData,
     device: torch.device | str = "cpu", cache_dir: str | Path | None = None,
+    item_embeddings: Tensor | None = None,
 ) -> Reward:
-    """Build a reward by name. ``propagation`` is "exact" or "lowrank" (with ``rank``)."""
+    """Build a reward by name over ``data``'s training split (its item graph).
+
+    CF: ``propagation`` "exact" or "lowrank" (with ``rank``); sequential: the transition graph,
+    exact. ``item_embeddings`` (sequential) is the target-state table of ``neg_mse``.
+    """
     if name not in REWARD_PARAMS:
         raise ValueError(f"unknown reward {name!r}; choose one of {sorted(REWARD_PARAMS)}")
     unknown = sorted(set(params) - REWARD_PARAMS[name])
@@ -242,13 +293,19 @@ def make_reward(
         raise ValueError(f"reward {name!r} got unknown parameters {unknown}; "
                          f"allowed: {sorted(REWARD_PARAMS[name])}")
     alphas = list(params.get("alphas", []))
-    propagator = None
+    propagator: Propagate | None = None
     if alphas:
         mode = params.get("propagation", "lowrank")
         if mode not in ("exact", "lowrank"):
             raise ValueError(f"propagation must be 'exact' or 'lowrank', got {mode!r}")
-        rank = int(params.get("rank", 256)) if mode == "lowrank" else None
-        propagator = Propagator(train, len(alphas), rank, device, cache_dir)
+        if isinstance(data, SequenceData):
+            if mode != "exact":
+                raise ValueError("sequential ids propagate over the item-transition graph "
+                                 "exactly: set propagation = 'exact'")
+            propagator = TransitionPropagator(data.transitions(), len(alphas), device)
+        else:
+            rank = int(params.get("rank", 256)) if mode == "lowrank" else None
+            propagator = Propagator(data.train, len(alphas), rank, device, cache_dir)
     if name == "collaborative":
         return CollaborativeReward(propagator, alphas, float(params.get("tau", 0.05)),
                                    bool(params.get("exclude_history", False)))
@@ -256,4 +313,4 @@ def make_reward(
         return HitReward(int(params.get("k", 20)))
     if name == "ndcg":
         return NDCGReward(int(params.get("k", 20)), propagator, alphas)
-    return NegativeMSEReward()
+    return NegativeMSEReward(item_embeddings)

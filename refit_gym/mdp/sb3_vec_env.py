@@ -24,8 +24,8 @@ class ReFiTVecEnv(VecEnv):
     """``num_envs`` rows of ``env_id``'s MDP for SB3 algorithms; keywords as for ``gym.make``
     (and ``data``, as for :func:`refit_gym.mdp.gym_env.make_core`).
 
-    ``group_size`` G > 1 plays each drawn user in G consecutive rows at once (rows
-    [0, G) share a user, then [G, 2G), ...), each with its own noise and holdout draw: the
+    ``group_size`` G > 1 plays each drawn episode (user or row) in G consecutive rows at once
+    (rows [0, G) share it, then [G, 2G), ...), each with its own noise and holdout draw: the
     groups a group-relative baseline needs (:class:`refit_gym.rl.sb3_agents.GroupRelativeReward`).
     """
 
@@ -33,8 +33,7 @@ class ReFiTVecEnv(VecEnv):
                  seed: int | None = None, group_size: int = 1, **overrides: Any) -> None:
         self.spec_, self.settings, self.core = make_core(env_id, num_envs, **overrides)
         self.render_mode = None
-        super().__init__(num_envs, observation_space(self.core.n_items, self.core.steps),
-                         action_space(self.core.n_items))
+        super().__init__(num_envs, observation_space(self.core), action_space(self.core))
         self._episodes = BatchedEpisodes(self.core, self.settings.user_sampling, group_size)
         self._rng = np.random.default_rng(seed)
         self._actions: np.ndarray | None = None
@@ -56,13 +55,13 @@ class ReFiTVecEnv(VecEnv):
 
     def step_wait(self):
         result = self.core.step(_as_action_tensor(
-            self._actions, (self.num_envs, self.core.n_items), self.core.device))
+            self._actions, (self.num_envs, self.core.state_dim), self.core.device))
         dones = result.terminated.cpu().numpy()
         infos: list[dict[str, Any]] = [{} for _ in range(self.num_envs)]
         if dones.any():
-            final_x = result.x.cpu().numpy()
+            final = self._episodes.obs()
             for row in np.flatnonzero(dones):  # SB3 wants one info dict per finished row
-                infos[row] = {"terminal_observation": {"x": final_x[row], "t": 0},
+                infos[row] = {"terminal_observation": {k: v[row] for k, v in final.items()},
                               "TimeLimit.truncated": False}
             self._episodes.restart(result.terminated, self._rng)
         return self._episodes.obs(), result.reward.cpu().numpy(), dones, infos

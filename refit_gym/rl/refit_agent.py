@@ -82,18 +82,20 @@ class ReFiTAgent:
 
     def __init__(self, model: Backbone, reference: Backbone, config: ReFiTConfig) -> None:
         self.model, self.reference, self.config = model, reference, config
-        self.model.eval()  # no dropout: rollout and update must score the same policy
+        # No dropout: rollout and update must score the same policy.
+        self.model.eval().freeze_for_finetuning()
         self.reference.eval().requires_grad_(False)
-        self.optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr,
-                                           weight_decay=config.weight_decay)
+        self.optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
+                                           lr=config.lr, weight_decay=config.weight_decay)
 
     def train_batch(self, core: DenoisingMDP, users: Tensor,
                     generator: torch.Generator) -> BatchStats:
-        """Roll out ``group_size`` trajectories per user in ``users`` (U,) and update once."""
+        """Roll out ``group_size`` trajectories per episode in ``users`` (U,) (users or training
+        rows) on ``core``'s chain and update once."""
         cfg = self.config
         rows = torch.arange(core.num_rows, device=core.device)
         core.reset_rows(rows, users.repeat_interleave(cfg.group_size), generator)
-        batch = core.backbone_batch()
+        batch, chain = core.backbone_batch(), core.chain
         stored: list[tuple[Tensor, Tensor, Tensor, Tensor]] = []
         with torch.no_grad():
             condition = self.model.encode(batch)
@@ -103,9 +105,9 @@ class ReFiTAgent:
                 trained = int(t[0]) < cfg.train_steps
                 if trained or cfg.explore_all_steps:
                     action, log_prob, _ = policy_step(self.model, x_t, t, condition, cfg.kappa,
-                                                      generator=generator)
+                                                      generator=generator, chain=chain)
                 else:
-                    action = self.model.reverse_mean(x_t, t, condition)
+                    action = self.model.reverse_mean(x_t, t, condition, chain)
                 if trained:
                     stored.append((x_t, t, action, log_prob))  # states are never mutated
                 result = core.step(action)
@@ -120,7 +122,7 @@ class ReFiTAgent:
             condition = self.model.encode(batch)  # with gradients: the encoder is tuned too
             for x_t, t, action, old_log_prob in stored:
                 _, log_prob, mean = policy_step(self.model, x_t, t, condition, cfg.kappa,
-                                                action=action)
+                                                action=action, chain=chain)
                 # Beyond e^20 the clipped objective is flat anyway; the clamp only keeps a
                 # far-moved policy (update_epochs > 1) from overflowing to inf * 0 = NaN.
                 ratio = torch.exp((log_prob - old_log_prob).clamp(max=20.0))
@@ -130,15 +132,16 @@ class ReFiTAgent:
                 loss = -surrogate.mean()
                 if cfg.kl_coef > 0:
                     with torch.no_grad():
-                        ref_mean = self.reference.reverse_mean(x_t, t, ref_condition)
-                    var = (cfg.kappa * self.model.reverse_std(t)).pow(2)
+                        ref_mean = self.reference.reverse_mean(x_t, t, ref_condition, chain)
+                    var = (cfg.kappa * self.model.reverse_std(t, chain)).pow(2)
                     kl = (mean.double() - ref_mean.double()).pow(2).sum(-1) / (2 * var)
                     loss = loss + cfg.kl_coef * kl.mean()
                     kl_total += kl.mean().item()
                 # The condition's graph is shared by every step: keep it until the last one.
                 (loss / len(stored)).backward(retain_graph=condition is not None)
                 clipped += ((ratio - 1).abs() > cfg.clip_range).double().mean().item()
-            grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
+            grad_norm = nn.utils.clip_grad_norm_(
+                [p for p in self.model.parameters() if p.requires_grad], cfg.max_grad_norm)
             self.optimizer.step()
         n_terms = max(len(stored) * cfg.update_epochs, 1)
         return BatchStats(reward=result.reward.mean().item(), kl=kl_total / n_terms,
@@ -147,8 +150,8 @@ class ReFiTAgent:
 
 def user_batches(n_users: int, users_per_batch: int, generator: torch.Generator,
                  users_per_epoch: int = 0) -> list[Tensor]:
-    """A shuffled pass over the users (all, or the first ``users_per_epoch`` of a random order)
-    in batches; the last batch may be smaller."""
+    """A shuffled pass over the episodes (users, or training rows; all, or the first
+    ``users_per_epoch`` of a random order) in batches; the last batch may be smaller."""
     order = torch.randperm(n_users, generator=generator)
     if users_per_epoch:
         order = order[:users_per_epoch]

@@ -20,7 +20,7 @@ from stable_baselines3.common.on_policy_algorithm import OnPolicyAlgorithm
 from stable_baselines3.common.vec_env import VecEnv, VecEnvWrapper
 
 from refit_gym.backbones import Backbone, backbone_configs
-from refit_gym.data import InteractionData
+from refit_gym.data import Dataset
 from refit_gym.mdp.gym_env import EnvSettings
 from refit_gym.mdp.sb3_vec_env import ReFiTVecEnv
 from refit_gym.rl.sb3_policy import DiffusionActorCriticPolicy
@@ -36,12 +36,12 @@ def split_hyperparams(params: dict[str, Any]) -> tuple[dict[str, Any], dict[str,
     return driver, {k: v for k, v in params.items() if k not in DRIVER_KEYS}
 
 
-def episodes_per_epoch(driver: dict[str, Any], n_users: int) -> int:
-    """users_per_epoch (0: all users) x group_size."""
-    return (driver.get("users_per_epoch") or n_users) * driver["group_size"]
+def episodes_per_epoch(driver: dict[str, Any], n_episodes: int) -> int:
+    """users_per_epoch (0: all ``n_episodes`` users or training rows) x group_size."""
+    return (driver.get("users_per_epoch") or n_episodes) * driver["group_size"]
 
 
-def make_vec_env(spec: EnvSpec, settings: EnvSettings, data: InteractionData, n_envs: int,
+def make_vec_env(spec: EnvSpec, settings: EnvSettings, data: Dataset, n_envs: int,
                  group_size: int, seed: int) -> VecEnv:
     """The SB3 face of ``spec`` over ``data``'s training split; wrapped in
     :class:`GroupRelativeReward` when group_size > 1."""
@@ -54,8 +54,9 @@ def make_model(algo: str, venv: VecEnv, pretrained: Backbone, sb3_args: dict[str
                seed: int, device: str) -> OnPolicyAlgorithm:
     """An SB3 model whose actor starts as ``pretrained``; unknown arguments raise TypeError."""
     sb3_args = dict(sb3_args)
+    core = venv.get_attr("core")[0]
     policy_kwargs = {"backbone_configs": backbone_configs(pretrained),
-                     **sb3_args.pop("policy_kwargs", {})}
+                     "chain_steps": core.steps, **sb3_args.pop("policy_kwargs", {})}
     model = SB3_ALGOS[algo](DiffusionActorCriticPolicy, venv, policy_kwargs=policy_kwargs,
                             seed=seed, device=device, verbose=0, **sb3_args)
     model.policy.backbone.load_state_dict(pretrained.state_dict())

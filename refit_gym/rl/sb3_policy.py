@@ -17,6 +17,7 @@ rates are small.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -28,7 +29,7 @@ from stable_baselines3.common.preprocessing import preprocess_obs
 from torch import Tensor, nn
 
 from refit_gym.backbones import Backbone, backbone_from_configs
-from refit_gym.diffusion import gaussian_log_prob
+from refit_gym.diffusion import GaussianDiffusion, gaussian_log_prob
 
 
 class DiffusionGaussian(Distribution):
@@ -74,8 +75,10 @@ class DiffusionGaussian(Distribution):
 
 
 class DiffusionActorCriticPolicy(ActorCriticPolicy):
-    """Actor: the backbone (load pretrained weights into ``.backbone``); critic: a small MLP on
-    [x_t, one-hot t]. Observation ``{"x": (d,), "t": Discrete(T + 1)}``.
+    """Actor: the backbone (load pretrained weights into ``.backbone``), stepping the
+    environment's K-step chain (``chain_steps``; None: all T); critic: a small MLP on
+    [x_t, one-hot t, the condition c (detached)]. Observation ``{"x": (d,), "t":
+    Discrete(K + 1)}``, plus ``"history"`` (item ids) for a conditional backbone.
     """
 
     def __init__(
@@ -84,6 +87,7 @@ class DiffusionActorCriticPolicy(ActorCriticPolicy):
         action_space: spaces.Box,
         lr_schedule: Any,
         backbone_configs: dict[str, Any] | None = None,
+        chain_steps: int | None = None,
         kappa: float = 10.0,
         value_hidden: int = 64,
         **kwargs: Any,
@@ -95,9 +99,10 @@ class DiffusionActorCriticPolicy(ActorCriticPolicy):
         # and the update's log-probabilities must score the same policy.
         self.backbone_configs = {**backbone_configs,
                                  "config": {**backbone_configs["config"], "dropout": 0.0}}
-        self.kappa, self.value_hidden = kappa, value_hidden
-        self._extra = {"backbone_configs": backbone_configs, "kappa": kappa,
-                       "value_hidden": value_hidden}
+        self.chain_steps, self.kappa, self.value_hidden = chain_steps, kappa, value_hidden
+        self._extra = {"backbone_configs": backbone_configs, "chain_steps": chain_steps,
+                       "kappa": kappa, "value_hidden": value_hidden}
+        self._chain: GaussianDiffusion | None = None
         super().__init__(observation_space, action_space, lr_schedule, **kwargs)
 
     def _get_constructor_parameters(self) -> dict[str, Any]:
@@ -105,57 +110,80 @@ class DiffusionActorCriticPolicy(ActorCriticPolicy):
 
     def _build(self, lr_schedule: Any) -> None:
         self.backbone: Backbone = backbone_from_configs(self.backbone_configs)
-        dim, steps = self.backbone.state_dim, self.backbone.diffusion.steps
+        self.backbone.freeze_for_finetuning()
+        steps = self.chain_steps or self.backbone.diffusion.steps
+        width = self.backbone.state_dim + steps + 1 + self.backbone.condition_dim
         # "value" in the names: TRPO leaves such parameters out of its KL Hessian.
-        self.value_net = nn.Sequential(
-            nn.Linear(dim + steps + 1, self.value_hidden), nn.Tanh(),
-            nn.Linear(self.value_hidden, 1))
+        self.value_net = nn.Sequential(nn.Linear(width, self.value_hidden), nn.Tanh(),
+                                       nn.Linear(self.value_hidden, 1))
         self.action_dist = DiffusionGaussian()
         self.optimizer = self.optimizer_class(self.parameters(), lr=lr_schedule(1),
                                               **self.optimizer_kwargs)
 
-    def _unpack(self, obs: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
-        """x (B, d), one-hot t (B, T+1), and the chain step t - 1 (B,)."""
-        pre = preprocess_obs(obs, self.observation_space, normalize_images=False)
+    def named_parameters(self, prefix: str = "", recurse: bool = True,
+                         remove_duplicate: bool = True) -> Iterator[tuple[str, nn.Parameter]]:
+        """The trainable parameters only: a frozen one (DreamRec's E, which defines the
+        environment's reward) is not the policy's to move, and sb3-contrib's TRPO
+        differentiates with respect to every parameter it is given."""
+        for name, parameter in super().named_parameters(prefix, recurse, remove_duplicate):
+            if parameter.requires_grad:
+                yield name, parameter
+
+    @property
+    def chain(self) -> GaussianDiffusion:
+        """The environment's chain, on the backbone's device (rebuilt after a move)."""
+        if self._chain is None or self._chain.device != self.backbone.diffusion.device:
+            self._chain = self.backbone.diffusion.respaced(
+                self.chain_steps or self.backbone.diffusion.config.steps)
+        return self._chain
+
+    def _unpack(self, obs: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+        """x (B, d), one-hot t (B, K+1), the chain step t - 1 (B,), and the condition."""
+        pre = preprocess_obs({k: obs[k] for k in ("x", "t")},
+                             spaces.Dict({k: self.observation_space[k] for k in ("x", "t")}),
+                             normalize_images=False)
         x = pre["x"].float()
         t_onehot = pre["t"].float().reshape(len(x), -1)  # the buffer stores t as (B, 1)
         t_index = (t_onehot.argmax(-1) - 1).clamp(min=0)
-        return x, t_onehot, t_index
+        # The history enters as item ids (SB3 would one-hot a MultiDiscrete): read it raw.
+        batch = {"history": obs["history"].long()} if "history" in obs else {}
+        return x, t_onehot, t_index, self.backbone.encode(batch)
 
-    def _distribution(self, x: Tensor, t_index: Tensor) -> DiffusionGaussian:
-        # The observation carries no history: only an unconditional backbone (DiffRec) fits.
-        mean = self.backbone.reverse_mean(x, t_index, None)
+    def _distribution(self, x: Tensor, t_index: Tensor,
+                      condition: Tensor | None) -> DiffusionGaussian:
+        mean = self.backbone.reverse_mean(x, t_index, condition, self.chain)
         if not bool(torch.isfinite(mean.sum())):
             raise FloatingPointError(
                 "the diffusion policy's mean is not finite: the actor diverged. Ratios "
                 "exp(log pi - log pi_old) over thousands of items overflow when one update moves "
                 "the policy too far; lower learning_rate or set target_kl (PPO checks it before "
                 "each gradient step).")
-        std = self.kappa * self.backbone.reverse_std(t_index)
+        std = self.kappa * self.backbone.reverse_std(t_index, self.chain)
         return self.action_dist.proba_distribution(mean, std)
 
-    def _value(self, x: Tensor, t_onehot: Tensor) -> Tensor:
-        return self.value_net(torch.cat([x, t_onehot], dim=-1))
+    def _value(self, x: Tensor, t_onehot: Tensor, condition: Tensor | None) -> Tensor:
+        parts = [x, t_onehot] if condition is None else [x, t_onehot, condition.detach()]
+        return self.value_net(torch.cat(parts, dim=-1))
 
     def forward(self, obs: dict[str, Tensor], deterministic: bool = False):
-        x, t_onehot, t_index = self._unpack(obs)
-        distribution = self._distribution(x, t_index)
+        x, t_onehot, t_index, condition = self._unpack(obs)
+        distribution = self._distribution(x, t_index, condition)
         actions = distribution.get_actions(deterministic=deterministic)
-        return actions, self._value(x, t_onehot), distribution.log_prob(actions)
+        return actions, self._value(x, t_onehot, condition), distribution.log_prob(actions)
 
     def evaluate_actions(self, obs: dict[str, Tensor], actions: Tensor):
-        x, t_onehot, t_index = self._unpack(obs)
-        distribution = self._distribution(x, t_index)
-        return (self._value(x, t_onehot), distribution.log_prob(actions),
+        x, t_onehot, t_index, condition = self._unpack(obs)
+        distribution = self._distribution(x, t_index, condition)
+        return (self._value(x, t_onehot, condition), distribution.log_prob(actions),
                 distribution.entropy())
 
     def get_distribution(self, obs: dict[str, Tensor]) -> DiffusionGaussian:
-        x, _, t_index = self._unpack(obs)
-        return self._distribution(x, t_index)
+        x, _, t_index, condition = self._unpack(obs)
+        return self._distribution(x, t_index, condition)
 
     def predict_values(self, obs: dict[str, Tensor]) -> Tensor:
-        x, t_onehot, _ = self._unpack(obs)
-        return self._value(x, t_onehot)
+        x, t_onehot, _, condition = self._unpack(obs)
+        return self._value(x, t_onehot, condition)
 
     def _predict(self, observation: dict[str, Tensor], deterministic: bool = False) -> Tensor:
         return self.get_distribution(observation).get_actions(deterministic=deterministic)

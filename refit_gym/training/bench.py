@@ -14,16 +14,22 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from refit_gym.data import InteractionData, atomic_path, write_json
+from refit_gym.data import Dataset, atomic_path, write_json
 from refit_gym.specs import EnvSpec
 from refit_gym.training.finetune import ALGOS, finetune
 from refit_gym.training.pretrain import pretrain
 
-KEYS = ("recall@10", "recall@20", "ndcg@10", "ndcg@20")
 ORDER = ("pretrained", "refit", "ppo", "a2c", "trpo", "continue")
 
 
-def _pretrained_cell(spec: EnvSpec, data: InteractionData, out: Path, seed: int, device: str,
+def metric_keys(cells: dict[str, list[dict[str, Any]]]) -> list[str]:
+    """The metrics the results hold (recall/ndcg or hr/ndcg at the spec's K), grouped."""
+    keys = list(next(iter(cells.values()))[0]["test"])
+    names = list(dict.fromkeys(k.split("@")[0] for k in keys))
+    return sorted(keys, key=lambda k: (names.index(k.split("@")[0]), int(k.split("@")[1])))
+
+
+def _pretrained_cell(spec: EnvSpec, data: Dataset, out: Path, seed: int, device: str,
                      max_epochs: int | None, progress: bool) -> dict[str, Any]:
     report = out / "metrics.json"
     if not report.is_file():
@@ -34,7 +40,7 @@ def _pretrained_cell(spec: EnvSpec, data: InteractionData, out: Path, seed: int,
 
 
 def run_bench(
-    spec: EnvSpec, data: InteractionData, algos: Sequence[str], seeds: Sequence[int],
+    spec: EnvSpec, data: Dataset, algos: Sequence[str], seeds: Sequence[int],
     out_dir: str | Path, *, device: str = "cpu", hyperparams: dict[str, dict] | None = None,
     env_kwargs: dict[str, Any] | None = None, pretrain_max_epochs: int | None = None,
     progress: bool = True,
@@ -81,7 +87,7 @@ def summarise(cells: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     for algo, runs in cells.items():
         entry: dict[str, Any] = {}
         for split in ("valid", "test"):
-            for key in KEYS:
+            for key in metric_keys(cells):
                 values = [r[split][key] for r in runs]
                 entry[f"{split}/{key}"] = (statistics.mean(values), statistics.pstdev(values))
         walls = [r.get("wall_time_s", 0.0) for r in runs]
@@ -91,7 +97,7 @@ def summarise(cells: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
 
 
 def markdown_table(env_id: str, summary: dict[str, Any], seeds: list[int]) -> str:
-    columns = [f"{s}/{k}" for s in ("valid", "test") for k in KEYS]
+    columns = [k for k in next(iter(summary.values())) if k != "wall_time_s"]
     lines = [f"# {env_id}: mean ± std over seeds {', '.join(map(str, seeds))}", "",
              "Fine-tuned models are selected by validation NDCG@20 (the pretrained start is a "
              "candidate); test is reported, never used. Wall time: pretraining for "
@@ -106,31 +112,32 @@ def markdown_table(env_id: str, summary: dict[str, Any], seeds: list[int]) -> st
 
 
 def plot(cells: dict[str, list[dict[str, Any]]], out_dir: Path) -> None:
-    """Learning curves (train reward, validation NDCG@20 per epoch) and final metric bars."""
+    """Learning curves (train reward, the fixed-episode reward of the optimiser's own check,
+    validation NDCG@20 per epoch) and final metric bars."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_reward, ax_valid) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (ax_reward, ax_fixed, ax_valid) = plt.subplots(1, 3, figsize=(15, 4))
     for algo, runs in cells.items():
         if algo == "pretrained":
             continue
         for i, run in enumerate(runs):
             history = run["history"]
-            label = algo if i == 0 else None
+            style = {"marker": "o", "label": algo if i == 0 else None,
+                     "color": f"C{ORDER.index(algo)}", "alpha": 0.8}
             ax_valid.plot([h["elapsed"] for h in history],
-                          [h["valid"]["ndcg@20"] for h in history], marker="o", label=label,
-                          color=f"C{ORDER.index(algo)}", alpha=0.8)
-            points = [(h["epoch"], h["train_reward"]) for h in history
-                      if h.get("train_reward") is not None]
-            if points:
-                ax_reward.plot(*zip(*points), marker="o", label=label,
-                               color=f"C{ORDER.index(algo)}", alpha=0.8)
+                          [h["valid"]["ndcg@20"] for h in history], **style)
+            for ax, key in ((ax_reward, "train_reward"), (ax_fixed, "fixed_reward")):
+                points = [(h["epoch"], h[key]) for h in history if h.get(key) is not None]
+                if points:
+                    ax.plot(*zip(*points), **style)
     ax_reward.set(title="mean training episode reward", xlabel="epoch")
-    ax_valid.set(title="validation NDCG@20 (first point = pretrained)",
+    ax_fixed.set(title="fixed training episodes, the backbone's own chain", xlabel="epoch")
+    ax_valid.set(title="validation NDCG@20 (first point = the start)",
                  xlabel="training seconds")
-    for ax in (ax_reward, ax_valid):
+    for ax in (ax_reward, ax_fixed, ax_valid):
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -138,7 +145,8 @@ def plot(cells: dict[str, list[dict[str, Any]]], out_dir: Path) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     algos = list(cells)
-    for ax, key in zip(axes, ("ndcg@20", "recall@20")):
+    hits = next(k for k in metric_keys(cells) if k.endswith("@20") and not k.startswith("ndcg"))
+    for ax, key in zip(axes, ("ndcg@20", hits)):
         means = [statistics.mean(r["test"][key] for r in cells[a]) for a in algos]
         stds = [statistics.pstdev(r["test"][key] for r in cells[a]) for a in algos]
         ax.bar(algos, means, yerr=stds, color=[f"C{ORDER.index(a)}" for a in algos], capsize=4)

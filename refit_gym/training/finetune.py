@@ -11,19 +11,32 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
+import json
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor
 from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
 from refit_gym.backbones import Backbone, CheckpointError, load_backbone, save_backbone
-from refit_gym.data import InteractionData, atomic_path, sha256_of, write_json
+from refit_gym.data import (
+    Dataset,
+    SequenceData,
+    atomic_path,
+    default_cache_dir,
+    sha256_of,
+    write_json,
+)
+from refit_gym.diffusion import GaussianDiffusion
 from refit_gym.mdp.core import DenoisingMDP
+from refit_gym.mdp.episodes import EpisodeSource
 from refit_gym.mdp.gym_env import EnvSettings
+from refit_gym.mdp.rewards import Reward
 from refit_gym.rl.refit_agent import ReFiTAgent, ReFiTConfig, epoch_seed, user_batches
 from refit_gym.rl.sb3_agents import (
     SB3_ALGOS,
@@ -34,11 +47,12 @@ from refit_gym.rl.sb3_agents import (
     split_hyperparams,
 )
 from refit_gym.specs import EnvSpec, load_agent_hyperparams
-from refit_gym.training.metrics import evaluate
+from refit_gym.training.metrics import eval_mode, evaluate
 from refit_gym.training.pretrain import make_timestep_sampler, train_epoch
 
 SELECTION_METRIC = "ndcg@20"
 ALGOS = ("refit", "continue", *SB3_ALGOS)
+FIXED_EPISODES = 256  # training episodes of the optimiser's own check
 
 
 class RunState:
@@ -52,16 +66,20 @@ class RunState:
         self.best: dict[str, Any] = {}
         self.best_weights: dict[str, torch.Tensor] = {}
         self.finished = False
+        self.final: dict[str, Any] = {}  # a stochastic backbone's full evaluations, once
 
-    def save(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-             generator: torch.Generator, extra: dict[str, Any] | None = None) -> None:
+    def save(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
+             generator: torch.Generator | None = None,
+             extra: dict[str, Any] | None = None) -> None:
         payload = {
             "identity": self.identity, "epoch": self.epoch, "batch": self.batch,
             "elapsed": self.elapsed, "history": self.history, "best": self.best,
             "epoch_rewards": self.epoch_rewards,
-            "best_weights": self.best_weights, "finished": self.finished,
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "generator": generator.get_state(), "extra": extra or {},
+            "best_weights": self.best_weights, "finished": self.finished, "final": self.final,
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict() if optimizer is not None else {},
+            "generator": generator.get_state() if generator is not None else None,
+            "extra": extra or {},
         }
         with atomic_path(self.path) as tmp:
             torch.save(payload, tmp)
@@ -79,27 +97,27 @@ class RunState:
                 f"{self.path.parent} holds a different run ({payload['identity']}); use another "
                 "--out folder, or delete it to start over")
         for key in ("epoch", "batch", "elapsed", "history", "epoch_rewards", "best",
-                    "best_weights", "finished"):
+                    "best_weights", "finished", "final"):
             setattr(self, key, payload[key])
         return payload
 
 
-def _refit_epochs(spec: EnvSpec, data: InteractionData, settings: EnvSettings, model: Backbone,
-                  reference: Backbone, config: ReFiTConfig, seed: int, state: RunState,
-                  resumed: dict | None, device, log: Callable[[str, float, int], None],
-                  end_of_epoch: Callable[[], bool], progress: bool) -> None:
+def _refit_epochs(spec: EnvSpec, data: Dataset, source: EpisodeSource, reward: Reward,
+                  model: Backbone, reference: Backbone, config: ReFiTConfig, seed: int,
+                  state: RunState, resumed: dict | None, device,
+                  log: Callable[[str, float, int], None], end_of_epoch: Callable[[], bool],
+                  progress: bool) -> None:
     agent = ReFiTAgent(model, reference, config)
-    reward = settings.build_reward(data.train)
     generator = torch.Generator(device)
     if resumed is not None:
         agent.optimizer.load_state_dict(resumed["optimizer"])
     cores: dict[int, DenoisingMDP] = {}
-    per_epoch = -(-(config.users_per_epoch or data.n_users) // config.users_per_batch)
+    per_epoch = -(-(config.users_per_epoch or data.n_train_rows) // config.users_per_batch)
     bar = tqdm(total=config.epochs * per_epoch, initial=(state.epoch - 1) * per_epoch
                + state.batch, desc=f"refit {spec.id}", disable=not progress)
     while state.epoch <= config.epochs:
         generator.manual_seed(epoch_seed(seed, state.epoch))
-        batches = user_batches(data.n_users, config.users_per_batch, generator,
+        batches = user_batches(data.n_train_rows, config.users_per_batch, generator,
                                config.users_per_epoch)
         if state.batch and resumed is not None:
             generator.set_state(resumed["generator"])
@@ -108,7 +126,7 @@ def _refit_epochs(spec: EnvSpec, data: InteractionData, settings: EnvSettings, m
             users = batches[state.batch].to(device)
             rows = len(users) * config.group_size
             if rows not in cores:
-                cores[rows] = settings.build_core(data, model.diffusion, reward, rows)
+                cores[rows] = DenoisingMDP(source, reward, rows)
             started = time.perf_counter()
             stats = agent.train_batch(cores[rows], users, generator)
             state.elapsed += time.perf_counter() - started
@@ -128,7 +146,7 @@ def _refit_epochs(spec: EnvSpec, data: InteractionData, settings: EnvSettings, m
     bar.close()
 
 
-def _continue_epochs(spec: EnvSpec, data: InteractionData, model: Backbone, budget: float,
+def _continue_epochs(spec: EnvSpec, data: Dataset, model: Backbone, budget: float,
                      seed: int, state: RunState, resumed: dict | None, device,
                      end_of_epoch: Callable[[], bool], progress: bool) -> None:
     """The baseline: more epochs of the backbone's own loss, for ``budget`` training seconds."""
@@ -157,10 +175,10 @@ def _continue_epochs(spec: EnvSpec, data: InteractionData, model: Backbone, budg
 
 
 def _sb3_epochs(spec: EnvSpec, algo: str, sb3_model, driver: dict[str, Any], steps: int,
-                n_users: int, state: RunState, out_dir: Path,
+                n_episodes: int, state: RunState, out_dir: Path,
                 end_of_epoch: Callable[[], bool], progress: bool) -> None:
     """SB3's own ``learn`` for one epoch at a time; the .zip is the resumable state."""
-    episodes = episodes_per_epoch(driver, n_users)
+    episodes = episodes_per_epoch(driver, n_episodes)
     callback = EpisodeRewards()
     bar = tqdm(total=driver["epochs"], initial=state.epoch - 1, desc=f"{algo} {spec.id}",
                disable=not progress)
@@ -174,13 +192,26 @@ def _sb3_epochs(spec: EnvSpec, algo: str, sb3_model, driver: dict[str, Any], ste
         with atomic_path(out_dir / f"{algo}.zip") as tmp:
             sb3_model.save(tmp.with_suffix(".zip"))
             tmp.with_suffix(".zip").replace(tmp)
-        state.save(sb3_model.policy.backbone, sb3_model.policy.optimizer, torch.Generator())
+        state.save(sb3_model.policy.backbone, sb3_model.policy.optimizer)
         bar.update(1)
     bar.close()
 
 
+@torch.no_grad()
+def fixed_episode_reward(model: Backbone, core: DenoisingMDP, episodes: Tensor,
+                         seed: int = 0) -> float:
+    """The optimiser's own check (DESIGN 5): the mean reward of the backbone's own chain (its
+    mean chain, or its sampler under a fixed seed) on the fixed training ``episodes``, whose
+    starts (holdout, x_K noise) are fixed by ``seed`` too."""
+    generator = torch.Generator(core.device).manual_seed(seed)
+    core.reset_rows(torch.arange(core.num_rows, device=core.device), episodes, generator)
+    with eval_mode(model):
+        x0 = model.generate(core.backbone_batch(), core.chain, generator, start=core.x)
+    return core.final_reward(x0).mean().item()
+
+
 def finetune(
-    spec: EnvSpec, data: InteractionData, checkpoint: str | Path, algo: str, out_dir: str | Path,
+    spec: EnvSpec, data: Dataset, checkpoint: str | Path, algo: str, out_dir: str | Path,
     *, seed: int = 1, device: str = "cpu", hyperparams: dict[str, Any] | None = None,
     env_kwargs: dict[str, Any] | None = None, budget_seconds: float | None = None,
     progress: bool = True,
@@ -188,8 +219,14 @@ def finetune(
     """Fine-tune ``checkpoint`` with ``algo``; returns (and writes) the metrics payload.
 
     ``hyperparams`` override agents/<algo>.toml; ``env_kwargs`` override the spec's MDP
-    settings (reward, reward_params, holdout_fraction, holdout, ...). ``continue`` trains with the
-    backbone's own loss until ``budget_seconds`` of wall time have passed.
+    settings (reward, reward_params, steps, holdout_fraction, holdout, ...). ``continue`` trains
+    with the backbone's own loss until ``budget_seconds`` of wall time have passed.
+
+    Every epoch logs validation metrics on the chain the agents tune (``steps``) and the reward
+    of the backbone's own chain on a fixed set of training episodes (``fixed_reward``). A
+    stochastic backbone's start and selected models are then evaluated over
+    ``final_sampling_seeds`` sampling seeds both with its own full sampler (``valid``, ``test``)
+    and with the tuned chain (``tuned_chain``).
     """
     if algo not in ALGOS:
         raise ValueError(f"unknown algorithm {algo!r}; choose one of {ALGOS}")
@@ -197,7 +234,10 @@ def finetune(
     torch.manual_seed(seed)
     model, _ = load_backbone(checkpoint, data.n_items, device)
     reference = copy.deepcopy(model)
-    settings = EnvSettings.resolve(spec, {"device": device, **(env_kwargs or {})})
+    overrides = {"device": device, **(env_kwargs or {})}
+    if isinstance(data, SequenceData):  # the environment's E: the checkpoint's, frozen
+        overrides.setdefault("checkpoint", str(checkpoint))
+    settings = EnvSettings.resolve(spec, overrides)
     params = {**load_agent_hyperparams(algo, spec.id), **(hyperparams or {})}
     sb3_model = None
     if algo == "refit":
@@ -227,17 +267,29 @@ def finetune(
     elif resumed is not None:
         model.load_state_dict(resumed["model"])
     writer = SummaryWriter(str(out_dir / "tensorboard"))
+    embeddings = reference.item_table()
+    embeddings = None if embeddings is None else embeddings.detach()
+    source = settings.build_source(spec, data, embeddings)
+    reward = settings.build_reward(data, embeddings)
+    chain = source.chain
+    check_episodes = torch.randperm(data.n_train_rows, generator=torch.Generator().manual_seed(
+        0))[:FIXED_EPISODES].to(device)
+    check_core = DenoisingMDP(source, reward, len(check_episodes))
 
     def log(key: str, value: float, step: int) -> None:
         writer.add_scalar(key, value, step)
 
     def evaluate_and_select() -> bool:
-        metrics = evaluate(model, data, spec.pretrain, device=device)
+        metrics = evaluate(model, data, spec.pretrain, device=device, chain=chain,
+                           sampling_seeds=spec.pretrain.selection_sampling_seeds)
         epoch = state.epoch - 1
         rewards = state.epoch_rewards
+        fixed = fixed_episode_reward(model, check_core, check_episodes)
         state.history.append({"epoch": epoch, "elapsed": state.elapsed, **metrics,
-                              "train_reward": sum(rewards) / len(rewards) if rewards else None})
+                              "train_reward": sum(rewards) / len(rewards) if rewards else None,
+                              "fixed_reward": fixed})
         state.epoch_rewards = []
+        log("check/fixed_episode_reward", fixed, epoch)
         for key, value in metrics["valid"].items():
             log(f"valid/{key}", value, epoch)
         if not state.best or metrics["valid"][SELECTION_METRIC] > state.best["valid"][
@@ -251,27 +303,62 @@ def finetune(
         if not state.history:  # the starting model is epoch 0 of the selection
             evaluate_and_select()
         if algo == "refit":
-            _refit_epochs(spec, data, settings, model, reference, config, seed, state, resumed,
-                          device, log, evaluate_and_select, progress)
+            _refit_epochs(spec, data, source, reward, model, reference, config, seed, state,
+                          resumed, device, log, evaluate_and_select, progress)
         elif algo == "continue":
             _continue_epochs(spec, data, model, config["budget_seconds"], seed, state, resumed,
                              device, evaluate_and_select, progress)
         else:
-            _sb3_epochs(spec, algo, sb3_model, config, model.diffusion.steps, data.n_users,
+            _sb3_epochs(spec, algo, sb3_model, config, chain.steps, data.n_train_rows,
                         state, out_dir, evaluate_and_select, progress)
         state.finished = True
     writer.close()
     model.load_state_dict(state.best_weights)
-    start = state.history[0]
+    best, start = state.best, state.history[0]
+    if model.stochastic_inference and not state.final:
+        state.final = {"best": _final_metrics(model, data, spec, chain, device)}
+        state.final["start"] = (state.final["best"] if best["epoch"] == 0 else
+                                _start_metrics(reference, Path(checkpoint), data, spec, chain,
+                                               device))
+        state.save(model)  # the finished run's evaluations survive an interruption
+    if state.final:
+        best, start = {**best, **state.final["best"]}, {**start, **state.final["start"]}
     save_backbone(out_dir / "finetuned.pt", model, spec.id, algo=algo, seed=seed,
-                  epoch=state.best["epoch"], valid=state.best["valid"], test=state.best["test"])
+                  epoch=best["epoch"], valid=best["valid"], test=best["test"])
+    extra = ("tuned_chain", "valid_std", "test_std", "test_seen", "test_unseen")
     payload = {
         "env": spec.id, "algo": algo, "seed": seed, "checkpoint": str(checkpoint),
-        "valid": state.best["valid"], "test": state.best["test"],
-        "best_epoch": state.best["epoch"], "start": {"valid": start["valid"],
-                                                     "test": start["test"]},
+        "valid": best["valid"], "test": best["test"], "best_epoch": best["epoch"],
+        **{k: best[k] for k in extra if k in best},
+        "start": {k: start[k] for k in ("valid", "test", *extra) if k in start},
         "wall_time_s": state.elapsed, "history": state.history,
         "config": identity["config"], "env_kwargs": identity["env_kwargs"],
     }
     write_json(out_dir / "metrics.json", payload)
     return payload
+
+
+def _start_metrics(model: Backbone, checkpoint: Path, data: Dataset, spec: EnvSpec,
+                   chain: GaussianDiffusion, device: str) -> dict[str, Any]:
+    """:func:`_final_metrics` of the pretrained start, cached under the cache directory by
+    checkpoint, spec and chain: every algorithm and seed of a comparison shares its start, and
+    the seeded evaluation gives the same numbers each time."""
+    key = hashlib.sha256(json.dumps([sha256_of(checkpoint), spec.id, spec.dataset, chain.steps,
+                                     dataclasses.asdict(spec.pretrain)], sort_keys=True,
+                                    default=str).encode()).hexdigest()[:20]
+    path = default_cache_dir() / "evaluations" / f"{key}.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    metrics = _final_metrics(model, data, spec, chain, device)
+    write_json(path, metrics)
+    return metrics
+
+
+def _final_metrics(model: Backbone, data: Dataset, spec: EnvSpec, chain: GaussianDiffusion,
+                   device: str) -> dict[str, Any]:
+    """A stochastic backbone over ``final_sampling_seeds``: its own full sampler (``valid``,
+    ``test`` and their spreads and splits) and the tuned chain (``tuned_chain``)."""
+    own = evaluate(model, data, spec.pretrain, device=device)
+    tuned = evaluate(model, data, spec.pretrain, device=device, chain=chain)
+    return {**own, "tuned_chain": {"steps": chain.steps, "valid": tuned["valid"],
+                                   "test": tuned["test"]}}

@@ -69,6 +69,7 @@ def evaluate_cf(
     ks: Sequence[int] = DEFAULT_KS,
     batch_size: int = 1024,
     device: torch.device | str = "cpu",
+    chain: GaussianDiffusion | None = None,
     generator: torch.Generator | None = None,
     progress: bool = False,
 ) -> dict[str, dict[str, float]]:
@@ -84,7 +85,7 @@ def evaluate_cf(
             users = np.arange(start, min(start + batch_size, data.n_users))
             batch = data.train_batch(users, device)
             history = batch["history"]
-            scores = backbone.scores(backbone.generate(batch, generator=generator))
+            scores = backbone.scores(backbone.generate(batch, chain, generator))
             scores = scores.masked_fill(history > 0, -torch.inf)
             valid = dense_rows(data.valid, users, device)
             for split, targets in (("valid", valid), ("test", None)):
@@ -157,25 +158,26 @@ def evaluate_sequential(
     return out
 
 
-def evaluate(backbone: Backbone, data: Dataset, spec_pretrain: PretrainConfig, *,
-             device: torch.device | str = "cpu", selection: bool = False,
+def evaluate(backbone: Backbone, data: Dataset, config: PretrainConfig, *,
+             device: torch.device | str = "cpu", chain: GaussianDiffusion | None = None,
+             sampling_seeds: int | None = None,
              progress: bool = False) -> dict[str, dict[str, float]]:
     """The backbone's own evaluation protocol for ``data`` (DESIGN 7), configured by a spec's
-    [pretrain] section. ``selection``: the cheaper pass that picks checkpoints during training
-    (a stochastic backbone's respaced chain and fewer sampling seeds); otherwise the full one."""
-    config = spec_pretrain
+    [pretrain] section: ``chain`` is the reverse chain (default: the backbone's own T steps);
+    a stochastic backbone is scored over ``sampling_seeds`` seeds 0, 1, ... (default:
+    ``final_sampling_seeds``)."""
     if isinstance(data, InteractionData):
         return evaluate_cf(backbone, data, ks=config.ks, batch_size=config.eval_batch_size,
-                           device=device, progress=progress)
-    chain = None
-    seeds = config.final_sampling_seeds
-    if selection:
-        seeds = config.selection_sampling_seeds
-        if config.selection_steps:
-            chain = backbone.diffusion.respaced(config.selection_steps)
+                           device=device, chain=chain, progress=progress)
+    seeds = config.final_sampling_seeds if sampling_seeds is None else sampling_seeds
     return evaluate_sequential(backbone, data, ks=config.ks, batch_size=config.eval_batch_size,
                                device=device, chain=chain, sampling_seeds=range(seeds),
                                progress=progress)
+
+
+def selection_chain(backbone: Backbone, config: PretrainConfig) -> GaussianDiffusion | None:
+    """The cheaper chain of pretraining's selection passes (None: the backbone's own)."""
+    return backbone.diffusion.respaced(config.selection_steps) if config.selection_steps else None
 
 
 def format_metrics_table(rows: dict[str, dict[str, float]]) -> str:

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from refit_gym.backbones import Backbone, load_backbone, save_backbone
 from refit_gym.data import Dataset
 from refit_gym.specs import EnvSpec, PretrainConfig
-from refit_gym.training.metrics import evaluate
+from refit_gym.training.metrics import evaluate, selection_chain
 
 
 class LossAwareTimestepSampler:
@@ -179,7 +179,9 @@ def pretrain(
         bar.set_postfix(loss=f"{loss:.4f}", best=f"{best['score']:.4f}@{best['epoch']}")
         if epoch % config.eval_every and epoch != max_epochs:
             continue
-        metrics = evaluate(backbone, data, config, device=device, selection=True)
+        metrics = evaluate(backbone, data, config, device=device,
+                           chain=selection_chain(backbone, config),
+                           sampling_seeds=config.selection_sampling_seeds)
         history.append({"epoch": epoch, "loss": loss, **metrics})
         if metrics["valid"][metric] > best["score"]:
             best = {"epoch": epoch, "score": metrics["valid"][metric], **metrics}

@@ -1,0 +1,90 @@
+"""Fine-tuning DreamRec on the sequential MDP: the optimiser's own check, resume, every algo."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from refit_gym.backbones import load_backbone
+from refit_gym.cli import main
+from refit_gym.mdp.gym_env import cached_dataset
+from refit_gym.specs import load_env_spec
+from refit_gym.training.finetune import finetune
+
+SEQ = "ReFiT-SeqSynthetic-v0"
+
+
+@pytest.fixture
+def checkpoint(pretrained_seq_synthetic: Path) -> Path:
+    return pretrained_seq_synthetic
+
+
+def test_refit_raises_its_fixed_episode_reward_and_keeps_e(checkpoint: Path, tmp_path) -> None:
+    """DESIGN 5: the reward of the backbone's own chain on fixed training episodes rises."""
+    result = finetune(load_env_spec(SEQ), cached_dataset(SEQ, None), checkpoint, "refit",
+                      tmp_path, seed=1, hyperparams={"epochs": 2, "users_per_epoch": 768},
+                      progress=False)
+    fixed = [h["fixed_reward"] for h in result["history"]]
+    assert fixed[2] > fixed[1] > fixed[0]
+    assert result["tuned_chain"]["steps"] == 20
+    assert set(result["start"]) >= {"valid", "test", "tuned_chain", "test_unseen"}
+    tuned, _ = load_backbone(tmp_path / "finetuned.pt")
+    pretrained, _ = load_backbone(checkpoint)
+    assert torch.equal(tuned.item_table(), pretrained.item_table())  # E is the env's, frozen
+    if result["best_epoch"] > 0:
+        assert not torch.equal(tuned.denoiser.weight, pretrained.denoiser.weight)
+
+
+def test_interrupted_sequential_run_resumes_to_the_same_result(checkpoint: Path, tmp_path,
+                                                              monkeypatch) -> None:
+    from refit_gym.rl import refit_agent
+
+    spec, data = load_env_spec(SEQ), cached_dataset(SEQ, None)
+    small = {"epochs": 2, "users_per_epoch": 96, "users_per_batch": 32, "checkpoint_every": 2}
+    whole = finetune(spec, data, checkpoint, "refit", tmp_path / "whole", seed=2,
+                     hyperparams=small, progress=False)
+    original, calls = refit_agent.ReFiTAgent.train_batch, {"n": 0}
+
+    def interrupted(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 6:  # the last batch of epoch 2, one after a checkpoint
+            raise KeyboardInterrupt
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(refit_agent.ReFiTAgent, "train_batch", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(spec, data, checkpoint, "refit", tmp_path / "cut", seed=2, hyperparams=small,
+                 progress=False)
+    monkeypatch.setattr(refit_agent.ReFiTAgent, "train_batch", original)
+    resumed = finetune(spec, data, checkpoint, "refit", tmp_path / "cut", seed=2,
+                       hyperparams=small, progress=False)
+
+    def strip(history):
+        return [{k: v for k, v in h.items() if k != "elapsed"} for h in history]
+
+    assert strip(resumed["history"]) == strip(whole["history"])
+    assert resumed["test"] == whole["test"]
+    a, _ = load_backbone(tmp_path / "whole" / "finetuned.pt")
+    b, _ = load_backbone(tmp_path / "cut" / "finetuned.pt")
+    for key, value in a.state_dict().items():
+        assert torch.equal(value, b.state_dict()[key]), key
+
+
+@pytest.mark.parametrize("algo", ["ppo", "a2c", "trpo", "continue"])
+def test_every_algorithm_runs_on_the_sequential_id(algo: str, checkpoint: Path,
+                                                   tmp_path) -> None:
+    report = tmp_path / "r.json"
+    args = ["finetune", "--env", SEQ, "--algo", algo, "--checkpoint", str(checkpoint),
+            "--out", str(tmp_path / algo), "--json", str(report), "--quiet"]
+    if algo == "continue":
+        args += ["--budget-seconds", "1"]
+    else:
+        args += ["--set", "epochs=1", "--set", "users_per_epoch=16", "--set", "n_envs=32"]
+    assert main(args) == 0
+    result = json.loads(report.read_text())
+    assert set(result["test"]) == {f"{m}@{k}" for m in ("hr", "ndcg") for k in (10, 20, 50)}
+    assert result["history"][0]["fixed_reward"] < 0 and len(result["history"]) >= 2
+    assert result["valid"]["ndcg@20"] >= 0
