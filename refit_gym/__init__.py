@@ -11,11 +11,11 @@ Importing the package registers every id whose MDP exists with Gymnasium;
 
 from refit_gym.backbones import Backbone, load_backbone, save_backbone
 from refit_gym.data import InteractionData, SequenceData, load_dataset
-from refit_gym.mdp.registration import register_envs
+from refit_gym.mdp.registration import register_envs, register_spec
 from refit_gym.specs import EnvSpec, load_env_spec
 
 register_envs()
 
 __all__ = ["Backbone", "EnvSpec", "InteractionData", "SequenceData", "load_backbone",
-           "load_dataset", "load_env_spec", "save_backbone"]
+           "load_dataset", "load_env_spec", "register_spec", "save_backbone"]
 __version__ = "0.1.0"

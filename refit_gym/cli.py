@@ -11,13 +11,20 @@ from pathlib import Path
 
 from refit_gym.backbones import CheckpointError, load_backbone
 from refit_gym.data import DataError, load_dataset, write_json
-from refit_gym.specs import SpecError, load_env_spec
+from refit_gym.mdp.registration import register_spec
+from refit_gym.specs import EnvSpec, SpecError, load_env_spec
 from refit_gym.training.finetune import ALGOS
 from refit_gym.training.metrics import evaluate, format_metrics_table
 
 
+def _env_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--env", default=None, help="environment id, e.g. ReFiT-ML1M-v0")
+    parser.add_argument("--spec", default=None, metavar="PATH",
+                        help="a spec file of your own (registers its id; --env defaults to it)")
+
+
 def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--env", required=True, help="environment id, e.g. ReFiT-ML1M-v0")
+    _env_options(parser)
     parser.add_argument("--data-dir", default=None,
                         help="folder holding the datasets (default: $REFIT_DATA_DIR)")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
@@ -26,8 +33,18 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+def _spec(args: argparse.Namespace) -> EnvSpec:
+    """The spec that ``--spec`` registers or ``--env`` names."""
+    if args.spec:
+        registered = register_spec(args.spec)
+        args.env = args.env or registered.id
+    if not args.env:
+        raise SpecError("name an environment: --env ID, or --spec PATH for a spec of your own")
+    return load_env_spec(args.env)
+
+
 def _load(args: argparse.Namespace):
-    spec = load_env_spec(args.env)
+    spec = _spec(args)
     data = load_dataset(spec.dataset, args.data_dir)
     if not args.quiet:
         print(data.summary(), file=sys.stderr)
@@ -143,7 +160,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
 def cmd_download(args: argparse.Namespace) -> None:
     from refit_gym.data.download import fetch_dataset
 
-    spec = load_env_spec(args.env)
+    spec = _spec(args)
     directory = fetch_dataset(spec.dataset, args.data_dir, progress=not args.quiet)
     print(f"{spec.dataset['name']}: verified files in {directory}")
 
@@ -187,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("download", help="fetch a dataset with pinned checksums")
-    p.add_argument("--env", required=True)
+    _env_options(p)
     p.add_argument("--data-dir", default=None)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_download)

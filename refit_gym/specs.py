@@ -10,10 +10,12 @@ as the ``refit_gym.envs`` package, so :func:`load_env_spec` reads them the same 
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 from dataclasses import dataclass, field
 from functools import cache
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 if sys.version_info >= (3, 11):
@@ -23,6 +25,7 @@ else:  # pragma: no cover - exercised on Python 3.10 only
 
 from refit_gym.backbones import Backbone
 from refit_gym.backbones.registry import backbone_config, backbone_from_configs
+from refit_gym.data.loading import FORMATS
 from refit_gym.diffusion import DiffusionConfig
 
 
@@ -86,10 +89,20 @@ def _build(cls: type, section: dict[str, Any], where: str) -> Any:
     return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in section.items()})
 
 
+SECTIONS = ("id", "dataset", "diffusion", "backbone", "pretrain", "env")
+
+
 def _parse(raw: dict[str, Any], source: str) -> EnvSpec:
-    missing = [k for k in ("id", "dataset", "diffusion", "backbone", "pretrain") if k not in raw]
+    missing = [k for k in SECTIONS[:-1] if k not in raw]
     if missing:
         raise SpecError(f"{source}: missing sections {missing}")
+    unknown = sorted(set(raw) - set(SECTIONS))
+    if unknown:
+        raise SpecError(f"{source}: unknown keys {unknown}; allowed: {list(SECTIONS)}")
+    dataset = raw["dataset"]
+    if dataset.get("format") not in FORMATS or "name" not in dataset:
+        raise SpecError(f"{source} [dataset]: needs 'name' and a 'format' among "
+                        f"{list(FORMATS)}, got format {dataset.get('format')!r}")
     if "type" not in raw["backbone"]:
         raise SpecError(f"{source} [backbone]: missing key 'type' (e.g. \"diffrec\")")
     fields = {k: v for k, v in raw["backbone"].items() if k != "type"}
@@ -126,12 +139,40 @@ def all_env_specs() -> dict[str, EnvSpec]:
     return specs
 
 
+_USER_SPECS: dict[str, EnvSpec] = {}  # registered from files outside the package
+
+
+def known_specs() -> dict[str, EnvSpec]:
+    """The package's specs and those registered with :func:`register_spec_file`."""
+    return {**all_env_specs(), **_USER_SPECS}
+
+
+def register_spec_file(path: str | os.PathLike[str]) -> EnvSpec:
+    """Read a spec file from anywhere and make its id known (re-reading the same file again
+    replaces it). A relative ``[dataset] path`` is taken from the spec file's folder."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise SpecError(f"spec file {path} not found")
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as err:
+        raise SpecError(f"{path}: not valid TOML ({err})") from err
+    spec = _parse(raw, str(path))
+    if spec.id in all_env_specs():
+        raise SpecError(f"{path}: id {spec.id!r} is one of the package's; choose another id")
+    if "path" in spec.dataset:
+        spec.dataset["path"] = str((path.parent / spec.dataset["path"]).resolve())
+    _USER_SPECS[spec.id] = spec
+    return spec
+
+
 def load_env_spec(env_id: str) -> EnvSpec:
     """The spec of ``env_id`` (a ``refit_gym:`` prefix is accepted)."""
     env_id = env_id.removeprefix("refit_gym:")
-    specs = all_env_specs()
+    specs = known_specs()
     if env_id not in specs:
-        raise SpecError(f"unknown environment id {env_id!r}; known ids: {sorted(specs)}")
+        raise SpecError(f"unknown environment id {env_id!r}; known ids: {sorted(specs)} (an id "
+                        "of your own: refit_gym.register_spec(PATH) or --spec PATH)")
     return specs[env_id]
 
 

@@ -17,12 +17,16 @@ SYN = "ReFiT-Synthetic-v0"
 
 def test_bench_writes_table_json_plots_and_reuses_cells(tmp_path: Path, monkeypatch) -> None:
     out = tmp_path / "bench"
-    args = ["bench", "--env", SYN, "--algos", "pretrained,refit,continue", "--seeds", "1,2",
+    args = ["bench", "--env", SYN, "--algos", "pretrained,refit,continue,pop,ease",
+            "--seeds", "1,2",
             "--out", str(out), "--pretrain-max-epochs", "5", "--quiet",
             "--set", "refit.epochs=1", "--set", "refit.users_per_epoch=64"]
     assert main(args) == 0
     results = json.loads((out / "results.json").read_text())
-    assert results["algos"] == ["pretrained", "refit", "continue"]
+    assert results["algos"] == ["pretrained", "refit", "continue", "ease", "pop"]
+    ease = results["cells"]["ease"][0]
+    assert ease["params"]["l2"] in (100.0, 500.0, 1000.0, 2000.0, 5000.0, 10000.0)
+    assert ease["test"] == results["cells"]["ease"][1]["test"]  # deterministic: seeds agree
     for seed_index, seed in enumerate((1, 2)):
         refit_cell = results["cells"]["refit"][seed_index]
         continue_cell = results["cells"]["continue"][seed_index]
@@ -32,7 +36,7 @@ def test_bench_writes_table_json_plots_and_reuses_cells(tmp_path: Path, monkeypa
     pre = [c["test"]["ndcg@20"] for c in results["cells"]["pretrained"]]
     assert mean == pytest.approx(sum(pre) / 2)
     table = (out / "results.md").read_text()
-    assert "| refit |" in table and "test/ndcg@20" in table
+    assert "| refit |" in table and "| ease |" in table and "test/ndcg@20" in table
     for name in ("learning_curves.png", "metrics.png"):
         assert (out / name).read_bytes()[:4] == b"\x89PNG"
 
@@ -41,6 +45,7 @@ def test_bench_writes_table_json_plots_and_reuses_cells(tmp_path: Path, monkeypa
 
     monkeypatch.setattr(bench, "finetune", no_more_training)
     monkeypatch.setattr(bench, "pretrain", no_more_training)
+    monkeypatch.setattr(bench, "tune_peer", no_more_training)
     assert main(args) == 0  # everything reused
 
 

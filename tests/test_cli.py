@@ -80,3 +80,24 @@ def test_debug_mode_reraises_with_the_traceback(monkeypatch) -> None:
     monkeypatch.setenv("REFIT_DEBUG", "1")
     with pytest.raises(SpecError, match="unknown environment id"):
         main(["evaluate", "--env", "Nope-v0", "--checkpoint", "x.pt", "--quiet"])
+
+
+def test_progress_is_one_plain_line_per_epoch_when_stderr_is_not_a_terminal(tmp_path) -> None:
+    import subprocess
+    import sys
+
+    def run(*args: str) -> str:
+        done = subprocess.run([sys.executable, "-m", "refit_gym.cli", *args], cwd=tmp_path,
+                              capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr
+        return done.stderr
+
+    err = run("pretrain", "--env", "ReFiT-Synthetic-v0", "--max-epochs", "3", "--out", "pre")
+    assert "\r" not in err
+    lines = [line for line in err.splitlines() if line.startswith("pretrain ReFiT-Synthetic-v0")]
+    assert [line.split(":")[1].split("(")[0].strip() for line in lines] == [
+        "epoch 1", "epoch 2", "epoch 3"]
+    err = run("finetune", "--env", "ReFiT-Synthetic-v0", "--algo", "continue", "--checkpoint",
+              "pre/denoiser.pt", "--budget-seconds", "2", "--out", "cont")
+    assert "\r" not in err and "continue ReFiT-Synthetic-v0: epoch" in err
+    assert "/2 s" in err  # the continue bar counts seconds of its 2-second budget

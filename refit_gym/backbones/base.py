@@ -97,6 +97,11 @@ class Backbone(nn.Module, ABC):
         """sigma_t (B,) float64, the fixed std of the reverse step at chain steps ``t``."""
         return (chain or self.diffusion).reverse_std(t)
 
+    def rank_scores(self, batch: Batch, chain: GaussianDiffusion | None = None,
+                    generator: torch.Generator | None = None) -> Tensor:
+        """Item scores (B, n_items) of the backbone's own inference on ``batch``."""
+        return self.scores(self.generate(batch, chain, generator))
+
     @torch.no_grad()
     def generate(self, batch: Batch, chain: GaussianDiffusion | None = None,
                  generator: torch.Generator | None = None, start: Tensor | None = None) -> Tensor:

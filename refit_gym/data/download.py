@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 import urllib.error
 import urllib.request
 from collections.abc import Mapping
@@ -37,7 +38,7 @@ def download(
             with urllib.request.urlopen(url, timeout=timeout) as response, open(tmp, "wb") as out:
                 total = int(response.headers.get("Content-Length") or 0) or None
                 with tqdm(total=total, unit="B", unit_scale=True, desc=dest.name,
-                          disable=not progress) as bar:
+                          disable=not (progress and sys.stderr.isatty())) as bar:
                     for block in iter(lambda: response.read(1 << 16), b""):
                         out.write(block)
                         digest.update(block)

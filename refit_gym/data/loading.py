@@ -28,7 +28,7 @@ FILES = {
 }
 FORMATS = (*FILES, *GENERATED)
 # Keys of [dataset] that describe where the data comes from rather than how to read it.
-SOURCE_KEYS = ("format", "name", "sha256", "urls", "obtain")
+SOURCE_KEYS = ("format", "name", "sha256", "urls", "obtain", "path")
 
 
 def dataset_files(dataset: Mapping[str, Any]) -> list[str]:
@@ -38,7 +38,8 @@ def dataset_files(dataset: Mapping[str, Any]) -> list[str]:
 def load_dataset(
     dataset: Mapping[str, Any], data_dir: str | os.PathLike[str] | None = None, verify: bool = True
 ) -> Dataset:
-    """Load the dataset a spec's ``[dataset]`` section describes, from ``data_dir``.
+    """Load the dataset a spec's ``[dataset]`` section describes: from ``data_dir/<name>`` when
+    a data folder is given, else from the section's ``path``, else from the default data folder.
 
     ``verify`` checks pinned sha256 sums (pickles are always checked: they are never unpickled
     unverified). A missing file says where it was looked for and how to obtain it.
@@ -49,7 +50,10 @@ def load_dataset(
     options = {k: v for k, v in dataset.items() if k not in SOURCE_KEYS}
     if fmt in GENERATED:
         return GENERATED[fmt](**options, name=dataset.get("name", fmt))
-    directory = Path(data_dir or default_data_dir()) / dataset["name"]
+    if data_dir is None and "path" in dataset:
+        directory = Path(dataset["path"])
+    else:
+        directory = Path(data_dir or default_data_dir()) / dataset["name"]
     missing = [f for f in dataset_files(dataset) if not (directory / f).is_file()]
     if missing:
         how = ("run `refit-gym download --env <id>` to fetch it (checksummed)"

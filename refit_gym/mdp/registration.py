@@ -1,14 +1,27 @@
-"""Register every spec id with Gymnasium (done on ``import refit_gym``)."""
+"""Register spec ids with Gymnasium: the package's on ``import refit_gym``, a user's own with
+:func:`register_spec`."""
 
 from __future__ import annotations
 
+import os
+
 import gymnasium as gym
 
-from refit_gym.specs import all_env_specs
+from refit_gym.specs import EnvSpec, known_specs, register_spec_file
+
+
+def register_spec(path: str | os.PathLike[str]) -> EnvSpec:
+    """Register the id of a spec file anywhere (``gym.make(id)`` and every CLI command then
+    know it), with data from the spec's ``[dataset] path`` or a ``data_dir``; returns the
+    spec. A malformed file raises :class:`refit_gym.specs.SpecError` naming the key."""
+    spec = register_spec_file(path)
+    gym.registry.pop(spec.id, None)  # a re-read file replaces its id
+    register_envs()
+    return spec
 
 
 def register_envs() -> None:
-    for env_id in all_env_specs():
+    for env_id in known_specs():
         if env_id in gym.registry:
             continue
         gym.register(

@@ -3,7 +3,8 @@
 Layout under ``--out``: ``seed<S>/pretrain`` and ``seed<S>/<algo>`` (each with metrics.json;
 a finished cell is reused, an interrupted one resumes), then ``results.json``, ``results.md``,
 ``learning_curves.png`` and ``metrics.png``. ``pretrained`` is the backbone itself; ``continue``
-trains it with its own loss for the wall time the ReFiT run of the same seed took.
+trains it with its own loss for the wall time the ReFiT run of the same seed took; the peers
+(pop, itemknn, ..., sasrec) are tuned on validation over their agents/<peer>.toml grids.
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ from typing import Any
 from refit_gym.data import Dataset, atomic_path, write_json
 from refit_gym.specs import EnvSpec
 from refit_gym.training.finetune import ALGOS, finetune
+from refit_gym.training.peers import PEER_NAMES, tune_peer
 from refit_gym.training.pretrain import pretrain
 
-ORDER = ("pretrained", "refit", "ppo", "a2c", "trpo", "continue")
+ORDER = ("pretrained", "refit", "ppo", "a2c", "trpo", "continue", *PEER_NAMES)
 
 
 def metric_keys(cells: dict[str, list[dict[str, Any]]]) -> list[str]:
@@ -45,18 +47,20 @@ def run_bench(
     env_kwargs: dict[str, Any] | None = None, pretrain_max_epochs: int | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
-    unknown = sorted(set(algos) - {"pretrained", *ALGOS})
+    unknown = sorted(set(algos) - {"pretrained", *ALGOS, *PEER_NAMES})
     if unknown:
-        raise ValueError(f"unknown algorithms {unknown}; choose from pretrained, {ALGOS}")
+        raise ValueError(f"unknown algorithms {unknown}; choose from pretrained, {ALGOS} or "
+                         f"the peers {PEER_NAMES}")
     if "continue" in algos and "refit" not in algos:
         raise ValueError("continue is budgeted by the refit run's wall time: include refit")
     out_dir, hyperparams = Path(out_dir), hyperparams or {}
     ordered = sorted(algos, key=ORDER.index)
     cells: dict[str, list[dict[str, Any]]] = {a: [] for a in ordered}
     for seed in seeds:
-        base = _pretrained_cell(spec, data, out_dir / f"seed{seed}" / "pretrain", seed, device,
-                                pretrain_max_epochs, progress)
-        checkpoint = Path(base["checkpoint"])
+        base: dict[str, Any] = {}
+        if set(ordered) - set(PEER_NAMES):  # the peers need no backbone
+            base = _pretrained_cell(spec, data, out_dir / f"seed{seed}" / "pretrain", seed,
+                                    device, pretrain_max_epochs, progress)
         for algo in ordered:
             if algo == "pretrained":
                 cells[algo].append({**base, "algo": "pretrained", "history": []})
@@ -65,9 +69,13 @@ def run_bench(
             if (cell / "metrics.json").is_file():
                 cells[algo].append(json.loads((cell / "metrics.json").read_text()))
                 continue
+            if algo in PEER_NAMES:
+                cells[algo].append(tune_peer(algo, spec, data, seed, device))
+                write_json(cell / "metrics.json", cells[algo][-1])
+                continue
             budget = (cells["refit"][-1]["wall_time_s"] if algo == "continue" else None)
             cells[algo].append(finetune(
-                spec, data, checkpoint, algo, cell, seed=seed, device=device,
+                spec, data, Path(base["checkpoint"]), algo, cell, seed=seed, device=device,
                 hyperparams=hyperparams.get(algo), env_kwargs=env_kwargs,
                 budget_seconds=budget, progress=progress))
     summary = summarise(cells)
@@ -121,10 +129,10 @@ def plot(cells: dict[str, list[dict[str, Any]]], out_dir: Path) -> None:
 
     fig, (ax_reward, ax_fixed, ax_valid) = plt.subplots(1, 3, figsize=(15, 4))
     for algo, runs in cells.items():
-        if algo == "pretrained":
-            continue
         for i, run in enumerate(runs):
             history = run["history"]
+            if not history:  # the pretrained backbone and the peers: no learning curve
+                continue
             style = {"marker": "o", "label": algo if i == 0 else None,
                      "color": f"C{ORDER.index(algo)}", "alpha": 0.8}
             ax_valid.plot([h["elapsed"] for h in history],

@@ -21,7 +21,6 @@ from typing import Any
 import torch
 from torch import Tensor
 from torch.utils.tensorboard import SummaryWriter
-from tqdm.auto import tqdm
 
 from refit_gym.backbones import Backbone, CheckpointError, load_backbone, save_backbone
 from refit_gym.data import (
@@ -32,6 +31,7 @@ from refit_gym.data import (
     sha256_of,
     write_json,
 )
+from refit_gym.data.progress import Progress
 from refit_gym.diffusion import GaussianDiffusion
 from refit_gym.mdp.core import DenoisingMDP
 from refit_gym.mdp.episodes import EpisodeSource
@@ -84,6 +84,14 @@ class RunState:
         with atomic_path(self.path) as tmp:
             torch.save(payload, tmp)
 
+    def last_epoch(self) -> dict[str, float]:
+        """The latest evaluation's numbers, for a progress line."""
+        last = self.history[-1]
+        numbers = {"valid ndcg@20": last["valid"]["ndcg@20"], "fixed reward": last["fixed_reward"]}
+        if last.get("train_reward") is not None:
+            numbers["train reward"] = last["train_reward"]
+        return numbers
+
     def load(self) -> dict[str, Any] | None:
         if not self.path.is_file():
             return None
@@ -113,8 +121,8 @@ def _refit_epochs(spec: EnvSpec, data: Dataset, source: EpisodeSource, reward: R
         agent.optimizer.load_state_dict(resumed["optimizer"])
     cores: dict[int, DenoisingMDP] = {}
     per_epoch = -(-(config.users_per_epoch or data.n_train_rows) // config.users_per_batch)
-    bar = tqdm(total=config.epochs * per_epoch, initial=(state.epoch - 1) * per_epoch
-               + state.batch, desc=f"refit {spec.id}", disable=not progress)
+    bar = Progress(config.epochs * per_epoch, f"refit {spec.id}", unit="batch",
+                   initial=(state.epoch - 1) * per_epoch + state.batch, enabled=progress)
     while state.epoch <= config.epochs:
         generator.manual_seed(epoch_seed(seed, state.epoch))
         batches = user_batches(data.n_train_rows, config.users_per_batch, generator,
@@ -135,13 +143,13 @@ def _refit_epochs(spec: EnvSpec, data: Dataset, source: EpisodeSource, reward: R
             step = (state.epoch - 1) * per_epoch + state.batch
             for key, value in dataclasses.asdict(stats).items():
                 log(f"train/{key}", value, step)
-            bar.update(1)
-            bar.set_postfix(reward=f"{stats.reward:.4f}")
+            bar.advance()
             if state.batch % config.checkpoint_every == 0 and state.batch < len(batches):
                 state.save(model, agent.optimizer, generator)
         state.batch = 0
         state.epoch += 1
         end_of_epoch()
+        bar.epoch(f"epoch {state.epoch - 1}/{config.epochs}", **state.last_epoch())
         state.save(model, agent.optimizer, generator)
     bar.close()
 
@@ -159,17 +167,18 @@ def _continue_epochs(spec: EnvSpec, data: Dataset, model: Backbone, budget: floa
         optimizer.load_state_dict(resumed["optimizer"])
         generator.set_state(resumed["generator"])
         sampler.load_state_dict(resumed["extra"]["sampler"])
-    bar = tqdm(total=round(budget), initial=round(state.elapsed), unit="s",
-               desc=f"continue {spec.id}", disable=not progress)
+    bar = Progress(budget, f"continue {spec.id}", unit="s", initial=state.elapsed,
+                   enabled=progress)
     while state.elapsed < budget:
         started = time.perf_counter()
         train_epoch(model, data, optimizer, sampler, config, generator, device)
         spent = time.perf_counter() - started
         state.elapsed += spent
         state.epoch += 1
-        bar.update(round(spent))
+        bar.advance(spent)
         if (state.epoch - 1) % config.eval_every == 0 or state.elapsed >= budget:
             end_of_epoch()
+            bar.epoch(f"epoch {state.epoch - 1}", **state.last_epoch())
             state.save(model, optimizer, generator, {"sampler": sampler.state_dict()})
     bar.close()
 
@@ -180,8 +189,8 @@ def _sb3_epochs(spec: EnvSpec, algo: str, sb3_model, driver: dict[str, Any], ste
     """SB3's own ``learn`` for one epoch at a time; the .zip is the resumable state."""
     episodes = episodes_per_epoch(driver, n_episodes)
     callback = EpisodeRewards()
-    bar = tqdm(total=driver["epochs"], initial=state.epoch - 1, desc=f"{algo} {spec.id}",
-               disable=not progress)
+    bar = Progress(driver["epochs"], f"{algo} {spec.id}", unit="epoch",
+                   initial=state.epoch - 1, enabled=progress)
     while state.epoch <= driver["epochs"]:
         started = time.perf_counter()
         sb3_model.learn(episodes * steps, callback=callback, reset_num_timesteps=False)
@@ -193,7 +202,8 @@ def _sb3_epochs(spec: EnvSpec, algo: str, sb3_model, driver: dict[str, Any], ste
             sb3_model.save(tmp.with_suffix(".zip"))
             tmp.with_suffix(".zip").replace(tmp)
         state.save(sb3_model.policy.backbone, sb3_model.policy.optimizer)
-        bar.update(1)
+        bar.advance()
+        bar.epoch(f"epoch {state.epoch - 1}/{driver['epochs']}", **state.last_epoch())
     bar.close()
 
 

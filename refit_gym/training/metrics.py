@@ -10,8 +10,10 @@ last partial batch of 100; this evaluates every row), mean and spread over sampl
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -61,9 +63,30 @@ def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
         module.train(was_training)
 
 
+def _live(progress: bool) -> bool:
+    """Evaluation bars only on a terminal (to a file they would be carriage-return redraws)."""
+    return progress and sys.stderr.isatty()
+
+
+class Ranker(Protocol):
+    """Anything that scores items for a batch: a backbone (its own inference) or a peer."""
+
+    def rank_scores(self, batch: dict[str, Tensor], chain: GaussianDiffusion | None = None,
+                    generator: torch.Generator | None = None) -> Tensor: ...
+
+
+@contextmanager
+def _evaluating(model: Ranker) -> Iterator[Ranker]:
+    if isinstance(model, nn.Module):
+        with eval_mode(model):
+            yield model
+    else:
+        yield model
+
+
 @torch.no_grad()
 def evaluate_cf(
-    backbone: Backbone,
+    backbone: Ranker,
     data: InteractionData,
     *,
     ks: Sequence[int] = DEFAULT_KS,
@@ -80,12 +103,12 @@ def evaluate_cf(
     """
     totals = {split: {} for split in ("valid", "test")}
     starts = range(0, data.n_users, batch_size)
-    with eval_mode(backbone):
-        for start in tqdm(starts, desc="evaluate", disable=not progress, leave=False):
+    with _evaluating(backbone):
+        for start in tqdm(starts, desc="evaluate", disable=not _live(progress), leave=False):
             users = np.arange(start, min(start + batch_size, data.n_users))
             batch = data.train_batch(users, device)
             history = batch["history"]
-            scores = backbone.scores(backbone.generate(batch, chain, generator))
+            scores = backbone.rank_scores(batch, chain, generator)
             scores = scores.masked_fill(history > 0, -torch.inf)
             valid = dense_rows(data.valid, users, device)
             for split, targets in (("valid", valid), ("test", None)):
@@ -115,7 +138,7 @@ def next_item_metrics(scores: Tensor, targets: Tensor, ks: Sequence[int]) -> dic
 
 @torch.no_grad()
 def evaluate_sequential(
-    backbone: Backbone,
+    backbone: Ranker,
     data: SequenceData,
     *,
     ks: Sequence[int] = (10, 20, 50),
@@ -132,7 +155,7 @@ def evaluate_sequential(
     ``"<split>_std"``, and the means split by whether the row's target was ever a training
     target under ``"<split>_seen"`` and ``"<split>_unseen"``."""
     out: dict[str, dict[str, float]] = {}
-    with eval_mode(backbone):
+    with _evaluating(backbone):
         for split in splits:
             seen = torch.from_numpy(data.target_in_train(split)).to(device)
             rows = len(data.targets[split])
@@ -141,10 +164,10 @@ def evaluate_sequential(
                 generator = torch.Generator(device).manual_seed(seed)
                 parts: list[dict[str, Tensor]] = []
                 for start in tqdm(range(0, rows, batch_size), desc=f"evaluate {split}",
-                                  disable=not progress, leave=False):
+                                  disable=not _live(progress), leave=False):
                     batch = data.batch(split, np.arange(start, min(start + batch_size, rows)),
                                        device)
-                    scores = backbone.scores(backbone.generate(batch, chain, generator))
+                    scores = backbone.rank_scores(batch, chain, generator)
                     parts.append(next_item_metrics(scores, batch["target"], ks))
                 per_seed.append({k: torch.cat([p[k] for p in parts]) for k in parts[0]})
             stacked = {k: torch.stack([s[k] for s in per_seed]) for k in per_seed[0]}  # (S, N)
@@ -158,7 +181,7 @@ def evaluate_sequential(
     return out
 
 
-def evaluate(backbone: Backbone, data: Dataset, config: PretrainConfig, *,
+def evaluate(backbone: Ranker, data: Dataset, config: PretrainConfig, *,
              device: torch.device | str = "cpu", chain: GaussianDiffusion | None = None,
              sampling_seeds: int | None = None,
              progress: bool = False) -> dict[str, dict[str, float]]:

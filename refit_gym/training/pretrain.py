@@ -18,10 +18,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from refit_gym.backbones import Backbone, load_backbone, save_backbone
 from refit_gym.data import Dataset
+from refit_gym.data.progress import Progress
 from refit_gym.specs import EnvSpec, PretrainConfig
 from refit_gym.training.metrics import evaluate, selection_chain
 
@@ -169,14 +169,14 @@ def pretrain(
     history: list[dict] = []
     started = time.perf_counter()
     epoch = 0
-    bar = tqdm(total=max_epochs, desc=f"pretrain {spec.id}", disable=not progress)
+    bar = Progress(max_epochs, f"pretrain {spec.id}", unit="epoch", enabled=progress)
     for epoch in range(1, max_epochs + 1):
         if epoch - best["epoch"] >= config.patience:
             epoch -= 1
             break
         loss = train_epoch(backbone, data, optimizer, sampler, config, generator, device)
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss:.4f}", best=f"{best['score']:.4f}@{best['epoch']}")
+        bar.advance()
+        bar.epoch(f"epoch {epoch}", loss=loss, **{f"best valid {metric}": best["score"]})
         if epoch % config.eval_every and epoch != max_epochs:
             continue
         metrics = evaluate(backbone, data, config, device=device,

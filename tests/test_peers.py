@@ -1,0 +1,120 @@
+"""Peers against plain references on tiny data, their grids, and their place in the bench."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+
+from refit_gym.data import InteractionData, SequenceData
+from refit_gym.specs import load_env_spec
+from refit_gym.training.peers import (
+    DLAE,
+    EASE,
+    ItemKNN,
+    Markov,
+    MostPopular,
+    RP3beta,
+    grid,
+    tune_peer,
+)
+
+
+@pytest.fixture
+def tiny() -> InteractionData:
+    rng = np.random.default_rng(0)
+    train = sp.csr_matrix((rng.random((12, 9)) < 0.4).astype(np.float32))
+    return InteractionData("tiny", train, train, train)
+
+
+def _history(data: InteractionData) -> dict[str, torch.Tensor]:
+    return {"history": torch.from_numpy(data.train.toarray())}
+
+
+def test_ease_matches_its_closed_form(tiny: InteractionData) -> None:
+    x = tiny.train.toarray().astype(np.float64)
+    g = x.T @ x + 50.0 * np.eye(9)
+    p = np.linalg.inv(g)
+    b = np.eye(9) - p / np.diag(p)  # B = I - P diag(1/diag(P)): zero diagonal
+    scores = EASE(l2=50.0).fit(tiny, 0).rank_scores(_history(tiny))
+    np.testing.assert_allclose(scores.numpy(), x @ b, rtol=1e-4, atol=1e-5)
+    dlae = DLAE(dropout=0.5, l2=2.0).fit(tiny, 0).weights.double().numpy()
+    gram = x.T @ x
+    np.testing.assert_allclose(dlae, np.linalg.solve(gram + np.diag(np.diag(gram) + 2.0), gram),
+                               rtol=1e-4, atol=1e-6)
+
+
+def test_itemknn_matches_a_loop(tiny: InteractionData) -> None:
+    x = tiny.train.toarray().astype(np.float64)
+    shrink = 2.0
+    sims = np.zeros((9, 9))
+    for i in range(9):
+        for j in range(9):
+            if j != i:
+                norm = np.linalg.norm(x[:, i]) * np.linalg.norm(x[:, j])
+                sims[i, j] = x[:, i] @ x[:, j] / (norm + shrink)
+    every = ItemKNN(k=8, shrink=shrink).fit(tiny, 0).weights.toarray()
+    np.testing.assert_allclose(every, sims, rtol=1e-5, atol=1e-7)
+    top = ItemKNN(k=3, shrink=shrink).fit(tiny, 0).weights.toarray()
+    assert ((top > 0).sum(1) <= 3).all()
+    kept = top > 0  # each kept entry is the true similarity; the kept ones are a row's largest
+    np.testing.assert_allclose(top[kept], sims[kept], rtol=1e-5)
+    np.testing.assert_allclose(np.sort(top, 1)[:, -3:], np.sort(sims, 1)[:, -3:], rtol=1e-5)
+
+
+def test_rp3beta_matches_a_dense_walk(tiny: InteractionData) -> None:
+    x = tiny.train.toarray().astype(np.float64)
+    p_ui = x / x.sum(1, keepdims=True).clip(min=1)
+    p_iu = x.T / x.T.sum(1, keepdims=True).clip(min=1)
+    w = (p_iu**0.5) @ (p_ui**0.5) / x.sum(0).clip(min=1) ** 0.3
+    np.fill_diagonal(w, 0)
+    every = RP3beta(k=8, alpha=0.5, beta=0.3).fit(tiny, 0).weights.toarray()
+    np.testing.assert_allclose(every, w, rtol=1e-5, atol=1e-7)
+    top = RP3beta(k=4, alpha=0.5, beta=0.3).fit(tiny, 0).weights.toarray()
+    assert ((top > 0).sum(1) <= 4).all()
+    np.testing.assert_allclose(np.sort(top, 1)[:, -4:], np.sort(w, 1)[:, -4:], rtol=1e-5)
+
+
+def test_popularity_and_markov_against_counts() -> None:
+    pad = 4
+    histories = {s: np.array([[0, 1, pad], [1, pad, pad], [pad, pad, pad], [2, pad, pad]])
+                 for s in ("train", "valid", "test")}
+    targets = {s: np.array([2, 2, 3, 1]) for s in ("train", "valid", "test")}
+    data = SequenceData("toy", 4, histories, targets)
+    batch = {"history": torch.from_numpy(histories["train"])}
+    markov = Markov(smoothing=0.0).fit(data, 0).rank_scores(batch)
+    # 1 -> 2 twice (rows 0 and 1), 2 -> 1 once; the empty history gets the popularity prior.
+    assert markov[0].argmax() == 2 and markov[1].argmax() == 2 and markov[3].argmax() == 1
+    assert markov[0, 2] == pytest.approx(1.0) and markov[2].abs().max() < 1e-6
+    smoothed = Markov(smoothing=1.0).fit(data, 0).rank_scores(batch)
+    assert smoothed[2].argmax() == 2  # most frequent next item
+    cf = InteractionData("t", sp.csr_matrix(np.array([[1, 1, 0], [0, 1, 0]], np.float32)),
+                         sp.csr_matrix((2, 3), dtype=np.float32),
+                         sp.csr_matrix((2, 3), dtype=np.float32))
+    pop = MostPopular().fit(cf, 0).rank_scores({"history": torch.zeros(1, 3)})
+    assert pop.argsort(descending=True)[0].tolist() == [1, 0, 2]
+
+
+def test_grids_come_from_the_toml_and_bad_values_fail() -> None:
+    points = grid("ease", "ReFiT-ML1M-v0")
+    assert [p["l2"] for p in points] == [100.0, 500.0, 1000.0, 2000.0, 5000.0, 10000.0]
+    assert len(grid("itemknn", "ReFiT-ML1M-v0")) == 12 and grid("pop", "X") == [{}]
+    with pytest.raises(ValueError, match="l2 > 0"):
+        EASE(l2=0.0)
+    with pytest.raises(ValueError, match="0 < dropout < 1"):
+        DLAE(dropout=1.0)
+    with pytest.raises(ValueError, match="k >= 1"):
+        ItemKNN(k=0)
+    with pytest.raises(ValueError, match="smoothing"):
+        Markov(smoothing=-1.0)
+
+
+def test_tune_peer_selects_by_validation(small_data: InteractionData) -> None:
+    spec = load_env_spec("ReFiT-Synthetic-v0")
+    result = tune_peer("ease", spec, small_data)
+    best = max(result["grid"], key=lambda point: point["valid"])
+    assert result["params"] == best["params"] and result["valid"]["ndcg@20"] == best["valid"]
+    assert set(result["test"]) == {"recall@10", "recall@20", "ndcg@10", "ndcg@20"}
+    with pytest.raises(ValueError, match="not a collaborative-filtering peer"):
+        tune_peer("markov", spec, small_data)
