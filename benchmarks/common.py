@@ -73,8 +73,8 @@ def untrained_episodes(spec: EnvSpec, data, env_kwargs: dict | None = None):
     """A seeded, untrained backbone of ``spec`` and the episode source and reward of ``data``
     (a sequential id scores with this backbone's E): speed does not depend on the weights."""
     torch.manual_seed(0)
-    model = spec.build_backbone(data.n_items).eval()
     settings = EnvSettings.resolve(spec, env_kwargs or {})
+    model = spec.build_backbone(data.n_items).eval().to(settings.device)
     table = model.item_table()
     embeddings = None if table is None else table.detach()
     return (model, settings.build_source(spec, data, embeddings),

@@ -32,12 +32,12 @@ CF_REWARD = {"reward": "collaborative",
 
 
 def refit_seconds(data, spec, config: ReFiTConfig, max_batches: int | None,
-                  env_kwargs: dict) -> tuple[float, int]:
+                  env_kwargs: dict, device: str = "cpu") -> tuple[float, int]:
     """Seconds for ``max_batches`` (or all) ReFiT batches, and how many batches that was; an
     untrained backbone of ``spec`` (speed does not depend on the weights)."""
-    model, source, reward = untrained_episodes(spec, data, env_kwargs)
-    agent = ReFiTAgent(model, spec.build_backbone(data.n_items), config)
-    generator = torch.Generator().manual_seed(0)
+    model, source, reward = untrained_episodes(spec, data, {**env_kwargs, "device": device})
+    agent = ReFiTAgent(model.to(device), spec.build_backbone(data.n_items).to(device), config)
+    generator = torch.Generator(device).manual_seed(0)
     batches = user_batches(data.n_train_rows, config.users_per_batch, generator)[:max_batches]
     cores = {}
     start = time.perf_counter()
@@ -45,7 +45,9 @@ def refit_seconds(data, spec, config: ReFiTConfig, max_batches: int | None,
         rows = len(users) * config.group_size
         if rows not in cores:
             cores[rows] = DenoisingMDP(source, reward, rows)
-        agent.train_batch(cores[rows], users, generator)
+        agent.train_batch(cores[rows], users.to(device), generator)
+    if device != "cpu":
+        torch.cuda.synchronize()
     return time.perf_counter() - start, len(batches)
 
 

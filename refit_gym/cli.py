@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from refit_gym.backbones import CheckpointError, load_backbone
-from refit_gym.data import DataError, load_dataset, write_json
+from refit_gym.data import DataError, load_dataset, resolve_device, write_json
 from refit_gym.mdp.registration import register_spec
 from refit_gym.specs import EnvSpec, SpecError, load_env_spec
 from refit_gym.training.finetune import ALGOS
@@ -27,7 +27,8 @@ def _common(parser: argparse.ArgumentParser) -> None:
     _env_options(parser)
     parser.add_argument("--data-dir", default=None,
                         help="folder holding the datasets (default: $REFIT_DATA_DIR)")
-    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    parser.add_argument("--device", default="auto",
+                        help="torch device: auto (CUDA when available, else CPU), cpu, cuda")
     parser.add_argument("--json", default=None, metavar="PATH",
                         help="also write the results as JSON to PATH")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -44,6 +45,7 @@ def _spec(args: argparse.Namespace) -> EnvSpec:
 
 
 def _load(args: argparse.Namespace):
+    args.device = resolve_device(args.device)
     spec = _spec(args)
     data = load_dataset(spec.dataset, args.data_dir)
     if not args.quiet:

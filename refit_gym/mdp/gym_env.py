@@ -6,6 +6,7 @@ call (no N sub-environments) and resets finished rows in the same step.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -19,7 +20,13 @@ from gymnasium.vector.utils import batch_space
 from torch import Tensor
 
 from refit_gym.backbones import CheckpointError, load_backbone
-from refit_gym.data import Dataset, InteractionData, default_cache_dir, load_dataset
+from refit_gym.data import (
+    Dataset,
+    InteractionData,
+    default_cache_dir,
+    load_dataset,
+    resolve_device,
+)
 from refit_gym.diffusion import GaussianDiffusion
 from refit_gym.mdp.core import ACTION_BOUND, DenoisingMDP
 from refit_gym.mdp.episodes import EpisodeSource, InteractionEpisodes, SequenceEpisodes
@@ -43,7 +50,7 @@ class EnvSettings:
     steps: int | None = None  # K, the chain's steps (a respacing of the T trained); None: T
     checkpoint: str | None = None  # sequential: the pretrained backbone whose E scores x_0
     user_sampling: str = "uniform"  # episodes (users or rows): "uniform" draws, "sequential"
-    device: str = "cpu"
+    device: str = "auto"  # "auto": CUDA when available, else CPU
     data_dir: str | None = None
 
     @classmethod
@@ -58,6 +65,7 @@ class EnvSettings:
             base.pop("reward_params", None)  # the spec's parameters belong to its own reward
         params = {**base.get("reward_params", {}), **overrides.get("reward_params", {})}
         settings = cls(**{**base, **overrides, "reward_params": params})
+        settings = dataclasses.replace(settings, device=resolve_device(settings.device))
         if settings.user_sampling not in USER_SAMPLING:
             raise ValueError(f"user_sampling must be one of {USER_SAMPLING}, "
                              f"got {settings.user_sampling!r}")
