@@ -39,23 +39,21 @@ def small_data() -> InteractionData:
     return make_synthetic(n_users=120, n_items=80, n_communities=4, mean_interactions=12, seed=3)
 
 
-@pytest.fixture(scope="session")
-def pretrained_synthetic(tmp_path_factory) -> Path:
-    """A ReFiT-Synthetic-v0 backbone pretrained for a few epochs (its denoiser.pt)."""
+def _pretrained(tmp_path_factory, env_id: str, epochs: int) -> Path:
+    """``env_id``'s backbone pretrained for ``epochs`` epochs through the CLI (its denoiser.pt)."""
     from refit_gym.cli import main
 
-    out = tmp_path_factory.mktemp("pretrained")
-    assert main(["pretrain", "--env", "ReFiT-Synthetic-v0", "--seed", "1", "--out", str(out),
-                 "--max-epochs", "10", "--quiet"]) == 0
+    out = tmp_path_factory.mktemp(env_id)
+    assert main(["pretrain", "--env", env_id, "--seed", "1", "--out", str(out),
+                 "--max-epochs", str(epochs), "--quiet"]) == 0
     return out / "denoiser.pt"
+
+
+@pytest.fixture(scope="session")
+def pretrained_synthetic(tmp_path_factory) -> Path:
+    return _pretrained(tmp_path_factory, "ReFiT-Synthetic-v0", 10)
 
 
 @pytest.fixture(scope="session")
 def pretrained_seq_synthetic(tmp_path_factory) -> Path:
-    """A ReFiT-SeqSynthetic-v0 DreamRec backbone pretrained for a few epochs (its denoiser.pt)."""
-    from refit_gym.cli import main
-
-    out = tmp_path_factory.mktemp("pretrained_seq")
-    assert main(["pretrain", "--env", "ReFiT-SeqSynthetic-v0", "--seed", "1", "--out", str(out),
-                 "--max-epochs", "5", "--quiet"]) == 0
-    return out / "denoiser.pt"
+    return _pretrained(tmp_path_factory, "ReFiT-SeqSynthetic-v0", 5)

@@ -96,42 +96,49 @@ def test_finetune_selects_by_validation_and_writes_outputs(pretrained: Path, tmp
     assert any((tmp_path / "tensorboard").iterdir())
 
 
-def test_interrupted_run_resumes_to_the_same_result(pretrained: Path, tmp_path,
-                                                    monkeypatch) -> None:
-    spec = load_env_spec(SYN)
+@pytest.mark.parametrize(("env_id", "checkpoint_fixture", "hyperparams", "cut_at"), [
+    (SYN, "pretrained_synthetic", SMALL, 15),  # mid second epoch, two batches after a save
+    ("ReFiT-SeqSynthetic-v0", "pretrained_seq_synthetic",
+     {"epochs": 2, "users_per_epoch": 96, "users_per_batch": 32, "checkpoint_every": 2}, 6),
+])
+def test_interrupted_run_resumes_to_the_same_result(env_id, checkpoint_fixture, hyperparams,
+                                                    cut_at, tmp_path, monkeypatch,
+                                                    request) -> None:
     from refit_gym.mdp.gym_env import cached_dataset
     from refit_gym.rl import refit_agent
 
-    data = cached_dataset(SYN, None)
+    pretrained = request.getfixturevalue(checkpoint_fixture)
+    spec, data = load_env_spec(env_id), cached_dataset(env_id, None)
     whole = finetune(spec, data, pretrained, "refit", tmp_path / "whole", seed=5,
-                     hyperparams=SMALL, progress=False)
+                     hyperparams=hyperparams, progress=False)
 
     original = refit_agent.ReFiTAgent.train_batch
     calls = {"n": 0}
 
     def interrupted(self, *args, **kwargs):
         calls["n"] += 1
-        if calls["n"] == 15:  # mid second epoch, two batches after a checkpoint
+        if calls["n"] == cut_at:
             raise KeyboardInterrupt
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(refit_agent.ReFiTAgent, "train_batch", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        finetune(spec, data, pretrained, "refit", tmp_path / "cut", seed=5, hyperparams=SMALL,
-                 progress=False)
+        finetune(spec, data, pretrained, "refit", tmp_path / "cut", seed=5,
+                 hyperparams=hyperparams, progress=False)
     monkeypatch.setattr(refit_agent.ReFiTAgent, "train_batch", original)
     assert (tmp_path / "cut" / "state.pt").is_file()
     resumed = finetune(spec, data, pretrained, "refit", tmp_path / "cut", seed=5,
-                       hyperparams=SMALL, progress=False)
+                       hyperparams=hyperparams, progress=False)
     strip = [{k: v for k, v in h.items() if k != "elapsed"} for h in whole["history"]]
     assert [{k: v for k, v in h.items() if k != "elapsed"} for h in resumed["history"]] == strip
+    assert resumed["test"] == whole["test"]
     a, _ = load_backbone(tmp_path / "whole" / "finetuned.pt")
     b, _ = load_backbone(tmp_path / "cut" / "finetuned.pt")
     for key, value in a.state_dict().items():
         assert torch.equal(value, b.state_dict()[key]), key
     with pytest.raises(CheckpointError, match="different run"):
-        finetune(spec, data, pretrained, "refit", tmp_path / "cut", seed=6, hyperparams=SMALL,
-                 progress=False)
+        finetune(spec, data, pretrained, "refit", tmp_path / "cut", seed=6,
+                 hyperparams=hyperparams, progress=False)
 
 
 def test_continue_baseline_and_cli(pretrained: Path, tmp_path) -> None:

@@ -1,4 +1,5 @@
-"""Fine-tuning DreamRec on the sequential MDP: the optimiser's own check, resume, every algo."""
+"""Fine-tuning DreamRec on the sequential MDP: the optimiser's own check and every algorithm
+(resume: tests/test_refit_agent.py, for both scenarios)."""
 
 from __future__ import annotations
 
@@ -36,41 +37,6 @@ def test_refit_raises_its_fixed_episode_reward_and_keeps_e(checkpoint: Path, tmp
     assert torch.equal(tuned.item_table(), pretrained.item_table())  # E is the env's, frozen
     if result["best_epoch"] > 0:
         assert not torch.equal(tuned.denoiser.weight, pretrained.denoiser.weight)
-
-
-def test_interrupted_sequential_run_resumes_to_the_same_result(checkpoint: Path, tmp_path,
-                                                              monkeypatch) -> None:
-    from refit_gym.rl import refit_agent
-
-    spec, data = load_env_spec(SEQ), cached_dataset(SEQ, None)
-    small = {"epochs": 2, "users_per_epoch": 96, "users_per_batch": 32, "checkpoint_every": 2}
-    whole = finetune(spec, data, checkpoint, "refit", tmp_path / "whole", seed=2,
-                     hyperparams=small, progress=False)
-    original, calls = refit_agent.ReFiTAgent.train_batch, {"n": 0}
-
-    def interrupted(self, *args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 6:  # the last batch of epoch 2, one after a checkpoint
-            raise KeyboardInterrupt
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(refit_agent.ReFiTAgent, "train_batch", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        finetune(spec, data, checkpoint, "refit", tmp_path / "cut", seed=2, hyperparams=small,
-                 progress=False)
-    monkeypatch.setattr(refit_agent.ReFiTAgent, "train_batch", original)
-    resumed = finetune(spec, data, checkpoint, "refit", tmp_path / "cut", seed=2,
-                       hyperparams=small, progress=False)
-
-    def strip(history):
-        return [{k: v for k, v in h.items() if k != "elapsed"} for h in history]
-
-    assert strip(resumed["history"]) == strip(whole["history"])
-    assert resumed["test"] == whole["test"]
-    a, _ = load_backbone(tmp_path / "whole" / "finetuned.pt")
-    b, _ = load_backbone(tmp_path / "cut" / "finetuned.pt")
-    for key, value in a.state_dict().items():
-        assert torch.equal(value, b.state_dict()[key]), key
 
 
 @pytest.mark.parametrize("algo", ["ppo", "a2c", "trpo", "continue"])
