@@ -108,8 +108,9 @@ def markdown_table(env_id: str, summary: dict[str, Any], seeds: list[int]) -> st
     columns = [k for k in next(iter(summary.values())) if k != "wall_time_s"]
     lines = [f"# {env_id}: mean ± std over seeds {', '.join(map(str, seeds))}", "",
              "Fine-tuned models are selected by validation NDCG@20 (the pretrained start is a "
-             "candidate); test is reported, never used. Wall time: pretraining for "
-             "`pretrained`, training time (evaluations excluded) for the others.", "",
+             "candidate), peers by validation NDCG@20 over their agents/<peer>.toml grid; test "
+             "is reported, never used. Wall time: pretraining for `pretrained`, training time "
+             "(evaluations excluded) for fine-tuning, the whole grid for a peer.", "",
              "| algo | " + " | ".join(columns) + " | wall s |",
              "|---" * (len(columns) + 2) + "|"]
     for algo, entry in summary.items():
