@@ -154,7 +154,7 @@ def action_space(core: DenoisingMDP) -> spaces.Box:
     return spaces.Box(-ACTION_BOUND, ACTION_BOUND, (core.state_dim,), np.float32)
 
 
-class _UserPicker:
+class _EpisodePicker:
     """Chooses the episode ids (users or rows) of new episodes, drawing only from the env's
     ``np_random``."""
 
@@ -183,7 +183,7 @@ class BatchedEpisodes:
             raise ValueError(f"num_envs ({core.num_rows}) must be a positive multiple of "
                              f"group_size ({group_size})")
         self.core, self.group_size = core, group_size
-        self.picker = _UserPicker(core.n_episodes, user_sampling)
+        self.picker = _EpisodePicker(core.n_episodes, user_sampling)
         self.all_rows = torch.arange(core.num_rows, device=core.device)
 
     def users(self, k: int, rng: np.random.Generator) -> torch.Tensor:
@@ -241,7 +241,7 @@ class ReFiTEnv(gym.Env):
         self.spec_, self.settings, self.core = make_core(env_id, 1, **overrides)
         self.observation_space = observation_space(self.core)
         self.action_space = action_space(self.core)
-        self._picker = _UserPicker(self.core.n_episodes, self.settings.user_sampling)
+        self._picker = _EpisodePicker(self.core.n_episodes, self.settings.user_sampling)
 
     def _obs(self) -> dict[str, Any]:
         obs = observe(self.core, 0)

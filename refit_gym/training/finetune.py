@@ -47,10 +47,9 @@ from refit_gym.rl.sb3_agents import (
     split_hyperparams,
 )
 from refit_gym.specs import EnvSpec, load_agent_hyperparams
-from refit_gym.training.metrics import eval_mode, evaluate
+from refit_gym.training.metrics import SELECTION_METRIC, eval_mode, evaluate
 from refit_gym.training.pretrain import make_timestep_sampler, train_epoch
 
-SELECTION_METRIC = "ndcg@20"
 ALGOS = ("refit", "continue", *SB3_ALGOS)
 FIXED_EPISODES = 256  # training episodes of the optimiser's own check
 

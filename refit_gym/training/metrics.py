@@ -26,6 +26,8 @@ from refit_gym.diffusion import GaussianDiffusion
 from refit_gym.specs import PretrainConfig
 
 DEFAULT_KS: tuple[int, ...] = (10, 20)
+# What fine-tuning and the peers' grids select by (validation): the project's headline metric.
+SELECTION_METRIC = "ndcg@20"
 
 
 def ranking_metrics(scores: Tensor, targets: Tensor, ks: Sequence[int]) -> dict[str, Tensor]:

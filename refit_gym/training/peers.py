@@ -35,9 +35,7 @@ from torch import Tensor, nn
 from refit_gym.backbones.dreamrec import DreamRecConfig, HistoryEncoder
 from refit_gym.data import Dataset, InteractionData, SequenceData
 from refit_gym.specs import EnvSpec, PretrainConfig, load_agent_hyperparams
-from refit_gym.training.metrics import evaluate
-
-SELECTION_METRIC = "ndcg@20"
+from refit_gym.training.metrics import SELECTION_METRIC, evaluate
 
 
 def _tie_break(n_items: int) -> np.ndarray:
