@@ -35,7 +35,7 @@ class Progress:
         if self.bar is not None:
             self.bar.set_postfix(numbers)
         elif self.enabled:
-            shown = ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+            shown = ", ".join(f"{k} {v:.5g}" if isinstance(v, float) else f"{k} {v}"
                               for k, v in numbers.items())
             print(f"{self.desc}: {label} ({self.done:.0f}/{self.total:.0f} {self.unit}, "
                   f"{time.monotonic() - self.started:.0f} s){': ' + shown if shown else ''}",
