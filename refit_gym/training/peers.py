@@ -349,7 +349,8 @@ def grid(algo: str, env_id: str) -> list[dict[str, Any]]:
 def tune_peer(algo: str, spec: EnvSpec, data: Dataset, seed: int = 1,
               device: str = "cpu") -> dict[str, Any]:
     """Fit ``algo`` at every grid point, keep the best by validation NDCG@20, and return its
-    metrics (test reported, never used) with the whole grid's validation scores."""
+    metrics (test reported, never used; sequential: also split by seen/unseen targets) with
+    the whole grid's validation scores."""
     sequential = isinstance(data, SequenceData)
     if (algo, sequential) not in PEERS:
         scenario = "sequential" if sequential else "collaborative-filtering"
@@ -371,5 +372,4 @@ def tune_peer(algo: str, spec: EnvSpec, data: Dataset, seed: int = 1,
             best = (params, metrics)
     params, metrics = best
     return {"env": spec.id, "algo": algo, "seed": seed, "params": params, "grid": points,
-            "valid": metrics["valid"], "test": metrics["test"],
-            "wall_time_s": time.perf_counter() - started, "history": []}
+            **metrics, "wall_time_s": time.perf_counter() - started, "history": []}
