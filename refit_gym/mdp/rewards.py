@@ -260,8 +260,11 @@ class NegativeMSEReward(Reward):
         self.item_embeddings = item_embeddings
 
     def relevance(self, target: Tensor, visible: Tensor | None) -> Tensor:
-        if self.item_embeddings is not None:
-            return target @ self.item_embeddings
+        if self.item_embeddings is not None:  # target @ E over the few target items, O(nnz d)
+            rows, items = target.nonzero(as_tuple=True)
+            weighted = self.item_embeddings[items] * target[rows, items].unsqueeze(-1)
+            return torch.zeros(len(target), self.item_embeddings.shape[1],
+                               device=target.device).index_add_(0, rows, weighted)
         return target if visible is None else (target + visible).clamp(max=1.0)
 
     def __call__(self, scores: Tensor, relevance: Tensor, visible: Tensor | None) -> Tensor:
