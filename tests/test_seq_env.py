@@ -37,7 +37,8 @@ def test_spaces_and_both_checkers(checkpoint: str) -> None:
 
 
 def test_episode_starts_from_noise_and_rewards_once(checkpoint: str) -> None:
-    env = gym.make(SEQ, checkpoint=checkpoint, steps=5)
+    # The plain log-likelihood (no propagation) of the spec's collaborative reward, tau 0.1.
+    env = gym.make(SEQ, checkpoint=checkpoint, steps=5, reward_params={"alphas": []})
     obs, info = env.reset(seed=3, options={"episode": 7})
     core = env.unwrapped.core
     np.testing.assert_array_equal(obs["history"], core.source.histories[7].numpy())
