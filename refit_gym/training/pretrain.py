@@ -176,7 +176,8 @@ def pretrain(
             break
         loss = train_epoch(backbone, data, optimizer, sampler, config, generator, device)
         bar.advance()
-        bar.epoch(f"epoch {epoch}", loss=loss, **{f"best valid {metric}": best["score"]})
+        shown = {f"best valid {metric}": best["score"]} if best["epoch"] else {}
+        bar.epoch(f"epoch {epoch}", loss=loss, **shown)
         if epoch % config.eval_every and epoch != max_epochs:
             continue
         metrics = evaluate(backbone, data, config, device=device,
