@@ -14,7 +14,8 @@ def test_readme_python_snippets_run(tmp_path: Path, monkeypatch) -> None:
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
     assert len(blocks) >= 3
     monkeypatch.chdir(tmp_path)  # the snippets write under runs/, as the main job does
-    assert main(["pretrain", "--env", "ReFiT-Synthetic-v0", "--out", "runs/demo/seed1/pretrain",
+    assert main(["pretrain", "--env", "ReFiT-Synthetic-v0",
+                 "--out", "runs/demo/ReFiT-Synthetic-v0/seed1/pretrain",
                  "--max-epochs", "5", "--quiet"]) == 0
     for block in blocks:
         exec(compile(block, str(README), "exec"), {})
