@@ -14,6 +14,7 @@ from stable_baselines3.common.env_checker import check_env as sb3_check_env
 import refit_gym  # noqa: F401  (registers the ids)
 from refit_gym.backbones import CheckpointError, load_backbone
 from refit_gym.mdp import ReFiTVecEnv, make_core
+from refit_gym.mdp.gym_env import cached_dataset
 
 SEQ = "ReFiT-SeqSynthetic-v0"
 
@@ -80,8 +81,6 @@ def test_seeding_and_bad_actions(checkpoint: str) -> None:
 
 def test_only_training_rows_enter_and_clear_errors(checkpoint: str, tmp_path,
                                                    monkeypatch) -> None:
-    from refit_gym.mdp.gym_env import cached_dataset
-
     _, _, core = make_core(SEQ, 3, checkpoint=checkpoint)
     data = cached_dataset(SEQ, None)
     np.testing.assert_array_equal(core.source.histories.numpy(), data.histories["train"])
@@ -108,3 +107,22 @@ def test_sb3_face_carries_the_history(checkpoint: str) -> None:
     assert dones.all()
     final = infos[0]["terminal_observation"]
     assert set(final) == {"x", "t", "history"} and final["history"].shape == (10,)
+
+
+@pytest.mark.ml1m
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("env_id", ["ReFiT-Zhihu-v0", "ReFiT-Beauty-v0"])
+def test_real_sequential_ids_pass_both_checkers(env_id: str, data_dir: Path,
+                                                tmp_path: Path) -> None:
+    """The real ids with a tiny untrained checkpoint of their backbone (the checkers test the
+    interface, not the weights)."""
+    from refit_gym.backbones import save_backbone
+    from refit_gym.specs import load_env_spec
+
+    spec = load_env_spec(env_id)
+    data = cached_dataset(env_id, str(data_dir))
+    checkpoint = save_backbone(tmp_path / "tiny.pt", spec.build_backbone(data.n_items), env_id)
+    env = gym.make(env_id, checkpoint=str(checkpoint), data_dir=str(data_dir))
+    assert env.observation_space["history"].shape == (data.max_len,)
+    gym_check_env(env.unwrapped)
+    sb3_check_env(env.unwrapped)
