@@ -27,10 +27,12 @@ def _command(checkpoint: Path, out: Path) -> list[str]:
 
 def test_sigkill_mid_run_then_rerun_equals_an_uninterrupted_run(pretrained_synthetic: Path,
                                                                  tmp_path: Path) -> None:
+    # Run from tmp_path: from the repository root, `python -m` would import the source folder
+    # instead of the installed package.
     whole = tmp_path / "whole"
-    subprocess.run(_command(pretrained_synthetic, whole), check=True, timeout=600)
+    subprocess.run(_command(pretrained_synthetic, whole), check=True, timeout=600, cwd=tmp_path)
     cut = tmp_path / "cut"
-    process = subprocess.Popen(_command(pretrained_synthetic, cut))
+    process = subprocess.Popen(_command(pretrained_synthetic, cut), cwd=tmp_path)
     state = cut / "state.pt"
     deadline = time.monotonic() + 300
     while not state.is_file():  # the first checkpoint: two batches into the first epoch
@@ -40,7 +42,7 @@ def test_sigkill_mid_run_then_rerun_equals_an_uninterrupted_run(pretrained_synth
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
     assert process.returncode == -signal.SIGKILL and not (cut / "metrics.json").exists()
-    subprocess.run(_command(pretrained_synthetic, cut), check=True, timeout=600)
+    subprocess.run(_command(pretrained_synthetic, cut), check=True, timeout=600, cwd=tmp_path)
 
     def report(folder: Path) -> dict:
         payload = json.loads((folder / "metrics.json").read_text())
