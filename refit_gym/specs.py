@@ -157,11 +157,12 @@ def register_spec_file(path: str | os.PathLike[str]) -> EnvSpec:
         raw = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as err:
         raise SpecError(f"{path}: not valid TOML ({err})") from err
+    dataset = raw.get("dataset")
+    if isinstance(dataset, dict) and "path" in dataset:
+        raw["dataset"] = {**dataset, "path": str((path.parent / dataset["path"]).resolve())}
     spec = _parse(raw, str(path))
     if spec.id in all_env_specs():
         raise SpecError(f"{path}: id {spec.id!r} is one of the package's; choose another id")
-    if "path" in spec.dataset:
-        spec.dataset["path"] = str((path.parent / spec.dataset["path"]).resolve())
     _USER_SPECS[spec.id] = spec
     return spec
 

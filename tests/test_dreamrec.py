@@ -92,7 +92,9 @@ def test_pretrain_and_evaluate_seq_synthetic_through_the_cli(tmp_path: Path) -> 
     assert result["best_epoch"] in (5, 10)
     # The backbone learned from the chain: well above a random ranking's HR@20 of 20/300.
     assert result["test"]["hr@20"] > 1.5 * 20 / 300
-    assert result["test_std"]["hr@20"] >= 0 and result["test_seen"]["rows"] > 0
+    # Three sampling seeds: a real spread, smaller than the metric itself.
+    assert 0 <= result["test_std"]["hr@20"] < result["test"]["hr@20"]
+    assert result["test_seen"]["rows"] > 0
     model, meta = load_backbone(out / "denoiser.pt")
     assert isinstance(model, DreamRec) and meta["env_id"] == "ReFiT-SeqSynthetic-v0"
     again = tmp_path / "eval.json"

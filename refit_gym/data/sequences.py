@@ -109,10 +109,11 @@ def validate_sequences(name: str, n_items: int, histories: Mapping[str, np.ndarr
 # --------------------------------------------------------------------------- safe cache
 
 
-def _cache_key(directory: Path, files: list[str], extra: Mapping[str, Any]) -> str:
+def _cache_key(file_digests: list[str], extra: Mapping[str, Any]) -> str:
+    """A cache name from the source files' sha256 (already computed) and the read options."""
     digest = hashlib.sha256(repr(sorted(extra.items())).encode())
-    for filename in files:
-        digest.update(sha256_of(directory / filename).encode())
+    for file_digest in file_digests:
+        digest.update(file_digest.encode())
     return digest.hexdigest()[:16]
 
 
@@ -167,7 +168,7 @@ def load_dreamrec(directory: str | Path, sha256: Mapping[str, str] | None, name:
                         "and unpickling runs code: add their sha256 under [dataset.sha256] in "
                         "the spec after checking where the files came from")
     verify_checksums(directory, {f: sha256[f] for f in files})
-    key = _cache_key(directory, files, {"format": "dreamrec"})
+    key = _cache_key([sha256[f] for f in files], {"format": "dreamrec"})  # verified: no re-hash
     cache = cache_dir / f"{name}-{key}.npz" if cache_dir else None
     if cache is not None and (cached := _read_cache(cache, name)) is not None:
         return cached
@@ -254,9 +255,10 @@ def load_diffurec(path: str | Path, sha256: str | None, name: str, max_len: int 
     path = Path(path)
     if not path.is_file():
         raise DataError(f"missing data file {path}")
-    if sha256:
-        verify_checksums(path.parent, {path.name: sha256})
-    key = _cache_key(path.parent, [path.name], {"format": "diffurec", "max_len": max_len})
+    digest = sha256_of(path)  # read once: the check and the cache name
+    if sha256 and digest != sha256:
+        verify_checksums(path.parent, {path.name: sha256})  # raises, naming the file and fix
+    key = _cache_key([digest], {"format": "diffurec", "max_len": max_len})
     cache = cache_dir / f"{name}-{key}.npz" if cache_dir else None
     if cache is not None and (cached := _read_cache(cache, name)) is not None:
         return cached
