@@ -91,7 +91,7 @@ def sequential(env_id: str, repeats: int) -> None:
         "## Environment-only transitions (torch path, CPU)", "", *rows, "",
         "## The environment's share of a full step (batch 256, whole episodes)", "",
         "Environment: reset (x_K draws, history gather, one-hot target), the steps and the "
-        "terminal reward on x_0 E^T; policy: the history encoded once, then per step the guided "
+        "terminal reward; policy: the history encoded once, then per step the guided "
         "x0 prediction (two denoiser passes) and the posterior mean.", "",
         "| environment s / episode | policy s / episode | share |", "|---|---|---|",
         f"| {env_s:.4f} | {policy_s:.3f} | {env_s / (env_s + policy_s):.1%} |"])
