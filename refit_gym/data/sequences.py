@@ -61,10 +61,7 @@ class SequenceData:
 
     def last_items(self, split: str) -> np.ndarray:
         """(rows,) the latest history item of each row of ``split``, or -1 for an empty one."""
-        history = self.histories[split]
-        length = (history != self.n_items).sum(1)
-        last = history[np.arange(len(history)), np.maximum(length - 1, 0)]
-        return np.where(length > 0, last, -1)
+        return last_history_items(self.histories[split], self.n_items)
 
     def transitions(self) -> sp.csr_matrix:
         """C (n_items, n_items): C[i, j] counts training rows whose latest history item is i and
@@ -78,6 +75,13 @@ class SequenceData:
     def summary(self) -> str:
         rows = " / ".join(f"{s} {len(self.targets[s])}" for s in SPLITS)
         return f"{self.name}: {self.n_items} items, history length {self.max_len}, rows {rows}"
+
+
+def last_history_items(history: np.ndarray, pad: int) -> np.ndarray:
+    """(rows,) the latest item of each right-padded history row (rows, L), or -1 if empty."""
+    length = (history != pad).sum(1)
+    last = history[np.arange(len(history)), np.maximum(length - 1, 0)]
+    return np.where(length > 0, last, -1)
 
 
 def validate_sequences(name: str, n_items: int, histories: Mapping[str, np.ndarray],

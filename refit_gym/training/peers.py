@@ -34,6 +34,7 @@ from torch import Tensor, nn
 
 from refit_gym.backbones.dreamrec import DreamRecConfig, HistoryEncoder
 from refit_gym.data import Dataset, InteractionData, SequenceData
+from refit_gym.data.sequences import last_history_items
 from refit_gym.specs import EnvSpec, PretrainConfig, load_agent_hyperparams
 from refit_gym.training.metrics import SELECTION_METRIC, evaluate
 
@@ -266,11 +267,9 @@ class Markov(Peer):
         return self
 
     def rank_scores(self, batch, chain=None, generator=None) -> Tensor:
-        history = batch["history"].cpu().numpy()
-        length = (history != self.n_items).sum(1)
-        last = history[np.arange(len(history)), np.maximum(length - 1, 0)]
-        rows = self.transitions[np.where(length > 0, last, 0)].toarray()
-        rows[length == 0] = 0.0
+        last = last_history_items(batch["history"].cpu().numpy(), self.n_items)
+        rows = self.transitions[np.maximum(last, 0)].toarray()
+        rows[last < 0] = 0.0
         scores = rows + self.smoothing * self.prior
         return torch.from_numpy(scores.astype(np.float32)).to(batch["history"].device)
 
