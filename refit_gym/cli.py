@@ -11,6 +11,7 @@ from pathlib import Path
 
 from refit_gym.backbones import CheckpointError, load_backbone
 from refit_gym.data import DataError, load_dataset, resolve_device, write_json
+from refit_gym.mdp.gym_env import default_checkpoint
 from refit_gym.mdp.registration import register_spec
 from refit_gym.specs import EnvSpec, SpecError, load_env_spec
 from refit_gym.training.finetune import ALGOS
@@ -64,7 +65,7 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
     from refit_gym.training.pretrain import pretrain
 
     spec, data = _load(args)
-    out = Path(args.out or f"runs/{spec.id}/pretrain-seed{args.seed}")
+    out = Path(args.out) if args.out else default_checkpoint(spec.id, args.seed).parent
     result = pretrain(spec, data, out, seed=args.seed, device=args.device,
                       max_epochs=args.max_epochs, progress=not args.quiet)
     payload = result.to_json(spec.id, args.seed)
