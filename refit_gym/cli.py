@@ -1,4 +1,8 @@
-"""The ``refit-gym`` command line: pretrain, evaluate, finetune, bench, download."""
+"""The ``refit-gym`` command line: pretrain, evaluate, finetune, bench, download.
+
+``pretrain``, ``evaluate`` and ``finetune`` (ReFiT and ``continue``) also run data-parallel under
+``torchrun --nproc_per_node N -m refit_gym.cli ...``; rank 0 prints and writes.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +15,13 @@ from pathlib import Path
 
 from refit_gym.backbones import CheckpointError, load_backbone
 from refit_gym.data import DataError, load_dataset, resolve_device, write_json
+from refit_gym.distributed import (
+    DistributedError,
+    current,
+    init_from_environment,
+    launched_by_torchrun,
+    shutdown,
+)
 from refit_gym.mdp.gym_env import default_checkpoint
 from refit_gym.mdp.registration import register_spec
 from refit_gym.specs import EnvSpec, SpecError, load_env_spec
@@ -46,15 +57,17 @@ def _spec(args: argparse.Namespace) -> EnvSpec:
 
 
 def _load(args: argparse.Namespace):
-    args.device = resolve_device(args.device)
+    _, args.device = init_from_environment(resolve_device(args.device))
     spec = _spec(args)
     data = load_dataset(spec.dataset, args.data_dir)
-    if not args.quiet:
+    if not args.quiet and current().is_main:
         print(data.summary(), file=sys.stderr)
     return spec, data
 
 
 def _report(title: str, payload: dict, json_path: str | None) -> None:
+    if not current().is_main:
+        return
     print(title)
     print(format_metrics_table({"valid": payload["valid"], "test": payload["test"]}))
     if json_path:
@@ -69,7 +82,8 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
     result = pretrain(spec, data, out, seed=args.seed, device=args.device,
                       max_epochs=args.max_epochs, progress=not args.quiet)
     payload = result.to_json(spec.id, args.seed)
-    write_json(out / "metrics.json", payload)
+    if current().is_main:
+        write_json(out / "metrics.json", payload)
     _report(
         f"{spec.id} pretrain seed {args.seed}: best epoch {result.best_epoch} of "
         f"{result.epochs}, {result.wall_time_s:.0f} s, checkpoint {result.checkpoint}",
@@ -128,6 +142,8 @@ def cmd_finetune(args: argparse.Namespace) -> None:
                        device=args.device, hyperparams=_parse_sets(args.set),
                        env_kwargs=env_kwargs, budget_seconds=args.budget_seconds,
                        progress=not args.quiet)
+    if not current().is_main:
+        return
     print(f"{spec.id} finetune {args.algo} seed {args.seed}: selected epoch "
           f"{payload['best_epoch']} (0 = the pretrained start), {payload['wall_time_s']:.0f} s "
           f"of training, checkpoint {out / 'finetuned.pt'}")
@@ -214,17 +230,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+DISTRIBUTED_COMMANDS = ("pretrain", "evaluate", "finetune")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if launched_by_torchrun() and args.command not in DISTRIBUTED_COMMANDS:
+            raise ValueError(f"refit-gym {args.command} runs in one process; start it without "
+                             f"torchrun (torchrun runs: {', '.join(DISTRIBUTED_COMMANDS)})")
         args.func(args)
-    except (DataError, SpecError, CheckpointError, TypeError, ValueError,
+    except (DataError, SpecError, CheckpointError, DistributedError, TypeError, ValueError,
             FloatingPointError) as err:
         if os.environ.get("REFIT_DEBUG"):
             raise
         print(f"refit-gym: error: {err} ({type(err).__name__}; REFIT_DEBUG=1 shows the "
               "traceback)", file=sys.stderr)
         return 2
+    finally:
+        shutdown()
     return 0
 
 

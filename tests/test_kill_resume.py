@@ -1,5 +1,6 @@
-"""A fine-tuning process killed with SIGKILL (no chance to clean up) resumes from its last
-checkpoint when the same command is run again, and ends where an uninterrupted run ends."""
+"""A run killed with SIGKILL (no chance to clean up) resumes from its last checkpoint when the
+same command is run again, and ends where an uninterrupted run ends: fine-tuning in one process
+and under torchrun, and pretraining."""
 
 from __future__ import annotations
 
@@ -32,16 +33,8 @@ def test_sigkill_mid_run_then_rerun_equals_an_uninterrupted_run(pretrained_synth
     whole = tmp_path / "whole"
     subprocess.run(_command(pretrained_synthetic, whole), check=True, timeout=600, cwd=tmp_path)
     cut = tmp_path / "cut"
-    process = subprocess.Popen(_command(pretrained_synthetic, cut), cwd=tmp_path)
-    state = cut / "state.pt"
-    deadline = time.monotonic() + 300
-    while not state.is_file():  # the first checkpoint: two batches into the first epoch
-        assert process.poll() is None, "the run ended before it could be killed"
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-    os.kill(process.pid, signal.SIGKILL)
-    process.wait()
-    assert process.returncode == -signal.SIGKILL and not (cut / "metrics.json").exists()
+    _kill_when(_command(pretrained_synthetic, cut), cut / "state.pt", tmp_path)
+    assert not (cut / "metrics.json").exists()  # the first checkpoint, two batches in
     subprocess.run(_command(pretrained_synthetic, cut), check=True, timeout=600, cwd=tmp_path)
 
     def report(folder: Path) -> dict:
@@ -51,7 +44,62 @@ def test_sigkill_mid_run_then_rerun_equals_an_uninterrupted_run(pretrained_synth
         return {k: payload[k] for k in ("history", "valid", "test", "best_epoch")}
 
     assert report(cut) == report(whole)
-    a, _ = load_backbone(whole / "finetuned.pt")
-    b, _ = load_backbone(cut / "finetuned.pt")
-    for key, value in a.state_dict().items():
-        assert torch.equal(value, b.state_dict()[key]), key
+    _weights_equal(whole / "finetuned.pt", cut / "finetuned.pt")
+
+
+def _kill_when(command: list[str], marker: Path, cwd: Path,
+               env: dict[str, str] | None = None) -> None:
+    """Start ``command`` and SIGKILL its whole process group once ``marker`` exists."""
+    process = subprocess.Popen(command, cwd=cwd, env=env, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while not marker.is_file():
+        assert process.poll() is None, "the run ended before it could be killed"
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+
+
+def _weights_equal(a: Path, b: Path) -> None:
+    first, _ = load_backbone(a)
+    second, _ = load_backbone(b)
+    for key, value in first.state_dict().items():
+        assert torch.equal(value, second.state_dict()[key]), key
+
+
+def test_pretraining_killed_then_rerun_equals_an_uninterrupted_run(tmp_path: Path) -> None:
+    def command(out: Path) -> list[str]:
+        return [sys.executable, "-m", "refit_gym.cli", "pretrain", "--env",
+                "ReFiT-SeqSynthetic-v0", "--out", str(out), "--max-epochs", "6", "--quiet"]
+
+    subprocess.run(command(tmp_path / "whole"), check=True, timeout=600, cwd=tmp_path)
+    cut = tmp_path / "cut"
+    _kill_when(command(cut), cut / "pretrain_state.pt", tmp_path)  # after the first epoch
+    assert not (cut / "metrics.json").exists()
+    subprocess.run(command(cut), check=True, timeout=600, cwd=tmp_path)
+    whole, again = (json.loads((tmp_path / run / "metrics.json").read_text())
+                    for run in ("whole", "cut"))
+    for key in ("history", "valid", "test", "best_epoch", "test_std"):
+        assert again[key] == whole[key], key
+    _weights_equal(tmp_path / "whole" / "denoiser.pt", cut / "denoiser.pt")
+
+
+def test_torchrun_finetuning_killed_then_rerun_equals_an_uninterrupted_run(
+        pretrained_synthetic: Path, tmp_path: Path) -> None:
+    """Every process of a 2-process run is SIGKILLed mid-epoch; rerunning resumes exactly."""
+    def command(out: Path) -> list[str]:
+        finetune = _command(pretrained_synthetic, out)[1:]  # without the interpreter
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                "--nproc_per_node=2", *finetune, "--set", "users_per_chunk=8"]
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run(command(tmp_path / "whole"), check=True, timeout=600, cwd=tmp_path, env=env)
+    cut = tmp_path / "cut"
+    _kill_when(command(cut), cut / "state.pt", tmp_path, env)
+    subprocess.run(command(cut), check=True, timeout=600, cwd=tmp_path, env=env)
+    whole, again = (json.loads((tmp_path / run / "metrics.json").read_text())
+                    for run in ("whole", "cut"))
+    for entry in whole["history"] + again["history"]:
+        entry.pop("elapsed")
+    assert again["history"] == whole["history"] and again["test"] == whole["test"]
+    _weights_equal(tmp_path / "whole" / "finetuned.pt", cut / "finetuned.pt")

@@ -112,7 +112,7 @@ def test_interrupted_run_resumes_to_the_same_result(env_id, checkpoint_fixture, 
     whole = finetune(spec, data, pretrained, "refit", tmp_path / "whole", seed=5,
                      hyperparams=hyperparams, progress=False)
 
-    original = refit_agent.ReFiTAgent.train_batch
+    original = refit_agent.ReFiTAgent.update
     calls = {"n": 0}
 
     def interrupted(self, *args, **kwargs):
@@ -121,11 +121,11 @@ def test_interrupted_run_resumes_to_the_same_result(env_id, checkpoint_fixture, 
             raise KeyboardInterrupt
         return original(self, *args, **kwargs)
 
-    monkeypatch.setattr(refit_agent.ReFiTAgent, "train_batch", interrupted)
+    monkeypatch.setattr(refit_agent.ReFiTAgent, "update", interrupted)
     with pytest.raises(KeyboardInterrupt):
         finetune(spec, data, pretrained, "refit", tmp_path / "cut", seed=5,
                  hyperparams=hyperparams, progress=False)
-    monkeypatch.setattr(refit_agent.ReFiTAgent, "train_batch", original)
+    monkeypatch.setattr(refit_agent.ReFiTAgent, "update", original)
     assert (tmp_path / "cut" / "state.pt").is_file()
     resumed = finetune(spec, data, pretrained, "refit", tmp_path / "cut", seed=5,
                        hyperparams=hyperparams, progress=False)

@@ -9,6 +9,10 @@ gradient on the exact per-step Gaussian log-likelihoods, plus an optional KL pen
 frozen pretrained backbone, over the last ``train_steps`` reverse steps (the earlier steps
 explore too, or follow the mean chain with ``explore_all_steps=False``). Evaluation uses the
 backbone's own inference (DiffRec: the deterministic mean chain).
+
+A batch may be rolled out in chunks of users (:meth:`ReFiTAgent.rollout` each), whose gradients
+:meth:`ReFiTAgent.update` accumulates and sums over the ranks of a ``torchrun`` group: the same
+update as one rollout of the whole batch, in less memory or on several processes.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from torch import Tensor, nn
 
 from refit_gym.backbones import Backbone
 from refit_gym.diffusion import GaussianDiffusion, gaussian_log_prob
+from refit_gym.distributed import Distributed, current
 from refit_gym.mdp.core import DenoisingMDP
 
 
@@ -29,6 +34,10 @@ class ReFiTConfig:
     epochs: int = 3  # passes over the users
     users_per_epoch: int = 0  # 0: every user each epoch; else a fresh random subset of this size
     users_per_batch: int = 64
+    # 0: one rollout of the whole batch. > 0: rollouts of this many users, each seeded by its
+    # place in the run, so a batch gives the same update on any number of torchrun processes
+    # (under torchrun, 0 means users_per_batch / world size).
+    users_per_chunk: int = 0
     group_size: int = 8  # trajectories per user (the advantage baseline is their mean)
     kappa: float = 10.0  # exploration scale: policy std = kappa * sigma_t
     lr: float = 1e-5
@@ -77,11 +86,26 @@ class BatchStats:
     clip_fraction: float
 
 
-class ReFiTAgent:
-    """Owns the policy (the denoiser being tuned), its frozen reference and the optimiser."""
+@dataclass
+class Rollout:
+    """A chunk's trajectories: the trained steps (x_t, t, action, log-prob at sampling), each
+    (R, ...) for R = users x group_size rows, their advantages and final rewards (R,)."""
 
-    def __init__(self, model: Backbone, reference: Backbone, config: ReFiTConfig) -> None:
+    batch: dict[str, Tensor]
+    chain: GaussianDiffusion
+    steps: list[tuple[Tensor, Tensor, Tensor, Tensor]]
+    advantages: Tensor
+    reward: Tensor
+
+
+class ReFiTAgent:
+    """Owns the policy (the denoiser being tuned), its frozen reference and the optimiser;
+    ``dist``: the torchrun group whose ranks share each batch (default: this process's)."""
+
+    def __init__(self, model: Backbone, reference: Backbone, config: ReFiTConfig,
+                 dist: Distributed | None = None) -> None:
         self.model, self.reference, self.config = model, reference, config
+        self.dist = current() if dist is None else dist
         # No dropout: rollout and update must score the same policy.
         self.model.eval().freeze_for_finetuning()
         self.reference.eval().requires_grad_(False)
@@ -92,60 +116,88 @@ class ReFiTAgent:
                     generator: torch.Generator) -> BatchStats:
         """Roll out ``group_size`` trajectories per episode in ``users`` (U,) (users or training
         rows) on ``core``'s chain and update once."""
+        return self.update([self.rollout(core, users, generator)],
+                           len(users) * self.config.group_size)
+
+    @torch.no_grad()
+    def rollout(self, core: DenoisingMDP, users: Tensor, generator: torch.Generator) -> Rollout:
+        """Play ``group_size`` trajectories of each of ``users`` (U,) on ``core`` (U * G rows),
+        keeping the trained steps and the group advantages."""
         cfg = self.config
         rows = torch.arange(core.num_rows, device=core.device)
         core.reset_rows(rows, users.repeat_interleave(cfg.group_size), generator)
         batch, chain = core.backbone_batch(), core.chain
-        stored: list[tuple[Tensor, Tensor, Tensor, Tensor]] = []
-        with torch.no_grad():
-            condition = self.model.encode(batch)
-            for _ in range(core.steps):
-                t = core.denoiser_timestep()
-                x_t = core.x
-                trained = int(t[0]) < cfg.train_steps
-                if trained or cfg.explore_all_steps:
-                    action, log_prob, _ = policy_step(self.model, x_t, t, condition, cfg.kappa,
-                                                      generator=generator, chain=chain)
-                else:
-                    action = self.model.reverse_mean(x_t, t, condition, chain)
-                if trained:
-                    stored.append((x_t, t, action, log_prob))  # states are never mutated
-                result = core.step(action)
-        advantages = group_advantages(result.reward, cfg.group_size)
+        steps: list[tuple[Tensor, Tensor, Tensor, Tensor]] = []
+        condition = self.model.encode(batch)
+        for _ in range(core.steps):
+            t = core.denoiser_timestep()
+            x_t = core.x
+            trained = int(t[0]) < cfg.train_steps
+            if trained or cfg.explore_all_steps:
+                action, log_prob, _ = policy_step(self.model, x_t, t, condition, cfg.kappa,
+                                                  generator=generator, chain=chain)
+            else:
+                action = self.model.reverse_mean(x_t, t, condition, chain)
+            if trained:
+                steps.append((x_t, t, action, log_prob))  # states are never mutated
+            result = core.step(action)
+        return Rollout(batch, chain, steps, group_advantages(result.reward, cfg.group_size),
+                       result.reward)
 
+    def update(self, rollouts: list[Rollout], total_rows: int) -> BatchStats:
+        """One policy-gradient update from ``rollouts`` (this rank's chunks of a batch of
+        ``total_rows`` trajectories on every rank together): the loss is the mean over all of
+        them, gradients are summed over chunks and ranks, then clipped and applied."""
+        cfg = self.config
+        # Every trajectory trains the same steps; a rank may hold no chunk of a small batch.
+        n_steps = int(self.dist.max_float(max((len(r.steps) for r in rollouts), default=0)))
         kl_total = clipped = 0.0
         grad_norm = torch.zeros(())
-        with torch.no_grad():
-            ref_condition = self.reference.encode(batch)
+        params = [p for p in self.model.parameters() if p.requires_grad]
         for _ in range(cfg.update_epochs):
             self.optimizer.zero_grad(set_to_none=True)
-            condition = self.model.encode(batch)  # with gradients: the encoder is tuned too
-            for x_t, t, action, old_log_prob in stored:
-                _, log_prob, mean = policy_step(self.model, x_t, t, condition, cfg.kappa,
-                                                action=action, chain=chain)
-                # Beyond e^20 the clipped objective is flat anyway; the clamp only keeps a
-                # far-moved policy (update_epochs > 1) from overflowing to inf * 0 = NaN.
-                ratio = torch.exp((log_prob - old_log_prob).clamp(max=20.0))
-                surrogate = torch.minimum(
-                    ratio * advantages,
-                    ratio.clamp(1 - cfg.clip_range, 1 + cfg.clip_range) * advantages)
-                loss = -surrogate.mean()
-                if cfg.kl_coef > 0:
-                    with torch.no_grad():
-                        ref_mean = self.reference.reverse_mean(x_t, t, ref_condition, chain)
-                    var = (cfg.kappa * self.model.reverse_std(t, chain)).pow(2)
-                    kl = (mean.double() - ref_mean.double()).pow(2).sum(-1) / (2 * var)
-                    loss = loss + cfg.kl_coef * kl.mean()
-                    kl_total += kl.mean().item()
-                # The condition's graph is shared by every step: keep it until the last one.
-                (loss / len(stored)).backward(retain_graph=condition is not None)
-                clipped += ((ratio - 1).abs() > cfg.clip_range).double().mean().item()
-            grad_norm = nn.utils.clip_grad_norm_(
-                [p for p in self.model.parameters() if p.requires_grad], cfg.max_grad_norm)
+            for rollout in rollouts:
+                stats = self._accumulate(rollout, total_rows * n_steps)
+                kl_total, clipped = kl_total + stats[0], clipped + stats[1]
+            self.dist.sum_gradients(params)
+            grad_norm = nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             self.optimizer.step()
-        n_terms = max(len(stored) * cfg.update_epochs, 1)
-        return BatchStats(reward=result.reward.mean().item(), kl=kl_total / n_terms,
+        reward, kl_total, clipped = self.dist.sum_floats(
+            [sum(r.reward.sum().item() for r in rollouts), kl_total, clipped])
+        n_terms = max(total_rows * n_steps * cfg.update_epochs, 1)
+        return BatchStats(reward=reward / total_rows, kl=kl_total / n_terms,
                           grad_norm=float(grad_norm), clip_fraction=clipped / n_terms)
+
+    def _accumulate(self, rollout: Rollout, denominator: int) -> tuple[float, float]:
+        """Backpropagate ``rollout``'s share of the batch loss (its per-row, per-step terms
+        summed, divided by ``denominator`` rows x steps of the whole batch); returns its KL sum
+        and clipped-ratio count."""
+        cfg, chain, advantages = self.config, rollout.chain, rollout.advantages
+        kl_sum = clipped = 0.0
+        with torch.no_grad():
+            ref_condition = self.reference.encode(rollout.batch)
+        condition = self.model.encode(rollout.batch)  # with gradients: the encoder is tuned too
+        for x_t, t, action, old_log_prob in rollout.steps:
+            _, log_prob, mean = policy_step(self.model, x_t, t, condition, cfg.kappa,
+                                            action=action, chain=chain)
+            # Beyond e^20 the clipped objective is flat anyway; the clamp only keeps a
+            # far-moved policy (update_epochs > 1) from overflowing to inf * 0 = NaN.
+            ratio = torch.exp((log_prob - old_log_prob).clamp(max=20.0))
+            surrogate = torch.minimum(
+                ratio * advantages,
+                ratio.clamp(1 - cfg.clip_range, 1 + cfg.clip_range) * advantages)
+            loss = -surrogate.sum()
+            if cfg.kl_coef > 0:
+                with torch.no_grad():
+                    ref_mean = self.reference.reverse_mean(x_t, t, ref_condition, chain)
+                var = (cfg.kappa * self.model.reverse_std(t, chain)).pow(2)
+                kl = (mean.double() - ref_mean.double()).pow(2).sum(-1) / (2 * var)
+                loss = loss + cfg.kl_coef * kl.sum()
+                kl_sum += kl.sum().item()
+            # The condition's graph is shared by every step: keep it until the last one.
+            (loss / denominator).backward(retain_graph=condition is not None)
+            clipped += ((ratio - 1).abs() > cfg.clip_range).double().sum().item()
+        return kl_sum, clipped
 
 
 def user_batches(n_users: int, users_per_batch: int, generator: torch.Generator,
@@ -158,6 +210,7 @@ def user_batches(n_users: int, users_per_batch: int, generator: torch.Generator,
     return list(order.split(users_per_batch))
 
 
-def epoch_seed(seed: int, epoch: int) -> int:
-    """A per-epoch seed, so a resumed run regenerates the same user order."""
-    return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
+def seed_for(seed: int, *place: int) -> int:
+    """A seed for a place in a run (an epoch; an epoch, batch and chunk; a rank), so a resumed
+    run regenerates the same user order and a chunk the same draws wherever it is rolled out."""
+    return int(np.random.SeedSequence([seed, *place]).generate_state(1)[0])

@@ -5,6 +5,9 @@ algorithm, evaluates on validation after each epoch, keeps the best by validatio
 writes ``finetuned.pt`` and ``metrics.json``. ``state.pt`` in the output folder holds everything
 needed to resume (weights, optimiser, random state, position in the epoch); rerunning the same
 command after an interruption continues from it. Test metrics are recorded, never used.
+
+Under ``torchrun`` the ReFiT agent and ``continue`` split every batch over the ranks and sum their
+gradients, evaluation is sharded, and rank 0 alone writes (:mod:`refit_gym.distributed`).
 """
 
 from __future__ import annotations
@@ -33,11 +36,12 @@ from refit_gym.data import (
 )
 from refit_gym.data.progress import Progress
 from refit_gym.diffusion import GaussianDiffusion
+from refit_gym.distributed import Distributed, current
 from refit_gym.mdp.core import DenoisingMDP
 from refit_gym.mdp.episodes import EpisodeSource
 from refit_gym.mdp.gym_env import EnvSettings
 from refit_gym.mdp.rewards import Reward
-from refit_gym.rl.refit_agent import ReFiTAgent, ReFiTConfig, epoch_seed, user_batches
+from refit_gym.rl.refit_agent import ReFiTAgent, ReFiTConfig, seed_for, user_batches
 from refit_gym.rl.sb3_agents import (
     SB3_ALGOS,
     EpisodeRewards,
@@ -48,7 +52,13 @@ from refit_gym.rl.sb3_agents import (
 )
 from refit_gym.specs import EnvSpec, load_agent_hyperparams
 from refit_gym.training.metrics import SELECTION_METRIC, eval_mode, evaluate
-from refit_gym.training.pretrain import make_timestep_sampler, train_epoch
+from refit_gym.training.pretrain import (
+    gather_random_states,
+    make_timestep_sampler,
+    rank_generator,
+    restore_random_states,
+    train_epoch,
+)
 
 ALGOS = ("refit", "continue", *SB3_ALGOS)
 FIXED_EPISODES = 256  # training episodes of the optimiser's own check
@@ -70,6 +80,9 @@ class RunState:
     def save(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
              generator: torch.Generator | None = None,
              extra: dict[str, Any] | None = None) -> None:
+        """Write the state (rank 0 only: every rank holds the same)."""
+        if not current().is_main:
+            return
         payload = {
             "identity": self.identity, "epoch": self.epoch, "batch": self.batch,
             "elapsed": self.elapsed, "history": self.history, "best": self.best,
@@ -114,16 +127,20 @@ def _refit_epochs(spec: EnvSpec, data: Dataset, source: EpisodeSource, reward: R
                   state: RunState, resumed: dict | None, device,
                   log: Callable[[str, float, int], None], end_of_epoch: Callable[[], bool],
                   progress: bool) -> None:
-    agent = ReFiTAgent(model, reference, config)
+    dist = current()
+    agent = ReFiTAgent(model, reference, config, dist)
     generator = torch.Generator(device)
     if resumed is not None:
         agent.optimizer.load_state_dict(resumed["optimizer"])
     cores: dict[int, DenoisingMDP] = {}
     per_epoch = -(-(config.users_per_epoch or data.n_train_rows) // config.users_per_batch)
+    chunk = config.users_per_chunk or (-(-config.users_per_batch // dist.world_size)
+                                       if dist.active else 0)
     bar = Progress(config.epochs * per_epoch, f"refit {spec.id}", unit="batch",
-                   initial=(state.epoch - 1) * per_epoch + state.batch, enabled=progress)
+                   initial=(state.epoch - 1) * per_epoch + state.batch,
+                   enabled=progress and dist.is_main)
     while state.epoch <= config.epochs:
-        generator.manual_seed(epoch_seed(seed, state.epoch))
+        generator.manual_seed(seed_for(seed, state.epoch))
         batches = user_batches(data.n_train_rows, config.users_per_batch, generator,
                                config.users_per_epoch)
         if state.batch and resumed is not None:
@@ -131,11 +148,16 @@ def _refit_epochs(spec: EnvSpec, data: Dataset, source: EpisodeSource, reward: R
         resumed = None
         while state.batch < len(batches):
             users = batches[state.batch].to(device)
-            rows = len(users) * config.group_size
-            if rows not in cores:
-                cores[rows] = DenoisingMDP(source, reward, rows)
             started = time.perf_counter()
-            stats = agent.train_batch(cores[rows], users, generator)
+            rollouts = []
+            for index, chunk_users in _my_chunks(users, chunk, dist):
+                if chunk:  # seeded by its place: the same draws on whichever rank rolls it out
+                    generator.manual_seed(seed_for(seed, state.epoch, state.batch, index))
+                rows = len(chunk_users) * config.group_size
+                if rows not in cores:
+                    cores[rows] = DenoisingMDP(source, reward, rows)
+                rollouts.append(agent.rollout(cores[rows], chunk_users, generator))
+            stats = agent.update(rollouts, len(users) * config.group_size)
             state.elapsed += time.perf_counter() - started
             state.epoch_rewards.append(stats.reward)
             state.batch += 1
@@ -153,32 +175,45 @@ def _refit_epochs(spec: EnvSpec, data: Dataset, source: EpisodeSource, reward: R
     bar.close()
 
 
+def _my_chunks(users: Tensor, chunk: int, dist: Distributed) -> list[tuple[int, Tensor]]:
+    """This rank's chunks of a batch of ``users``, with their places in the batch: all of it
+    (``chunk`` 0, one process), or every ``world_size``-th chunk of ``chunk`` users."""
+    if not chunk:
+        return [(0, users)]
+    return list(dist.share(list(enumerate(users.split(chunk)))))
+
+
 def _continue_epochs(spec: EnvSpec, data: Dataset, model: Backbone, budget: float,
                      seed: int, state: RunState, resumed: dict | None, device,
                      end_of_epoch: Callable[[], bool], progress: bool) -> None:
     """The baseline: more epochs of the backbone's own loss, for ``budget`` training seconds."""
-    config = spec.pretrain
+    config, dist = spec.pretrain, current()
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr,
                                   weight_decay=config.weight_decay)
     sampler = make_timestep_sampler(config, model.diffusion.steps)
     generator = torch.Generator().manual_seed(seed)
+    noise = rank_generator(seed, dist)
     if resumed is not None:
         optimizer.load_state_dict(resumed["optimizer"])
         generator.set_state(resumed["generator"])
         sampler.load_state_dict(resumed["extra"]["sampler"])
+        restore_random_states(resumed["extra"]["random"], dist, noise)
     bar = Progress(budget, f"continue {spec.id}", unit="s", initial=state.elapsed,
-                   enabled=progress)
+                   enabled=progress and dist.is_main)
     while state.elapsed < budget:
         started = time.perf_counter()
-        train_epoch(model, data, optimizer, sampler, config, generator, device)
-        spent = time.perf_counter() - started
+        train_epoch(model, data, optimizer, sampler, config, generator, device, noise)
+        # The slowest rank's time: every rank must agree on when the budget is spent.
+        spent = dist.max_float(time.perf_counter() - started)
         state.elapsed += spent
         state.epoch += 1
         bar.advance(spent)
         if (state.epoch - 1) % config.eval_every == 0 or state.elapsed >= budget:
             end_of_epoch()
             bar.epoch(f"epoch {state.epoch - 1}", **state.last_epoch())
-            state.save(model, optimizer, generator, {"sampler": sampler.state_dict()})
+            random = gather_random_states(dist, noise)  # a collective: every rank joins
+            state.save(model, optimizer, generator, {"sampler": sampler.state_dict(),
+                                                     "random": random})
     bar.close()
 
 
@@ -239,6 +274,10 @@ def finetune(
     """
     if algo not in ALGOS:
         raise ValueError(f"unknown algorithm {algo!r}; choose one of {ALGOS}")
+    dist = current()
+    if dist.active and algo in SB3_ALGOS:
+        raise ValueError(f"{algo} runs in one process only (Stable-Baselines3 has no distributed "
+                         "training); start it without torchrun, or use --algo refit or continue")
     out_dir = Path(out_dir)
     torch.manual_seed(seed)
     model, _ = load_backbone(checkpoint, data.n_items, device)
@@ -275,7 +314,7 @@ def finetune(
         model = sb3_model.policy.backbone  # the actor: evaluated and saved like any backbone
     elif resumed is not None:
         model.load_state_dict(resumed["model"])
-    writer = SummaryWriter(str(out_dir / "tensorboard"))
+    writer = SummaryWriter(str(out_dir / "tensorboard")) if dist.is_main else None
     embeddings = reference.item_table()
     embeddings = None if embeddings is None else embeddings.detach()
     source = settings.build_source(spec, data, embeddings)
@@ -286,7 +325,8 @@ def finetune(
     check_core = DenoisingMDP(source, reward, len(check_episodes))
 
     def log(key: str, value: float, step: int) -> None:
-        writer.add_scalar(key, value, step)
+        if writer is not None:
+            writer.add_scalar(key, value, step)
 
     def evaluate_and_select() -> bool:
         metrics = evaluate(model, data, spec.pretrain, device=device, chain=chain,
@@ -321,7 +361,8 @@ def finetune(
             _sb3_epochs(spec, algo, sb3_model, config, chain.steps, data.n_train_rows,
                         state, out_dir, evaluate_and_select, progress)
         state.finished = True
-    writer.close()
+    if writer is not None:
+        writer.close()
     model.load_state_dict(state.best_weights)
     best, start = state.best, state.history[0]
     if model.stochastic_inference and not state.final:
@@ -332,8 +373,9 @@ def finetune(
         state.save(model)  # the finished run's evaluations survive an interruption
     if state.final:
         best, start = {**best, **state.final["best"]}, {**start, **state.final["start"]}
-    save_backbone(out_dir / "finetuned.pt", model, spec.id, algo=algo, seed=seed,
-                  epoch=best["epoch"], valid=best["valid"], test=best["test"])
+    if dist.is_main:
+        save_backbone(out_dir / "finetuned.pt", model, spec.id, algo=algo, seed=seed,
+                      epoch=best["epoch"], valid=best["valid"], test=best["test"])
     extra = ("tuned_chain", "valid_std", "test_std", "test_seen", "test_unseen")
     payload = {
         "env": spec.id, "algo": algo, "seed": seed, "checkpoint": str(checkpoint),
@@ -343,7 +385,9 @@ def finetune(
         "wall_time_s": state.elapsed, "history": state.history,
         "config": identity["config"], "env_kwargs": identity["env_kwargs"],
     }
-    write_json(out_dir / "metrics.json", payload)
+    if dist.is_main:
+        write_json(out_dir / "metrics.json", payload)
+    dist.barrier()  # the files exist for every rank once finetune returns
     return payload
 
 
@@ -356,10 +400,12 @@ def _start_metrics(model: Backbone, checkpoint: Path, data: Dataset, spec: EnvSp
                                      dataclasses.asdict(spec.pretrain)], sort_keys=True,
                                     default=str).encode()).hexdigest()[:20]
     path = default_cache_dir() / "evaluations" / f"{key}.json"
-    if path.is_file():
-        return json.loads(path.read_text())
+    dist = current()
+    if dist.broadcast(path.is_file()):  # every rank takes the same branch: evaluation is shared
+        return dist.broadcast(json.loads(path.read_text()) if dist.is_main else None)
     metrics = _final_metrics(model, data, spec, chain, device)
-    write_json(path, metrics)
+    if dist.is_main:
+        write_json(path, metrics)
     return metrics
 
 

@@ -6,6 +6,9 @@ DCG runs over min(K, |ground truth|) positions; averages over all users, a user 
 truth counting 0. Sequential, as DreamRec and DiffuRec compute it: one target per row, all items
 ranked, nothing masked, HR@K and NDCG@K averaged over every row (DreamRec's own code drops the
 last partial batch of 100; this evaluates every row), mean and spread over sampling seeds.
+
+Under ``torchrun`` each rank evaluates every ``world_size``-th batch and one reduction sums the
+results: every rank gets the numbers one process gets (up to the order of float sums).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from tqdm.auto import tqdm
 from refit_gym.backbones import Backbone
 from refit_gym.data import Dataset, InteractionData, SequenceData, dense_rows
 from refit_gym.diffusion import GaussianDiffusion
+from refit_gym.distributed import current
 from refit_gym.specs import PretrainConfig
 
 DEFAULT_KS: tuple[int, ...] = (10, 20)
@@ -103,8 +107,10 @@ def evaluate_cf(
     Both rank the same scores (the chain starts from the training history); only the masks and
     targets differ. Returns ``{"valid": {"recall@10": ..., ...}, "test": {...}}``.
     """
-    totals = {split: {} for split in ("valid", "test")}
-    starts = range(0, data.n_users, batch_size)
+    keys = [f"{name}@{k}" for k in ks for name in ("recall", "ndcg")]
+    totals = {split: dict.fromkeys(keys, 0.0) for split in ("valid", "test")}
+    dist = current()
+    starts = dist.share(range(0, data.n_users, batch_size))
     with _evaluating(backbone):
         for start in tqdm(starts, desc="evaluate", disable=not _live(progress), leave=False):
             users = np.arange(start, min(start + batch_size, data.n_users))
@@ -118,8 +124,9 @@ def evaluate_cf(
                     scores.masked_fill_(valid > 0, -torch.inf)
                     targets = dense_rows(data.test, users, device)
                 for key, per_user in ranking_metrics(scores, targets, ks).items():
-                    totals[split][key] = totals[split].get(key, 0.0) + per_user.sum().item()
-    return {s: {k: v / data.n_users for k, v in m.items()} for s, m in totals.items()}
+                    totals[split][key] += per_user.sum().item()
+    sums = iter(dist.sum_floats(v for m in totals.values() for v in m.values()))
+    return {s: {k: next(sums) / data.n_users for k in m} for s, m in totals.items()}
 
 
 def next_item_metrics(scores: Tensor, targets: Tensor, ks: Sequence[int]) -> dict[str, Tensor]:
@@ -153,26 +160,31 @@ def evaluate_sequential(
 ) -> dict[str, dict[str, float]]:
     """HR@K and NDCG@K of every row of ``splits``, all items ranked, nothing masked, each
     sampling seed one run of the backbone's own (stochastic) sampler on ``chain`` (default:
-    all T steps). Returns the means over seeds under each split, their population std under
-    ``"<split>_std"``, and the means split by whether the row's target was ever a training
+    all T steps); batch b of seed s draws from a generator seeded s + b * 2^32, whichever
+    process evaluates it. Returns the means over seeds under each split, their population std
+    under ``"<split>_std"``, and the means split by whether the row's target was ever a training
     target under ``"<split>_seen"`` and ``"<split>_unseen"``."""
     out: dict[str, dict[str, float]] = {}
+    keys = [f"{name}@{k}" for k in ks for name in ("hr", "ndcg")]
+    dist = current()
     with _evaluating(backbone):
         for split in splits:
             seen = torch.from_numpy(data.target_in_train(split)).to(device)
             rows = len(data.targets[split])
-            per_seed: list[dict[str, Tensor]] = []
-            for seed in sampling_seeds:
-                generator = torch.Generator(device).manual_seed(seed)
-                parts: list[dict[str, Tensor]] = []
-                for start in tqdm(range(0, rows, batch_size), desc=f"evaluate {split}",
-                                  disable=not _live(progress), leave=False):
-                    batch = data.batch(split, np.arange(start, min(start + batch_size, rows)),
-                                       device)
-                    scores = backbone.rank_scores(batch, chain, generator)
-                    parts.append(next_item_metrics(scores, batch["target"], ks))
-                per_seed.append({k: torch.cat([p[k] for p in parts]) for k in parts[0]})
-            stacked = {k: torch.stack([s[k] for s in per_seed]) for k in per_seed[0]}  # (S, N)
+            per_row = torch.zeros(len(keys), len(sampling_seeds), rows, dtype=torch.float64,
+                                  device=device)  # (metrics, S, N), this rank's batches filled
+            units = [(i, seed, start) for i, seed in enumerate(sampling_seeds)
+                     for start in range(0, rows, batch_size)]
+            for i, seed, start in tqdm(dist.share(units), desc=f"evaluate {split}",
+                                       disable=not _live(progress), leave=False):
+                generator = torch.Generator(device).manual_seed(
+                    seed + (start // batch_size << 32))
+                stop = min(start + batch_size, rows)
+                batch = data.batch(split, np.arange(start, stop), device)
+                metrics = next_item_metrics(backbone.rank_scores(batch, chain, generator),
+                                            batch["target"], ks)
+                per_row[:, i, start:stop] = torch.stack([metrics[k] for k in keys])
+            stacked = dict(zip(keys, dist.sum_(per_row), strict=True))  # each (S, N)
             out[split] = {k: v.mean().item() for k, v in stacked.items()}
             out[f"{split}_std"] = {k: v.mean(1).std(unbiased=False).item()
                                    for k, v in stacked.items()}

@@ -6,11 +6,17 @@ uniformly), compute the backbone's own loss, divide by the sampling probability.
 ``eval_every`` epochs evaluate on validation; keep the checkpoint with the best validation
 ``selection_metric``; stop after ``patience`` epochs without improvement. A stochastic backbone
 is selected on a cheaper respaced chain and its selected checkpoint is then evaluated with its
-own full sampler over several sampling seeds.
+own full sampler over several sampling seeds. ``pretrain_state.pt`` holds everything needed to
+resume after each epoch: rerunning the same command after an interruption or a kill continues.
+
+Under ``torchrun`` every rank shuffles alike, trains on its share of each batch with its own
+noise (seeded by rank: a run is reproducible for a given world size) and the gradients are
+summed; rank 0 writes the checkpoint.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,9 +25,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from refit_gym.backbones import Backbone, load_backbone, save_backbone
-from refit_gym.data import Dataset
+from refit_gym.backbones import Backbone, CheckpointError, load_backbone, save_backbone
+from refit_gym.data import Dataset, atomic_path
 from refit_gym.data.progress import Progress
+from refit_gym.distributed import Distributed, current
+from refit_gym.rl.refit_agent import seed_for
 from refit_gym.specs import EnvSpec, PretrainConfig
 from refit_gym.training.metrics import evaluate, selection_chain
 
@@ -98,25 +106,58 @@ def train_epoch(
     config: PretrainConfig,
     generator: torch.Generator,
     device: torch.device | str = "cpu",
+    noise: torch.Generator | None = None,
 ) -> float:
     """One pass over all training rows in shuffled batches with the backbone's own loss;
-    returns the mean batch loss. Every draw comes from ``generator`` (CPU)."""
+    returns the mean batch loss. The order comes from ``generator`` (CPU), t and the noise
+    from ``noise`` (default: ``generator``). Under torchrun each rank trains on its share of
+    every batch and the gradients of the batch's mean loss are summed over ranks."""
     backbone.train()
+    dist = current()
+    noise = generator if noise is None else noise
+    params = [p for p in backbone.parameters() if p.requires_grad]
     order = torch.randperm(data.n_train_rows, generator=generator).numpy()
     total, n_batches = 0.0, 0
     for start in range(0, data.n_train_rows, config.batch_size):
-        batch = data.train_batch(order[start : start + config.batch_size], device)
-        t, pt = sampler.sample(len(next(iter(batch.values()))), generator)
+        rows = order[start : start + config.batch_size]
+        mine = np.asarray(dist.share(rows))
+        batch = data.train_batch(mine, device)
+        t, pt = sampler.sample(len(mine), noise)
         t = t.to(device)
-        losses = backbone.training_loss(batch, t, generator)
-        sampler.record(t, losses)
-        loss = (losses / pt.to(device)).mean()
+        losses = backbone.training_loss(batch, t, noise)
+        sampler.record(dist.gather_rows(t), dist.gather_rows(losses.detach()))
+        loss = (losses / pt.to(device)).sum() / len(rows)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        dist.sum_gradients(params)
         optimizer.step()
-        total += loss.item()
+        total += dist.sum_floats([loss.item()])[0]
         n_batches += 1
     return total / max(n_batches, 1)
+
+
+def rank_generator(seed: int, dist: Distributed) -> torch.Generator | None:
+    """This rank's generator of t and noise under torchrun (None in one process: the
+    shuffling generator draws them too, as it always has)."""
+    return torch.Generator().manual_seed(seed_for(seed, dist.rank)) if dist.active else None
+
+
+def gather_random_states(dist: Distributed, noise: torch.Generator | None) -> Tensor:
+    """(world_size, n) uint8: each rank's global torch RNG state (dropout) and ``noise``
+    state, so a resumed run draws on every rank what the uninterrupted run would have."""
+    own = torch.get_rng_state()
+    if noise is not None:
+        own = torch.cat([own, noise.get_state()])
+    return dist.gather_rows(own.unsqueeze(0))
+
+
+def restore_random_states(states: Tensor, dist: Distributed,
+                          noise: torch.Generator | None) -> None:
+    """Undo :func:`gather_random_states` on this rank."""
+    own, n = states[dist.rank], torch.get_rng_state().numel()
+    torch.set_rng_state(own[:n].clone())
+    if noise is not None:
+        noise.set_state(own[n:].clone())
 
 
 @dataclass
@@ -164,39 +205,85 @@ def pretrain(
         backbone.parameters(), lr=config.lr, weight_decay=config.weight_decay
     )
     sampler = make_timestep_sampler(config, backbone.diffusion.steps)
+    dist = current()
+    noise = rank_generator(seed, dist)
     checkpoint = Path(out_dir) / "denoiser.pt"
+    state_path = Path(out_dir) / "pretrain_state.pt"
+    identity = {"env": spec.id, "seed": seed, "world_size": dist.world_size,
+                "pretrain": dataclasses.asdict(config), "backbone": spec.backbone,
+                "diffusion": dataclasses.asdict(spec.diffusion)}
     best: dict = {"epoch": 0, "score": -np.inf, "valid": {}, "test": {}}
     history: list[dict] = []
-    started = time.perf_counter()
-    epoch = 0
-    bar = Progress(max_epochs, f"pretrain {spec.id}", unit="epoch", enabled=progress)
-    for epoch in range(1, max_epochs + 1):
+    epoch, elapsed = 0, 0.0
+    resumed = _load_state(state_path, identity)
+    if resumed is not None:
+        epoch, elapsed, best, history = (resumed[k] for k in ("epoch", "elapsed", "best",
+                                                               "history"))
+        backbone.load_state_dict(resumed["model"])
+        optimizer.load_state_dict(resumed["optimizer"])
+        generator.set_state(resumed["generator"])
+        sampler.load_state_dict(resumed["sampler"])
+        restore_random_states(resumed["random"], dist, noise)
+    started = time.perf_counter() - elapsed
+    bar = Progress(max_epochs, f"pretrain {spec.id}", unit="epoch", initial=epoch,
+                   enabled=progress and dist.is_main)
+    first = epoch + 1
+    for epoch in range(first, max_epochs + 1):
         if epoch - best["epoch"] >= config.patience:
             epoch -= 1
             break
-        loss = train_epoch(backbone, data, optimizer, sampler, config, generator, device)
+        loss = train_epoch(backbone, data, optimizer, sampler, config, generator, device,
+                           noise)
         bar.advance()
         shown = {f"best valid {metric}": best["score"]} if best["epoch"] else {}
         bar.epoch(f"epoch {epoch}", loss=loss, **shown)
-        if epoch % config.eval_every and epoch != max_epochs:
-            continue
-        metrics = evaluate(backbone, data, config, device=device,
-                           chain=selection_chain(backbone, config),
-                           sampling_seeds=config.selection_sampling_seeds)
-        history.append({"epoch": epoch, "loss": loss, **metrics})
-        if metrics["valid"][metric] > best["score"]:
-            best = {"epoch": epoch, "score": metrics["valid"][metric], **metrics}
-            save_backbone(checkpoint, backbone, spec.id, seed=seed, epoch=epoch, **metrics)
+        if epoch % config.eval_every == 0 or epoch == max_epochs:
+            metrics = evaluate(backbone, data, config, device=device,
+                               chain=selection_chain(backbone, config),
+                               sampling_seeds=config.selection_sampling_seeds)
+            history.append({"epoch": epoch, "loss": loss, **metrics})
+            if metrics["valid"][metric] > best["score"]:
+                best = {"epoch": epoch, "score": metrics["valid"][metric], **metrics}
+                if dist.is_main:
+                    save_backbone(checkpoint, backbone, spec.id, seed=seed, epoch=epoch,
+                                  **metrics)
+        random = gather_random_states(dist, noise)  # a collective: every rank joins
+        if dist.is_main:
+            with atomic_path(state_path) as tmp:
+                torch.save({"identity": identity, "epoch": epoch, "best": best,
+                            "history": history, "elapsed": time.perf_counter() - started,
+                            "model": backbone.state_dict(), "optimizer": optimizer.state_dict(),
+                            "generator": generator.get_state(), "random": random,
+                            "sampler": sampler.state_dict()}, tmp)
     bar.close()
+    dist.barrier()  # the selected checkpoint is on disk for every rank
     train_seconds = time.perf_counter() - started
     if backbone.stochastic_inference:  # the selected model under its own full sampler
         selected, _ = load_backbone(checkpoint, data.n_items, device)
-        best.update(evaluate(selected, data, config, device=device, progress=progress))
-        save_backbone(checkpoint, selected, spec.id, seed=seed, epoch=best["epoch"],
-                      **{k: v for k, v in best.items() if k not in ("epoch", "score")})
+        best.update(evaluate(selected, data, config, device=device,
+                             progress=progress and dist.is_main))
+        if dist.is_main:
+            save_backbone(checkpoint, selected, spec.id, seed=seed, epoch=best["epoch"],
+                          **{k: v for k, v in best.items() if k not in ("epoch", "score")})
     return PretrainResult(
         checkpoint=checkpoint, best_epoch=best["epoch"], epochs=epoch, valid=best["valid"],
         test=best["test"], wall_time_s=time.perf_counter() - started, history=history,
         train_seconds=train_seconds,
         extra={k: v for k, v in best.items() if k not in ("epoch", "score", "valid", "test")},
     )
+
+
+def _load_state(path: Path, identity: dict) -> dict | None:
+    """The resume state at ``path`` if it belongs to the run ``identity`` describes."""
+    if not path.is_file():
+        return None
+    try:
+        state = torch.load(path, weights_only=True)
+    except Exception as err:
+        raise CheckpointError(f"resume state {path} is corrupt ({err}); delete it to start the "
+                              "pretraining over") from err
+    if state["identity"] != identity:
+        raise CheckpointError(f"{path.parent} holds a different pretraining run "
+                              f"({state['identity']}); use another --out folder, or delete it "
+                              "to start over")
+    return state

@@ -1,0 +1,160 @@
+"""Data-parallel runs under torchrun (gloo on CPU): 2 processes give what 1 process gives for
+the same global batch, evaluation is sharded exactly, and a dead rank ends the others with a
+clear error instead of a hang."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from refit_gym import distributed
+from refit_gym.backbones import load_backbone
+from refit_gym.cli import main
+from refit_gym.distributed import Distributed
+
+# Per-chunk seeds make the draws independent of which process rolls a chunk out.
+REFIT = ["--set", "epochs=2", "--set", "users_per_epoch=96", "--set", "users_per_batch=24",
+         "--set", "users_per_chunk=6", "--set", "checkpoint_every=2"]
+
+
+def _torchrun(args: list[str], cwd: Path, nproc: int = 2) -> subprocess.CompletedProcess:
+    # From tmp_path: at the repository root `-m` would import the source folder, not the
+    # installed package. One thread per process: two processes share the CI's two cores.
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           f"--nproc_per_node={nproc}", "-m", "refit_gym.cli", *args],
+                          cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+
+def _finetune_args(env_id: str, checkpoint: Path, out: Path) -> list[str]:
+    return ["finetune", "--env", env_id, "--algo", "refit", "--checkpoint", str(checkpoint),
+            "--out", str(out), "--seed", "2", "--quiet", *REFIT]
+
+
+@pytest.mark.parametrize(("env_id", "fixture"), [
+    ("ReFiT-Synthetic-v0", "pretrained_synthetic"),
+    ("ReFiT-SeqSynthetic-v0", "pretrained_seq_synthetic"),
+])
+def test_two_processes_equal_one_process(env_id: str, fixture: str, tmp_path: Path,
+                                         request) -> None:
+    checkpoint = request.getfixturevalue(fixture)
+    assert main(_finetune_args(env_id, checkpoint, tmp_path / "one")) == 0
+    run = _torchrun(_finetune_args(env_id, checkpoint, tmp_path / "two"), tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.count("finetune refit seed 2") == 1  # rank 0 alone reports
+
+    one = json.loads((tmp_path / "one" / "metrics.json").read_text())
+    two = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    assert two["best_epoch"] == one["best_epoch"] and len(two["history"]) == 3
+    for a, b in zip(one["history"], two["history"], strict=True):
+        assert b["valid"] == pytest.approx(a["valid"], abs=1e-6)
+        assert b["fixed_reward"] == pytest.approx(a["fixed_reward"], rel=1e-5)
+        assert (b["train_reward"] is None) == (a["train_reward"] is None)
+        if a["train_reward"] is not None:
+            assert b["train_reward"] == pytest.approx(a["train_reward"], rel=1e-5)
+    assert two["test"] == pytest.approx(one["test"], abs=1e-6)
+    # The last weights (selection may keep the start): trained alike, to float tolerance.
+    last = [torch.load(tmp_path / run / "state.pt", weights_only=True)["model"]
+            for run in ("one", "two")]
+    pretrained, _ = load_backbone(checkpoint)
+    moved = False
+    for key, value in last[0].items():
+        torch.testing.assert_close(last[1][key], value, atol=1e-5, rtol=1e-4)
+        moved |= not torch.equal(value, pretrained.state_dict()[key])
+    assert moved  # equal weights are not just the untouched start
+
+
+def test_pretraining_and_sharded_evaluation_under_torchrun(pretrained_seq_synthetic: Path,
+                                                           tmp_path: Path) -> None:
+    """2-process pretraining writes one selected checkpoint; its 2-process evaluation (3
+    sampling seeds over 2 ranks) equals the 1-process evaluation."""
+    out = tmp_path / "pre"
+    run = _torchrun(["pretrain", "--env", "ReFiT-SeqSynthetic-v0", "--out", str(out),
+                     "--max-epochs", "5", "--quiet"], tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["best_epoch"] == 5 and metrics["test"]["hr@20"] > 0
+    for name, checkpoint in (("own", out / "denoiser.pt"), ("fixture", pretrained_seq_synthetic)):
+        single = tmp_path / f"{name}-1.json"
+        assert main(["evaluate", "--env", "ReFiT-SeqSynthetic-v0", "--checkpoint",
+                     str(checkpoint), "--json", str(single), "--quiet"]) == 0
+        sharded = tmp_path / f"{name}-2.json"
+        run = _torchrun(["evaluate", "--env", "ReFiT-SeqSynthetic-v0", "--checkpoint",
+                         str(checkpoint), "--json", str(sharded), "--quiet"], tmp_path)
+        assert run.returncode == 0, run.stderr[-3000:]
+        a, b = json.loads(single.read_text()), json.loads(sharded.read_text())
+        for split in ("valid", "test", "test_std", "test_unseen"):
+            assert b[split] == pytest.approx(a[split], abs=1e-12), split
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+DYING_RANK = """
+import os, sys, torch
+from refit_gym.distributed import DistributedError, init_from_environment
+group, _ = init_from_environment("cpu")
+group.sum_(torch.ones(1))  # both ranks are up
+if group.rank == 1:
+    os._exit(3)  # dies without a word, as a SIGKILLed worker would
+try:
+    group.sum_(torch.ones(1))
+except DistributedError as err:
+    print("CLEAR ERROR:", err)
+    sys.exit(0)
+sys.exit("the collective returned although rank 1 was dead")
+"""
+
+
+def test_a_dead_rank_ends_the_others_with_a_clear_error(tmp_path: Path) -> None:
+    port = _free_port()
+    procs = []
+    for rank in (0, 1):
+        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+               "REFIT_DIST_TIMEOUT": "30"}
+        procs.append(subprocess.Popen([sys.executable, "-c", DYING_RANK], cwd=tmp_path,
+                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True))
+    out, err = procs[0].communicate(timeout=120)  # a hang fails here
+    procs[1].communicate(timeout=60)
+    assert procs[1].returncode == 3
+    assert procs[0].returncode == 0, err[-2000:]
+    assert "rank 0 of 2" in out and "Rerun the same command to resume" in out
+
+
+def test_single_process_commands_refuse_torchrun(pretrained_synthetic: Path, tmp_path: Path,
+                                                 monkeypatch, capsys) -> None:
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["bench", "--env", "ReFiT-Synthetic-v0", "--algos", "pop", "--seeds", "1",
+                 "--out", str(tmp_path / "bench"), "--quiet"]) == 2
+    assert "runs in one process" in capsys.readouterr().err
+    monkeypatch.delenv("WORLD_SIZE")
+    monkeypatch.setattr(distributed, "_current", Distributed(rank=0, world_size=2))
+    from refit_gym.mdp.gym_env import cached_dataset
+    from refit_gym.specs import load_env_spec
+    from refit_gym.training.finetune import finetune
+
+    with pytest.raises(ValueError, match="Stable-Baselines3 has no distributed training"):
+        finetune(load_env_spec("ReFiT-Synthetic-v0"), cached_dataset("ReFiT-Synthetic-v0", None),
+                 pretrained_synthetic, "ppo", tmp_path / "ppo", progress=False)
+
+
+def test_single_process_group_is_the_identity() -> None:
+    group = Distributed()
+    tensor = torch.arange(4.0)
+    assert group.sum_(tensor) is tensor and torch.equal(tensor, torch.arange(4.0))
+    assert group.sum_floats([1.5, 2.0]) == [1.5, 2.0] and group.max_float(3.0) == 3.0
+    assert list(group.share(range(5))) == [0, 1, 2, 3, 4]
+    assert list(Distributed(rank=1, world_size=2).share(range(5))) == [1, 3]
+    assert group.broadcast({"a": 1}) == {"a": 1} and group.is_main and not group.active
