@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -124,8 +125,11 @@ class Distributed:
         return torch.device("cpu")
 
     def _collective(self, name: str, fn: Any, *args: Any, **kwargs: Any) -> None:
+        global _communication_s
+        started = time.perf_counter()
         try:
             fn(*args, **kwargs)
+            _communication_s += time.perf_counter() - started
         except (RuntimeError, ValueError) as err:  # torch's DistBackendError is a RuntimeError
             raise DistributedError(
                 f"{name} failed on rank {self.rank} of {self.world_size} ({err}); another rank "
@@ -134,6 +138,13 @@ class Distributed:
 
 
 _current = Distributed()
+_communication_s = 0.0
+
+
+def communication_seconds() -> float:
+    """Seconds this process has spent in collectives: transfers and waiting for the slowest
+    rank (a clock to read before and after the work measured)."""
+    return _communication_s
 
 
 def current() -> Distributed:

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from refit_gym.backbones import Backbone
 from refit_gym.diffusion import GaussianDiffusion, gaussian_log_prob
-from refit_gym.distributed import Distributed, current
+from refit_gym.distributed import Distributed, communication_seconds, current
 from refit_gym.mdp.core import DenoisingMDP
 
 
@@ -84,6 +84,7 @@ class BatchStats:
     kl: float
     grad_norm: float
     clip_fraction: float
+    communication_s: float = 0.0  # in collectives (torchrun), waiting for other ranks included
 
 
 @dataclass
@@ -149,6 +150,7 @@ class ReFiTAgent:
         ``total_rows`` trajectories on every rank together): the loss is the mean over all of
         them, gradients are summed over chunks and ranks, then clipped and applied."""
         cfg = self.config
+        communication = communication_seconds()
         # Every trajectory trains the same steps; a rank may hold no chunk of a small batch.
         n_steps = int(self.dist.max_float(max((len(r.steps) for r in rollouts), default=0)))
         kl_total = clipped = 0.0
@@ -166,7 +168,8 @@ class ReFiTAgent:
             [sum(r.reward.sum().item() for r in rollouts), kl_total, clipped])
         n_terms = max(total_rows * n_steps * cfg.update_epochs, 1)
         return BatchStats(reward=reward / total_rows, kl=kl_total / n_terms,
-                          grad_norm=float(grad_norm), clip_fraction=clipped / n_terms)
+                          grad_norm=float(grad_norm), clip_fraction=clipped / n_terms,
+                          communication_s=communication_seconds() - communication)
 
     def _accumulate(self, rollout: Rollout, denominator: int) -> tuple[float, float]:
         """Backpropagate ``rollout``'s share of the batch loss (its per-row, per-step terms

@@ -70,6 +70,7 @@ class RunState:
     def __init__(self, path: Path, identity: dict[str, Any]) -> None:
         self.path, self.identity = path, identity
         self.epoch, self.batch, self.elapsed = 1, 0, 0.0
+        self.communication = 0.0  # of elapsed, seconds in collectives (torchrun)
         self.history: list[dict[str, Any]] = []
         self.epoch_rewards: list[float] = []  # batch mean rewards of the epoch under way
         self.best: dict[str, Any] = {}
@@ -85,7 +86,8 @@ class RunState:
             return
         payload = {
             "identity": self.identity, "epoch": self.epoch, "batch": self.batch,
-            "elapsed": self.elapsed, "history": self.history, "best": self.best,
+            "elapsed": self.elapsed, "communication": self.communication,
+            "history": self.history, "best": self.best,
             "epoch_rewards": self.epoch_rewards,
             "best_weights": self.best_weights, "finished": self.finished, "final": self.final,
             "model": model.state_dict(),
@@ -116,7 +118,8 @@ class RunState:
             raise CheckpointError(
                 f"{self.path.parent} holds a different run ({payload['identity']}); use another "
                 "--out folder, or delete it to start over")
-        for key in ("epoch", "batch", "elapsed", "history", "epoch_rewards", "best",
+        for key in ("epoch", "batch", "elapsed", "communication", "history", "epoch_rewards",
+                    "best",
                     "best_weights", "finished", "final"):
             setattr(self, key, payload[key])
         return payload
@@ -159,6 +162,7 @@ def _refit_epochs(spec: EnvSpec, data: Dataset, source: EpisodeSource, reward: R
                 rollouts.append(agent.rollout(cores[rows], chunk_users, generator))
             stats = agent.update(rollouts, len(users) * config.group_size)
             state.elapsed += time.perf_counter() - started
+            state.communication += stats.communication_s
             state.epoch_rewards.append(stats.reward)
             state.batch += 1
             step = (state.epoch - 1) * per_epoch + state.batch
@@ -382,7 +386,8 @@ def finetune(
         "valid": best["valid"], "test": best["test"], "best_epoch": best["epoch"],
         **{k: best[k] for k in extra if k in best},
         "start": {k: start[k] for k in ("valid", "test", *extra) if k in start},
-        "wall_time_s": state.elapsed, "history": state.history,
+        "wall_time_s": state.elapsed, "communication_s": state.communication,
+        "world_size": dist.world_size, "history": state.history,
         "config": identity["config"], "env_kwargs": identity["env_kwargs"],
     }
     if dist.is_main:
