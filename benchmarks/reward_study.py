@@ -62,10 +62,12 @@ CF_CONFIGS: dict[str, dict] = {
 }
 TRANSITIONS = {"alphas": [0.5], "propagation": "exact"}  # one hop of the item-transition graph
 SEQ_CONFIGS: dict[str, dict] = {
+    # alphas [] explicitly: otherwise a spec whose default is the collaborative reward lends
+    # its own hops to these (parameters of the same reward merge).
     "log-lik of the next item, tau 0.1": {
-        "reward": "collaborative", "reward_params": {"tau": 0.1}},
+        "reward": "collaborative", "reward_params": {"tau": 0.1, "alphas": []}},
     "log-lik of the next item, tau 1": {
-        "reward": "collaborative", "reward_params": {"tau": 1.0}},
+        "reward": "collaborative", "reward_params": {"tau": 1.0, "alphas": []}},
     "collab a=0.5 transitions, tau 0.1": {
         "reward": "collaborative", "reward_params": {"tau": 0.1, **TRANSITIONS}},
     "hit@20": {"reward": "hit", "reward_params": {"k": 20}},
