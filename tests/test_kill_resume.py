@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from refit_gym.backbones import load_backbone
@@ -103,3 +104,18 @@ def test_torchrun_finetuning_killed_then_rerun_equals_an_uninterrupted_run(
         entry.pop("elapsed")
     assert again["history"] == whole["history"] and again["test"] == whole["test"]
     _weights_equal(tmp_path / "whole" / "finetuned.pt", cut / "finetuned.pt")
+
+
+def test_pretraining_refuses_a_state_it_did_not_write(tmp_path: Path) -> None:
+    from refit_gym.backbones import CheckpointError
+    from refit_gym.mdp.gym_env import cached_dataset
+    from refit_gym.specs import load_env_spec
+    from refit_gym.training.pretrain import pretrain
+
+    spec, data = load_env_spec(SYN), cached_dataset(SYN, None)
+    pretrain(spec, data, tmp_path, seed=1, max_epochs=1, progress=False)
+    with pytest.raises(CheckpointError, match="different pretraining run"):
+        pretrain(spec, data, tmp_path, seed=2, max_epochs=1, progress=False)
+    (tmp_path / "pretrain_state.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="corrupt"):
+        pretrain(spec, data, tmp_path, seed=1, max_epochs=1, progress=False)
