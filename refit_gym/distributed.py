@@ -77,19 +77,19 @@ class Distributed:
         return tensor.item()
 
     def sum_gradients(self, parameters: Iterable[torch.nn.Parameter]) -> None:
-        """Sum every parameter's gradient over ranks, flattened into one reduction per dtype.
-        A parameter without a gradient on this rank contributes zeros."""
-        if not self.active:
-            return
+        """Sum the gradients of ``parameters`` (one dtype) over ranks in one all-reduce. A
+        parameter without a gradient on every rank keeps none, as one process would leave it
+        (an optimiser then skips it, weight decay included)."""
         params = [p for p in parameters if p.requires_grad]
-        for p in params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-        flat = torch.cat([p.grad.reshape(-1) for p in params])
-        self.sum_(flat)
+        if not self.active or not params:
+            return
+        has_grad = torch.tensor([float(p.grad is not None) for p in params],
+                                dtype=params[0].dtype, device=params[0].device)
+        flat = self.sum_(torch.cat([*((torch.zeros_like(p) if p.grad is None else p.grad)
+                                      .reshape(-1) for p in params), has_grad]))
         offset = 0
-        for p in params:
-            p.grad.copy_(flat[offset : offset + p.numel()].view_as(p))
+        for p, any_rank in zip(params, flat[-len(params):].tolist(), strict=True):
+            p.grad = flat[offset : offset + p.numel()].view_as(p).clone() if any_rank else None
             offset += p.numel()
 
     def gather_rows(self, tensor: Tensor) -> Tensor:
