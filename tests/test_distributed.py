@@ -116,21 +116,49 @@ sys.exit("the collective returned although rank 1 was dead")
 """
 
 
-def test_a_dead_rank_ends_the_others_with_a_clear_error(tmp_path: Path) -> None:
+def _two_ranks(script: str, cwd: Path) -> list[subprocess.Popen]:
+    """``script`` started as ranks 0 and 1 of a 2-process gloo group (no torchrun)."""
     port = _free_port()
     procs = []
     for rank in (0, 1):
         env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-               "REFIT_DIST_TIMEOUT": "30"}
-        procs.append(subprocess.Popen([sys.executable, "-c", DYING_RANK], cwd=tmp_path,
-                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+               "REFIT_DIST_TIMEOUT": "30", "OMP_NUM_THREADS": "1"}
+        procs.append(subprocess.Popen([sys.executable, "-c", script], cwd=cwd, env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                       text=True))
+    return procs
+
+
+def test_a_dead_rank_ends_the_others_with_a_clear_error(tmp_path: Path) -> None:
+    procs = _two_ranks(DYING_RANK, tmp_path)
     out, err = procs[0].communicate(timeout=120)  # a hang fails here
     procs[1].communicate(timeout=60)
     assert procs[1].returncode == 3
     assert procs[0].returncode == 0, err[-2000:]
     assert "rank 0 of 2" in out and "Rerun the same command to resume" in out
+
+
+GRADIENTS = """
+import torch
+from refit_gym.distributed import init_from_environment
+group, _ = init_from_environment("cpu")
+both, rank1_only, neither = (torch.nn.Parameter(torch.zeros(3)) for _ in range(3))
+both.grad = torch.full((3,), group.rank + 1.0)
+if group.rank == 1:
+    rank1_only.grad = torch.tensor([1.0, 2.0, 3.0])
+group.sum_gradients([both, rank1_only, neither])
+assert both.grad.tolist() == [3.0, 3.0, 3.0], both.grad
+assert rank1_only.grad.tolist() == [1.0, 2.0, 3.0], rank1_only.grad
+assert neither.grad is None
+print("OK")
+"""
+
+
+def test_gradients_are_summed_and_missing_ones_stay_missing(tmp_path: Path) -> None:
+    for proc in _two_ranks(GRADIENTS, tmp_path):
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0 and out.strip() == "OK", err[-2000:]
 
 
 def test_single_process_commands_refuse_torchrun(pretrained_synthetic: Path, tmp_path: Path,
