@@ -99,7 +99,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
             f"checkpoint {args.checkpoint} belongs to {meta.get('env_id')}, not {spec.id}"
         )
     metrics = evaluate(backbone, data, spec.pretrain, device=args.device,
-                       progress=not args.quiet)
+                       progress=not args.quiet and current().is_main)
     payload = {"env": spec.id, "checkpoint": str(args.checkpoint), **metrics}
     _report(f"{spec.id} evaluate {args.checkpoint}", payload, args.json)
 
