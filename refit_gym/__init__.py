@@ -1,6 +1,7 @@
 """refit-gym: fine-tuning diffusion recommenders with reinforcement learning (ReFiT).
 
-Layers, bottom to top (each imports only those below it): ``data`` and ``diffusion``;
+Layers, bottom to top (each imports only those below it): ``data``, ``diffusion`` and
+``distributed`` (the torchrun group);
 ``backbones`` (DiffRec, DreamRec); ``specs`` (envs/*.toml); ``mdp`` (the denoising MDP and its
 Gymnasium and SB3 faces); ``rl`` (the ReFiT agent, SB3 policy and algorithms); ``training``
 (metrics, pretraining, fine-tuning, benchmarks); ``cli``.
