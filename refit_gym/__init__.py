@@ -1,10 +1,10 @@
 """refit-gym: fine-tuning diffusion recommenders with reinforcement learning (ReFiT).
 
 Layers, bottom to top (each imports only those below it): ``data``, ``diffusion`` and
-``distributed`` (the torchrun group);
-``backbones`` (DiffRec, DreamRec); ``specs`` (envs/*.toml); ``mdp`` (the denoising MDP and its
-Gymnasium and SB3 faces); ``rl`` (the ReFiT agent, SB3 policy and algorithms); ``training``
-(metrics, pretraining, fine-tuning, benchmarks); ``cli``.
+``distributed`` (the torchrun group); ``backbones`` (DiffRec, DreamRec); ``specs``
+(envs/*.toml); ``mdp`` (the denoising MDP and its Gymnasium and SB3 faces); ``rl`` (the ReFiT
+agent, SB3 policy and algorithms); ``training`` (metrics, pretraining, fine-tuning,
+benchmarks); ``cli``.
 
 Importing the package registers every id whose MDP exists with Gymnasium;
 ``gym.make("refit_gym:ReFiT-ML1M-v0")`` imports it on demand.
