@@ -24,15 +24,17 @@ import torch
 from common import write_result
 
 from refit_gym.backbones import load_backbone
-from refit_gym.specs import load_agent_hyperparams
+from refit_gym.specs import load_env_spec
 
 ENVS = ("ReFiT-ML1M-v0", "ReFiT-Zhihu-v0")
 
 # The projection's assumptions (not measured here: no GPU has run this code yet).
 GPU_TFLOPS = 25.0  # sustained fp32 per H100-class GPU, ~40% of its ~67 TFLOP/s peak
 NVLINK_GBPS, PCIE_GBPS = 300.0, 20.0  # NCCL all-reduce bus bandwidth, NVLink vs PCIe
-AMAZON_BOOK = {"users": 70_679, "items": 24_915, "parameters": 49_900_000, "steps": 5,
-               "measured_cpu_s_per_512_users": 116.0}  # amazon_book_memory.md
+# Amazon-Book's size and its measured CPU time, from amazon_book_memory.md; its backbone's size
+# and chain come from its spec.
+AMAZON_BOOK = {"id": "ReFiT-AmazonBook-v0", "users": 70_679, "items": 24_915,
+               "measured_cpu_s_per_512_users": 116.0}
 
 
 def _cli(args: list[str], nproc: int, cwd: Path) -> None:
@@ -59,9 +61,9 @@ def measure(env_id: str, users: int, batch: int, work: Path) -> dict:
               "--set", f"users_per_batch={batch}", "--set", f"users_per_chunk={batch // 2}"],
              nproc, work)
         runs[nproc] = json.loads((out / "metrics.json").read_text())
-    group = load_agent_hyperparams("refit", env_id).get("group_size", 8)
     chain_steps = runs[1]["env_kwargs"]["steps"] or model.diffusion.steps
-    return {"env": env_id, "users": users, "batch": batch, "group": group,
+    return {"env": env_id, "users": users, "batch": batch,
+            "group": runs[1]["config"]["group_size"],
             "trained_parameters": trained, "chain_steps": chain_steps,
             "train_steps": runs[1]["config"]["train_steps"], "runs": runs}
 
@@ -86,12 +88,15 @@ def projection(results: list[dict]) -> list[str]:
     steps_measured = -(-cf["users"] // cf["batch"])
     per_step_comm = two["communication_s"] / steps_measured
     book = AMAZON_BOOK
-    flops = episode_flops(book["parameters"], book["steps"], cf["train_steps"])
+    spec = load_env_spec(book["id"])
+    parameters = sum(p.numel() for p in spec.build_backbone(book["items"]).parameters())
+    chain_steps = spec.env.get("steps") or spec.diffusion.steps
+    flops = episode_flops(parameters, chain_steps, cf["train_steps"])
     book_episodes = book["users"] * cf["group"]
     book_steps = -(-book["users"] // cf["batch"])
     cpu_epoch = book["measured_cpu_s_per_512_users"] * book["users"] / 512
     compute = flops * book_episodes / (8 * GPU_TFLOPS * 1e12)
-    ring_bytes = 2 * 7 / 8 * 4 * book["parameters"]
+    ring_bytes = 2 * 7 / 8 * 4 * parameters
     lines = [
         "",
         "## Projection: Amazon-Book on 8 GPUs (a projection, not a measurement)",
@@ -104,16 +109,16 @@ def projection(results: list[dict]) -> list[str]:
         f"{4 * cf['trained_parameters'] / 1e6:.0f} MB gradient over gloo on loopback, waiting "
         "for the slower rank included).",
         "",
-        f"Amazon-Book (DiffRec, {book['parameters'] / 1e6:.1f} M floats, {book['steps']}-step "
+        f"Amazon-Book (DiffRec, {parameters / 1e6:.1f} M floats, {chain_steps}-step "
         f"chain, every step trained): {flops / 1e9:.1f} GFLOP per episode, {book_episodes:,} "
         f"episodes ({book['users']:,} users x group {cf['group']}) and {book_steps:,} "
-        f"all-reduces of {4 * book['parameters'] / 1e6:.0f} MB per epoch at "
+        f"all-reduces of {4 * parameters / 1e6:.0f} MB per epoch at "
         f"{cf['batch']} users per batch. Measured on 2 CPU cores (amazon_book_memory.md): "
         f"{book['measured_cpu_s_per_512_users']:.0f} s per 512 users (while another run "
         f"shared the cores), so about {cpu_epoch / 3600:.1f} h per epoch; the FLOP count at "
         f"the rate above predicts {flops * 512 * cf['group'] / (2 * cpu_rate):.0f} s for "
-        "those 512 users on 2 cores (116 s measured with the cores shared): the count is of "
-        "the right size.",
+        f"those 512 users on 2 cores ({book['measured_cpu_s_per_512_users']:.0f} s measured "
+        "with the cores shared): the count is of the right size.",
         "",
         f"Assumed for 8 GPUs: {GPU_TFLOPS:.0f} TFLOP/s sustained fp32 each; NCCL ring "
         "all-reduce moving 2 (W-1)/W of the gradient at a bus bandwidth of "

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from refit_gym.backbones import CheckpointError, load_backbone
-from refit_gym.data import DataError, load_dataset, resolve_device, write_json
+from refit_gym.data import DataError, load_dataset, write_json
 from refit_gym.distributed import (
     DistributedError,
     current,
@@ -57,7 +57,7 @@ def _spec(args: argparse.Namespace) -> EnvSpec:
 
 
 def _load(args: argparse.Namespace):
-    _, args.device = init_from_environment(resolve_device(args.device))
+    _, args.device = init_from_environment(args.device)
     spec = _spec(args)
     data = load_dataset(spec.dataset, args.data_dir)
     if not args.quiet and current().is_main:

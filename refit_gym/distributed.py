@@ -1,4 +1,5 @@
-"""Data-parallel runs under ``torchrun`` (DESIGN 11): the process group and its few collectives.
+"""Where a process runs: its device, and under ``torchrun`` (DESIGN 11) the process group and
+its few collectives.
 
 A command started by ``torchrun --nproc_per_node N ...`` finds ``WORLD_SIZE`` and ``RANK`` in its
 environment; :func:`init_from_environment` then joins the process group (gloo on CPU, NCCL on
@@ -152,6 +153,13 @@ def current() -> Distributed:
     return _current
 
 
+def resolve_device(device: str) -> str:
+    """``"auto"``: CUDA when a GPU is available, else the CPU; any other name as given."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
 def launched_by_torchrun() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
@@ -160,10 +168,12 @@ def init_from_environment(device: str, timeout_s: float | None = None) -> tuple[
                                                                                  str]:
     """Join the ``torchrun`` group when launched by it (else stay single-process).
 
-    Returns the group and this rank's device: ``device`` itself on CPU, ``cuda:LOCAL_RANK`` for
-    CUDA. Collectives time out after ``timeout_s`` (default ``$REFIT_DIST_TIMEOUT`` or 600 s).
+    Returns the group and this rank's device (``device`` resolved by :func:`resolve_device`):
+    the CPU as named, or ``cuda:LOCAL_RANK`` for CUDA. Collectives time out after
+    ``timeout_s`` (default ``$REFIT_DIST_TIMEOUT`` or 600 s).
     """
     global _current
+    device = resolve_device(device)
     if not launched_by_torchrun() or _current.active:
         return _current, device
     if timeout_s is None:

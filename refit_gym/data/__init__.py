@@ -13,7 +13,6 @@ from refit_gym.data.fileio import (
     atomic_path,
     default_cache_dir,
     default_data_dir,
-    resolve_device,
     sha256_of,
     verify_checksums,
     write_json,
@@ -45,4 +44,4 @@ __all__ = ["FORMATS", "BuiltinsUnpickler", "DataError", "Dataset", "DownloadErro
            "fetch_dataset", "load_dataset", "load_diffrec", "load_diffurec", "load_dreamrec",
            "load_lightgcn", "load_movielens_ratings", "make_sequential_synthetic",
            "make_synthetic", "order_matrix", "pairs_to_csr", "prefix_rows", "rank_within_user",
-           "resolve_device", "sha256_of", "verify_checksums", "write_json"]
+           "sha256_of", "verify_checksums", "write_json"]

@@ -78,11 +78,3 @@ def default_cache_dir() -> Path:
         return Path(root).expanduser()
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "refit-gym"
 
-
-def resolve_device(device: str) -> str:
-    """``"auto"``: CUDA when a GPU is available, else the CPU; any other name as given."""
-    if device == "auto":
-        import torch
-
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device

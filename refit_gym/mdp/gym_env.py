@@ -20,14 +20,9 @@ from gymnasium.vector.utils import batch_space
 from torch import Tensor
 
 from refit_gym.backbones import CheckpointError, load_backbone
-from refit_gym.data import (
-    Dataset,
-    InteractionData,
-    default_cache_dir,
-    load_dataset,
-    resolve_device,
-)
+from refit_gym.data import Dataset, InteractionData, default_cache_dir, load_dataset
 from refit_gym.diffusion import GaussianDiffusion
+from refit_gym.distributed import resolve_device
 from refit_gym.mdp.core import ACTION_BOUND, DenoisingMDP
 from refit_gym.mdp.episodes import EpisodeSource, InteractionEpisodes, SequenceEpisodes
 from refit_gym.mdp.rewards import Reward, make_reward

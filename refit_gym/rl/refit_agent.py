@@ -19,13 +19,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
 from refit_gym.backbones import Backbone
 from refit_gym.diffusion import GaussianDiffusion, gaussian_log_prob
-from refit_gym.distributed import Distributed, communication_seconds, current
+from refit_gym.distributed import Distributed, current
 from refit_gym.mdp.core import DenoisingMDP
 
 
@@ -84,7 +83,6 @@ class BatchStats:
     kl: float
     grad_norm: float
     clip_fraction: float
-    communication_s: float = 0.0  # in collectives (torchrun), waiting for other ranks included
 
 
 @dataclass
@@ -97,6 +95,7 @@ class Rollout:
     steps: list[tuple[Tensor, Tensor, Tensor, Tensor]]
     advantages: Tensor
     reward: Tensor
+    reference_condition: Tensor | None  # the frozen reference's c, for the KL term
 
 
 class ReFiTAgent:
@@ -142,15 +141,15 @@ class ReFiTAgent:
             if trained:
                 steps.append((x_t, t, action, log_prob))  # states are never mutated
             result = core.step(action)
+        reference_condition = self.reference.encode(batch) if cfg.kl_coef > 0 else None
         return Rollout(batch, chain, steps, group_advantages(result.reward, cfg.group_size),
-                       result.reward)
+                       result.reward, reference_condition)
 
     def update(self, rollouts: list[Rollout], total_rows: int) -> BatchStats:
         """One policy-gradient update from ``rollouts`` (this rank's chunks of a batch of
         ``total_rows`` trajectories on every rank together): the loss is the mean over all of
         them, gradients are summed over chunks and ranks, then clipped and applied."""
         cfg = self.config
-        communication = communication_seconds()
         # Every trajectory trains the same steps; a rank may hold no chunk of a small batch.
         n_steps = int(self.dist.max_float(max((len(r.steps) for r in rollouts), default=0)))
         kl_total = clipped = 0.0
@@ -168,8 +167,7 @@ class ReFiTAgent:
             [sum(r.reward.sum().item() for r in rollouts), kl_total, clipped])
         n_terms = max(total_rows * n_steps * cfg.update_epochs, 1)
         return BatchStats(reward=reward / total_rows, kl=kl_total / n_terms,
-                          grad_norm=float(grad_norm), clip_fraction=clipped / n_terms,
-                          communication_s=communication_seconds() - communication)
+                          grad_norm=float(grad_norm), clip_fraction=clipped / n_terms)
 
     def _accumulate(self, rollout: Rollout, denominator: int) -> tuple[float, float]:
         """Backpropagate ``rollout``'s share of the batch loss (its per-row, per-step terms
@@ -177,8 +175,6 @@ class ReFiTAgent:
         and clipped-ratio count."""
         cfg, chain, advantages = self.config, rollout.chain, rollout.advantages
         kl_sum = clipped = 0.0
-        with torch.no_grad():
-            ref_condition = self.reference.encode(rollout.batch)
         condition = self.model.encode(rollout.batch)  # with gradients: the encoder is tuned too
         for x_t, t, action, old_log_prob in rollout.steps:
             _, log_prob, mean = policy_step(self.model, x_t, t, condition, cfg.kappa,
@@ -192,7 +188,8 @@ class ReFiTAgent:
             loss = -surrogate.sum()
             if cfg.kl_coef > 0:
                 with torch.no_grad():
-                    ref_mean = self.reference.reverse_mean(x_t, t, ref_condition, chain)
+                    ref_mean = self.reference.reverse_mean(x_t, t,
+                                                           rollout.reference_condition, chain)
                 var = (cfg.kappa * self.model.reverse_std(t, chain)).pow(2)
                 kl = (mean.double() - ref_mean.double()).pow(2).sum(-1) / (2 * var)
                 loss = loss + cfg.kl_coef * kl.sum()
@@ -212,8 +209,3 @@ def user_batches(n_users: int, users_per_batch: int, generator: torch.Generator,
         order = order[:users_per_epoch]
     return list(order.split(users_per_batch))
 
-
-def seed_for(seed: int, *place: int) -> int:
-    """A seed for a place in a run (an epoch; an epoch, batch and chunk; a rank), so a resumed
-    run regenerates the same user order and a chunk the same draws wherever it is rolled out."""
-    return int(np.random.SeedSequence([seed, *place]).generate_state(1)[0])

@@ -1,5 +1,6 @@
 """The training layer: each scenario's metrics and evaluation protocol, pretraining with the
-backbone's own loss, the fine-tuning driver shared by every algorithm, and the benchmark."""
+backbone's own loss, the fine-tuning driver shared by every algorithm, what their resumable
+runs save (``resume``), and the benchmark."""
 
 from refit_gym.training.bench import run_bench
 from refit_gym.training.finetune import ALGOS, finetune

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 from torch.utils.tensorboard import SummaryWriter
 
-from refit_gym.backbones import Backbone, CheckpointError, load_backbone, save_backbone
+from refit_gym.backbones import Backbone, load_backbone, save_backbone
 from refit_gym.data import (
     Dataset,
     SequenceData,
@@ -36,12 +36,12 @@ from refit_gym.data import (
 )
 from refit_gym.data.progress import Progress
 from refit_gym.diffusion import GaussianDiffusion
-from refit_gym.distributed import Distributed, current
+from refit_gym.distributed import Distributed, communication_seconds, current
 from refit_gym.mdp.core import DenoisingMDP
 from refit_gym.mdp.episodes import EpisodeSource
 from refit_gym.mdp.gym_env import EnvSettings
 from refit_gym.mdp.rewards import Reward
-from refit_gym.rl.refit_agent import ReFiTAgent, ReFiTConfig, seed_for, user_batches
+from refit_gym.rl.refit_agent import ReFiTAgent, ReFiTConfig, user_batches
 from refit_gym.rl.sb3_agents import (
     SB3_ALGOS,
     EpisodeRewards,
@@ -52,12 +52,13 @@ from refit_gym.rl.sb3_agents import (
 )
 from refit_gym.specs import EnvSpec, load_agent_hyperparams
 from refit_gym.training.metrics import SELECTION_METRIC, eval_mode, evaluate
-from refit_gym.training.pretrain import (
+from refit_gym.training.pretrain import make_timestep_sampler, rank_generator, train_epoch
+from refit_gym.training.resume import (
     gather_random_states,
-    make_timestep_sampler,
-    rank_generator,
+    load_state,
     restore_random_states,
-    train_epoch,
+    save_state,
+    seed_for,
 )
 
 ALGOS = ("refit", "continue", *SB3_ALGOS)
@@ -66,6 +67,10 @@ FIXED_EPISODES = 256  # training episodes of the optimiser's own check
 
 class RunState:
     """The resumable state of a fine-tuning run, saved atomically to ``out_dir/state.pt``."""
+
+    # What a resumed run takes back (beside the weights, optimiser and random states).
+    FIELDS = ("epoch", "batch", "elapsed", "communication", "history", "epoch_rewards", "best",
+              "best_weights", "finished", "final")
 
     def __init__(self, path: Path, identity: dict[str, Any]) -> None:
         self.path, self.identity = path, identity
@@ -82,21 +87,13 @@ class RunState:
              generator: torch.Generator | None = None,
              extra: dict[str, Any] | None = None) -> None:
         """Write the state (rank 0 only: every rank holds the same)."""
-        if not current().is_main:
-            return
-        payload = {
-            "identity": self.identity, "epoch": self.epoch, "batch": self.batch,
-            "elapsed": self.elapsed, "communication": self.communication,
-            "history": self.history, "best": self.best,
-            "epoch_rewards": self.epoch_rewards,
-            "best_weights": self.best_weights, "finished": self.finished, "final": self.final,
+        save_state(self.path, {
+            "identity": self.identity, **{key: getattr(self, key) for key in self.FIELDS},
             "model": model.state_dict(),
             "optimizer": optimizer.state_dict() if optimizer is not None else {},
             "generator": generator.get_state() if generator is not None else None,
             "extra": extra or {},
-        }
-        with atomic_path(self.path) as tmp:
-            torch.save(payload, tmp)
+        })
 
     def last_epoch(self) -> dict[str, float]:
         """The latest evaluation's numbers, for a progress line."""
@@ -107,21 +104,10 @@ class RunState:
         return numbers
 
     def load(self) -> dict[str, Any] | None:
-        if not self.path.is_file():
-            return None
-        try:
-            payload = torch.load(self.path, weights_only=True)
-        except Exception as err:
-            raise CheckpointError(f"resume state {self.path} is corrupt ({err}); delete it to "
-                                  "start the run over") from err
-        if payload["identity"] != self.identity:
-            raise CheckpointError(
-                f"{self.path.parent} holds a different run ({payload['identity']}); use another "
-                "--out folder, or delete it to start over")
-        for key in ("epoch", "batch", "elapsed", "communication", "history", "epoch_rewards",
-                    "best",
-                    "best_weights", "finished", "final"):
-            setattr(self, key, payload[key])
+        payload = load_state(self.path, self.identity, "fine-tuning")
+        if payload is not None:
+            for key in self.FIELDS:
+                setattr(self, key, payload[key])
         return payload
 
 
@@ -151,7 +137,7 @@ def _refit_epochs(spec: EnvSpec, data: Dataset, source: EpisodeSource, reward: R
         resumed = None
         while state.batch < len(batches):
             users = batches[state.batch].to(device)
-            started = time.perf_counter()
+            started, communication = time.perf_counter(), communication_seconds()
             rollouts = []
             for index, chunk_users in _my_chunks(users, chunk, dist):
                 if chunk:  # seeded by its place: the same draws on whichever rank rolls it out
@@ -162,7 +148,7 @@ def _refit_epochs(spec: EnvSpec, data: Dataset, source: EpisodeSource, reward: R
                 rollouts.append(agent.rollout(cores[rows], chunk_users, generator))
             stats = agent.update(rollouts, len(users) * config.group_size)
             state.elapsed += time.perf_counter() - started
-            state.communication += stats.communication_s
+            state.communication += communication_seconds() - communication
             state.epoch_rewards.append(stats.reward)
             state.batch += 1
             step = (state.epoch - 1) * per_epoch + state.batch
@@ -205,10 +191,11 @@ def _continue_epochs(spec: EnvSpec, data: Dataset, model: Backbone, budget: floa
     bar = Progress(budget, f"continue {spec.id}", unit="s", initial=state.elapsed,
                    enabled=progress and dist.is_main)
     while state.elapsed < budget:
-        started = time.perf_counter()
+        started, communication = time.perf_counter(), communication_seconds()
         train_epoch(model, data, optimizer, sampler, config, generator, device, noise)
         # The slowest rank's time: every rank must agree on when the budget is spent.
         spent = dist.max_float(time.perf_counter() - started)
+        state.communication += communication_seconds() - communication
         state.elapsed += spent
         state.epoch += 1
         bar.advance(spent)
@@ -406,8 +393,11 @@ def _start_metrics(model: Backbone, checkpoint: Path, data: Dataset, spec: EnvSp
                                     default=str).encode()).hexdigest()[:20]
     path = default_cache_dir() / "evaluations" / f"{key}.json"
     dist = current()
-    if dist.broadcast(path.is_file()):  # every rank takes the same branch: evaluation is shared
-        return dist.broadcast(json.loads(path.read_text()) if dist.is_main else None)
+    # Rank 0's answer for all: the evaluation below is shared, so every rank must take it.
+    cached = dist.broadcast(json.loads(path.read_text()) if dist.is_main and path.is_file()
+                            else None)
+    if cached is not None:
+        return cached
     metrics = _final_metrics(model, data, spec, chain, device)
     if dist.is_main:
         write_json(path, metrics)

@@ -25,13 +25,19 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from refit_gym.backbones import Backbone, CheckpointError, load_backbone, save_backbone
-from refit_gym.data import Dataset, atomic_path
+from refit_gym.backbones import Backbone, load_backbone, save_backbone
+from refit_gym.data import Dataset
 from refit_gym.data.progress import Progress
 from refit_gym.distributed import Distributed, current
-from refit_gym.rl.refit_agent import seed_for
 from refit_gym.specs import EnvSpec, PretrainConfig
 from refit_gym.training.metrics import evaluate, selection_chain
+from refit_gym.training.resume import (
+    gather_random_states,
+    load_state,
+    restore_random_states,
+    save_state,
+    seed_for,
+)
 
 
 class LossAwareTimestepSampler:
@@ -39,6 +45,8 @@ class LossAwareTimestepSampler:
 
     Until every step has ``history`` losses recorded, t is uniform (and p = 1).
     """
+
+    uses_losses = True  # record() needs every row's loss (under torchrun: every rank's)
 
     def __init__(self, steps: int, history: int = 10, uniform_prob: float = 0.001) -> None:
         self.steps, self.history, self.uniform_prob = steps, history, uniform_prob
@@ -73,6 +81,8 @@ class LossAwareTimestepSampler:
 
 class UniformTimestepSampler:
     """t uniform over [0, T) (DreamRec's training), with the loss-aware sampler's interface."""
+
+    uses_losses = False
 
     def __init__(self, steps: int) -> None:
         self.steps = steps
@@ -125,39 +135,22 @@ def train_epoch(
         t, pt = sampler.sample(len(mine), noise)
         t = t.to(device)
         losses = backbone.training_loss(batch, t, noise)
-        sampler.record(dist.gather_rows(t), dist.gather_rows(losses.detach()))
-        loss = (losses / pt.to(device)).sum() / len(rows)
+        if sampler.uses_losses:
+            sampler.record(dist.gather_rows(t), dist.gather_rows(losses.detach()))
+        loss = (losses / pt.to(device)).sum() / len(rows)  # this rank's share of the mean
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         dist.sum_gradients(params)
         optimizer.step()
-        total += dist.sum_floats([loss.item()])[0]
+        total += loss.item()
         n_batches += 1
-    return total / max(n_batches, 1)
+    return dist.sum_floats([total])[0] / max(n_batches, 1)
 
 
 def rank_generator(seed: int, dist: Distributed) -> torch.Generator | None:
     """This rank's generator of t and noise under torchrun (None in one process: the
     shuffling generator draws them too, as it always has)."""
     return torch.Generator().manual_seed(seed_for(seed, dist.rank)) if dist.active else None
-
-
-def gather_random_states(dist: Distributed, noise: torch.Generator | None) -> Tensor:
-    """(world_size, n) uint8: each rank's global torch RNG state (dropout) and ``noise``
-    state, so a resumed run draws on every rank what the uninterrupted run would have."""
-    own = torch.get_rng_state()
-    if noise is not None:
-        own = torch.cat([own, noise.get_state()])
-    return dist.gather_rows(own.unsqueeze(0))
-
-
-def restore_random_states(states: Tensor, dist: Distributed,
-                          noise: torch.Generator | None) -> None:
-    """Undo :func:`gather_random_states` on this rank."""
-    own, n = states[dist.rank], torch.get_rng_state().numel()
-    torch.set_rng_state(own[:n].clone())
-    if noise is not None:
-        noise.set_state(own[n:].clone())
 
 
 @dataclass
@@ -215,7 +208,7 @@ def pretrain(
     best: dict = {"epoch": 0, "score": -np.inf, "valid": {}, "test": {}}
     history: list[dict] = []
     epoch, elapsed = 0, 0.0
-    resumed = _load_state(state_path, identity)
+    resumed = load_state(state_path, identity, "pretraining")
     if resumed is not None:
         epoch, elapsed, best, history = (resumed[k] for k in ("epoch", "elapsed", "best",
                                                                "history"))
@@ -248,13 +241,11 @@ def pretrain(
                     save_backbone(checkpoint, backbone, spec.id, seed=seed, epoch=epoch,
                                   **metrics)
         random = gather_random_states(dist, noise)  # a collective: every rank joins
-        if dist.is_main:
-            with atomic_path(state_path) as tmp:
-                torch.save({"identity": identity, "epoch": epoch, "best": best,
-                            "history": history, "elapsed": time.perf_counter() - started,
-                            "model": backbone.state_dict(), "optimizer": optimizer.state_dict(),
-                            "generator": generator.get_state(), "random": random,
-                            "sampler": sampler.state_dict()}, tmp)
+        save_state(state_path, {
+            "identity": identity, "epoch": epoch, "best": best, "history": history,
+            "elapsed": time.perf_counter() - started, "model": backbone.state_dict(),
+            "optimizer": optimizer.state_dict(), "generator": generator.get_state(),
+            "random": random, "sampler": sampler.state_dict()})
     bar.close()
     dist.barrier()  # the selected checkpoint is on disk for every rank
     train_seconds = time.perf_counter() - started
@@ -272,18 +263,3 @@ def pretrain(
         extra={k: v for k, v in best.items() if k not in ("epoch", "score", "valid", "test")},
     )
 
-
-def _load_state(path: Path, identity: dict) -> dict | None:
-    """The resume state at ``path`` if it belongs to the run ``identity`` describes."""
-    if not path.is_file():
-        return None
-    try:
-        state = torch.load(path, weights_only=True)
-    except Exception as err:
-        raise CheckpointError(f"resume state {path} is corrupt ({err}); delete it to start the "
-                              "pretraining over") from err
-    if state["identity"] != identity:
-        raise CheckpointError(f"{path.parent} holds a different pretraining run "
-                              f"({state['identity']}); use another --out folder, or delete it "
-                              "to start over")
-    return state
