@@ -102,7 +102,7 @@ def _free_port() -> int:
 
 DYING_RANK = """
 import os, sys, torch
-from refit_gym.distributed import DistributedError, init_from_environment
+from refit_gym.distributed import DistributedError, init_from_environment, shutdown
 group, _ = init_from_environment("cpu")
 group.sum_(torch.ones(1))  # both ranks are up
 if group.rank == 1:
@@ -111,6 +111,7 @@ try:
     group.sum_(torch.ones(1))
 except DistributedError as err:
     print("CLEAR ERROR:", err)
+    shutdown()  # leave the group before exiting, as the CLI does
     sys.exit(0)
 sys.exit("the collective returned although rank 1 was dead")
 """
@@ -141,7 +142,7 @@ def test_a_dead_rank_ends_the_others_with_a_clear_error(tmp_path: Path) -> None:
 
 GRADIENTS = """
 import torch
-from refit_gym.distributed import init_from_environment
+from refit_gym.distributed import init_from_environment, shutdown
 group, _ = init_from_environment("cpu")
 both, rank1_only, neither = (torch.nn.Parameter(torch.zeros(3)) for _ in range(3))
 both.grad = torch.full((3,), group.rank + 1.0)
@@ -152,6 +153,7 @@ assert both.grad.tolist() == [3.0, 3.0, 3.0], both.grad
 assert rank1_only.grad.tolist() == [1.0, 2.0, 3.0], rank1_only.grad
 assert neither.grad is None
 print("OK")
+shutdown()  # leave the group before exiting (gloo's threads abort an exit without it)
 """
 
 
