@@ -59,6 +59,27 @@ def test_untrained_steps_follow_the_mean_chain_without_exploration() -> None:
         assert not torch.equal(a, b)
 
 
+def test_steps_below_min_train_step_follow_the_mean_and_are_not_trained() -> None:
+    _, _, core = make_core(SYN, 4, reward="neg_mse")
+    torch.manual_seed(0)
+    model = DiffRec(DiffRecConfig(n_items=core.n_items, dims=(8,)), load_env_spec(SYN).diffusion)
+    config = ReFiTConfig(group_size=2, train_steps=core.steps, min_train_step=2, kappa=5.0)
+    agent = ReFiTAgent(model, copy.deepcopy(model), config)
+    trace: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    step = core.step
+    core.step = lambda action: (trace.append((core.x.clone(), core.denoiser_timestep(),
+                                              action)), step(action))[1]
+    rollout = agent.rollout(core, torch.tensor([0, 1]), torch.Generator().manual_seed(1))
+    del core.step
+    assert [int(t[0]) for _, t, _, _ in rollout.steps] == list(range(core.steps - 1, 1, -1))
+    with torch.no_grad():
+        for x_t, t, action in trace:
+            mean = model.reverse_mean(x_t, t, None, core.chain)
+            assert torch.equal(action, mean) == (int(t[0]) < 2)
+    with pytest.raises(ValueError, match="min_train_step"):
+        ReFiTConfig(train_steps=3, min_train_step=3)
+
+
 def test_group_advantages_are_normalised_per_user() -> None:
     rewards = torch.tensor([1.0, 2.0, 3.0, 10.0, 10.0, 10.0])
     adv = group_advantages(rewards, 3)

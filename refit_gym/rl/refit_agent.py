@@ -42,6 +42,10 @@ class ReFiTConfig:
     lr: float = 1e-5
     weight_decay: float = 0.0
     train_steps: int = 10  # gradients on the last train_steps reverse steps (t < train_steps)
+    # Steps t < min_train_step follow the mean chain untrained: there sigma_t is so small that
+    # the score-function term eps / sigma_t is almost pure noise (on SeqSynthetic, one batch's
+    # gradient with every step trained is uncorrelated with the true one: cosine -0.01).
+    min_train_step: int = 0
     # False: the untrained steps (t >= train_steps) follow the mean chain, as evaluation does,
     # so their noise does not blur the reward of the steps that are trained.
     explore_all_steps: bool = True
@@ -50,6 +54,12 @@ class ReFiTConfig:
     kl_coef: float = 0.0  # weight of KL(pi_theta || pi_pretrained), per step
     max_grad_norm: float = 1.0
     checkpoint_every: int = 20  # batches between resumable checkpoints
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.min_train_step < self.train_steps:
+            raise ValueError(
+                f"min_train_step ({self.min_train_step}) must be >= 0 and below train_steps "
+                f"({self.train_steps}): the trained steps are min_train_step <= t < train_steps")
 
 
 def policy_step(
@@ -132,8 +142,9 @@ class ReFiTAgent:
         for _ in range(core.steps):
             t = core.denoiser_timestep()
             x_t = core.x
-            trained = int(t[0]) < cfg.train_steps
-            if trained or cfg.explore_all_steps:
+            step = int(t[0])
+            trained = cfg.min_train_step <= step < cfg.train_steps
+            if trained or (cfg.explore_all_steps and step >= cfg.min_train_step):
                 action, log_prob, _ = policy_step(self.model, x_t, t, condition, cfg.kappa,
                                                   generator=generator, chain=chain)
             else:
@@ -150,17 +161,12 @@ class ReFiTAgent:
         ``total_rows`` trajectories on every rank together): the loss is the mean over all of
         them, gradients are summed over chunks and ranks, then clipped and applied."""
         cfg = self.config
-        # Every trajectory trains the same steps; a rank may hold no chunk of a small batch.
-        n_steps = int(self.dist.max_float(max((len(r.steps) for r in rollouts), default=0)))
         kl_total = clipped = 0.0
         grad_norm = torch.zeros(())
         params = [p for p in self.model.parameters() if p.requires_grad]
         for _ in range(cfg.update_epochs):
-            self.optimizer.zero_grad(set_to_none=True)
-            for rollout in rollouts:
-                stats = self._accumulate(rollout, total_rows * n_steps)
-                kl_total, clipped = kl_total + stats[0], clipped + stats[1]
-            self.dist.sum_gradients(params)
+            kl, clip_count, n_steps = self.policy_gradient(rollouts, total_rows)
+            kl_total, clipped = kl_total + kl, clipped + clip_count
             grad_norm = nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             self.optimizer.step()
         reward, kl_total, clipped = self.dist.sum_floats(
@@ -168,6 +174,21 @@ class ReFiTAgent:
         n_terms = max(total_rows * n_steps * cfg.update_epochs, 1)
         return BatchStats(reward=reward / total_rows, kl=kl_total / n_terms,
                           grad_norm=float(grad_norm), clip_fraction=clipped / n_terms)
+
+    def policy_gradient(self, rollouts: list[Rollout], total_rows: int
+                        ) -> tuple[float, float, int]:
+        """Leave in each trainable parameter's ``.grad`` the gradient of the batch loss (the
+        estimate :meth:`update` steps along), summed over chunks and ranks. Returns this rank's
+        KL sum, its clipped-ratio count and the number of trained steps per trajectory."""
+        # Every trajectory trains the same steps; a rank may hold no chunk of a small batch.
+        n_steps = int(self.dist.max_float(max((len(r.steps) for r in rollouts), default=0)))
+        kl_total = clipped = 0.0
+        self.optimizer.zero_grad(set_to_none=True)
+        for rollout in rollouts:
+            kl, clip_count = self._accumulate(rollout, total_rows * n_steps)
+            kl_total, clipped = kl_total + kl, clipped + clip_count
+        self.dist.sum_gradients([p for p in self.model.parameters() if p.requires_grad])
+        return kl_total, clipped, n_steps
 
     def _accumulate(self, rollout: Rollout, denominator: int) -> tuple[float, float]:
         """Backpropagate ``rollout``'s share of the batch loss (its per-row, per-step terms

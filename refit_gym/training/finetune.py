@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from stable_baselines3.common.logger import Logger
 from torch import Tensor
 from torch.utils.tensorboard import SummaryWriter
 
@@ -302,6 +303,9 @@ def finetune(
             sb3_model = SB3_ALGOS[algo].load(zip_path, env=venv, device=device)
         else:
             sb3_model = make_model(algo, venv, model, sb3_args, seed, device)
+        # Metrics go to this run's TensorBoard; without a logger of its own, every `learn`
+        # would leave an empty SB3-<date> folder in the system's temporary directory.
+        sb3_model.set_logger(Logger(folder=None, output_formats=[]))
         model = sb3_model.policy.backbone  # the actor: evaluated and saved like any backbone
     elif resumed is not None:
         model.load_state_dict(resumed["model"])
