@@ -34,7 +34,7 @@ def test_both_checkers_pass_on_synthetic() -> None:
 
 
 def test_make_with_module_prefix_and_spaces() -> None:
-    env = gym.make(f"refit_gym:{SYN}")
+    env = gym.make(f"refit_gym:{SYN}", holdout_fraction=0.0)  # the input: the whole history
     core = env.unwrapped.core
     assert env.observation_space["x"].shape == (core.n_items,)
     assert env.observation_space["t"].n == core.steps + 1
@@ -54,7 +54,7 @@ def test_episode_has_t_steps_and_terminal_reward_only() -> None:
         rewards.append(reward)
         assert obs["t"] == steps - 1 - i and not truncated
         assert terminated == (i == steps - 1)
-    assert rewards[:-1] == [0.0] * (steps - 1) and rewards[-1] < 0  # a log-likelihood
+    assert rewards[:-1] == [0.0] * (steps - 1) and 0.0 <= rewards[-1] <= 1.0  # an NDCG
     with pytest.raises(RuntimeError, match="reset"):
         env.step(obs["x"])
 
@@ -154,7 +154,7 @@ def test_valid_and_test_cannot_influence_observations_or_rewards(small_data, mon
     traces = []
     for data in (small_data, other):
         monkeypatch.setattr(gym_env, "cached_dataset", lambda env_id, data_dir, d=data: d)
-        venv = ReFiTVectorEnv(num_envs=6, env_id=SYN, holdout_fraction=0.2)
+        venv = ReFiTVectorEnv(num_envs=6, env_id=SYN, holdout_fraction=0.2, holdout="random")
         obs, _ = venv.reset(seed=4)
         trace = [obs["x"]]
         for _ in range(venv.core.steps):
@@ -176,7 +176,7 @@ def test_vector_env_is_native_and_autoresets_same_step() -> None:
     for _ in range(steps):
         last = obs
         obs, rewards, terminated, truncated, info = venv.step(obs["x"])
-    assert terminated.all() and not truncated.any() and (rewards < 0).all()
+    assert terminated.all() and not truncated.any() and ((rewards >= 0) & (rewards <= 1)).all()
     assert (obs["t"] == steps).all()  # already the next episode
     np.testing.assert_array_equal(info["final_obs"]["x"], last["x"])  # the mean chain of x
     assert info["_final_obs"].all()
@@ -252,7 +252,8 @@ def test_amazon_book_env_passes_both_checkers_without_dense_matrices(data_dir) -
 
 def test_faces_run_on_the_callers_dataset(small_data) -> None:
     """finetune hands its loaded data to the SB3 face (honouring --data-dir, no second load)."""
-    venv = ReFiTVecEnv(SYN, num_envs=3, seed=0, data=small_data, reward="neg_mse")
+    venv = ReFiTVecEnv(SYN, num_envs=3, seed=0, data=small_data, reward="neg_mse",
+                       holdout_fraction=0.0)
     assert (venv.core.n_episodes, venv.core.n_items) == small_data.train.shape
     venv.reset()
     users = venv.core.episodes.numpy()

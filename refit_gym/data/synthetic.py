@@ -30,10 +30,17 @@ def make_synthetic(
     affinity_scale: float = 3.0,
     valid_fraction: float = 0.2,
     test_fraction: float = 0.1,
+    drift: float = 0.0,
     seed: int = 0,
     name: str = "synthetic",
 ) -> InteractionData:
     """Generate a dataset; the same arguments always give the same matrices.
+
+    ``drift``: the fraction of each user's interactions, the latest in time, drawn around the
+    *next* community's centre (community c -> c + 1) instead of the user's own: a systematic
+    interest drift. A bag-of-items model trained to reconstruct the whole history (DiffRec,
+    EASE) sees no time, while validation and test hold the latest interactions. 0 draws exactly
+    what earlier versions drew.
 
     Memory is O(chunk x n_items) for the sampling, never n_users x n_items.
     """
@@ -41,10 +48,12 @@ def make_synthetic(
         raise ValueError("n_users, n_items, n_communities and mean_interactions must be >= 1")
     if mean_interactions * 2 > n_items:
         raise ValueError(f"mean_interactions={mean_interactions} needs n_items >= twice that")
+    if not 0.0 <= drift < 1.0:
+        raise ValueError(f"drift must be in [0, 1), got {drift}")
     rng = np.random.default_rng(seed)
     centres = rng.normal(size=(n_communities, latent_dim))
-    user_vec = centres[rng.integers(n_communities, size=n_users)]
-    user_vec = user_vec + 0.7 * rng.normal(size=(n_users, latent_dim))
+    community = rng.integers(n_communities, size=n_users)
+    user_vec = centres[community] + 0.7 * rng.normal(size=(n_users, latent_dim))
     item_vec = centres[rng.integers(n_communities, size=n_items)]
     item_vec = item_vec + 0.7 * rng.normal(size=(n_items, latent_dim))
     popularity = rng.normal(0.0, 1.0, size=n_items)
@@ -52,21 +61,35 @@ def make_synthetic(
         np.round(mean_interactions * rng.lognormal(-0.125, 0.5, size=n_users)), 5, n_items // 2
     ).astype(np.int64)
 
-    users_out, items_out = [], []
+    late_vec = None
+    n_late = np.zeros(n_users, dtype=np.int64)
+    if drift > 0:  # drawn only then, so drift 0 keeps the earlier stream
+        late_vec = centres[(community + 1) % n_communities] + 0.7 * rng.normal(
+            size=(n_users, latent_dim))
+        n_late = np.round(drift * counts).astype(np.int64)
+
+    users_out, items_out, late_out = [], [], []
     chunk = max(1, (1 << 22) // n_items)
     for start in range(0, n_users, chunk):
         rows = slice(start, min(start + chunk, n_users))
-        affinity = affinity_scale * (user_vec[rows] @ item_vec.T) / np.sqrt(latent_dim)
-        keys = affinity + popularity - np.log(-np.log(rng.random(affinity.shape)))
-        ranked = np.argsort(-keys, axis=1)
-        take = np.arange(n_items) < counts[rows, None]
-        users_out.append(np.nonzero(take)[0] + start)
-        items_out.append(ranked[take])
+        early = counts[rows] - n_late[rows]
+        picked = _gumbel_top(rng, user_vec[rows], item_vec, popularity, affinity_scale, early)
+        users_out.append(picked[0] + start)
+        items_out.append(picked[1])
+        late_out.append(np.zeros(len(picked[0]), dtype=bool))
+        if late_vec is not None:
+            late = _gumbel_top(rng, late_vec[rows], item_vec, popularity, affinity_scale,
+                               n_late[rows], exclude=picked)
+            users_out.append(late[0] + start)
+            items_out.append(late[1])
+            late_out.append(np.ones(len(late[0]), dtype=bool))
     users = np.concatenate(users_out)
     items = np.concatenate(items_out)
+    is_late = np.concatenate(late_out)
 
-    # A random time order per user; the latest interactions are held out.
-    order = np.lexsort((rng.random(len(users)), users))
+    # A random time order per user (drifted interactions after the others); the latest
+    # interactions are held out.
+    order = np.lexsort((rng.random(len(users)), is_late, users))
     users, items = users[order], items[order]
     n = counts[users]
     rank = rank_within_user(users)
@@ -81,6 +104,22 @@ def make_synthetic(
     in_train = split == 0
     return InteractionData(name, train, valid, test,
                            order_matrix(users[in_train], items[in_train], shape))
+
+
+def _gumbel_top(rng: np.random.Generator, users: np.ndarray, item_vec: np.ndarray,
+                popularity: np.ndarray, scale: float, counts: np.ndarray,
+                exclude: tuple[np.ndarray, np.ndarray] | None = None
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's ``counts`` items drawn without replacement with probability proportional to
+    exp(affinity + popularity) (Gumbel-top-k), none of the (row, item) pairs ``exclude``; returns
+    (row, item) index arrays, row-major, each row's items in draw order."""
+    affinity = scale * (users @ item_vec.T) / np.sqrt(users.shape[1])
+    keys = affinity + popularity - np.log(-np.log(rng.random(affinity.shape)))
+    if exclude is not None:
+        keys[exclude] = -np.inf
+    ranked = np.argsort(-keys, axis=1)
+    take = np.arange(keys.shape[1]) < counts[:, None]
+    return np.nonzero(take)[0], ranked[take]
 
 
 def make_sequential_synthetic(
