@@ -173,6 +173,30 @@ def test_synthetic_is_seeded_and_structured() -> None:
     assert co[top].sum() > 2 * expected[top].sum()
 
 
+def test_synthetic_drift_moves_the_latest_interactions_only() -> None:
+    args = {"n_users": 200, "n_items": 150, "mean_interactions": 10, "seed": 1}
+    still, drifting = make_synthetic(**args), make_synthetic(**args, drift=0.5)
+    again = make_synthetic(**args, drift=0.5)
+    assert (make_synthetic(**args, drift=0.0).train != still.train).nnz == 0
+    assert (drifting.train != again.train).nnz == 0 and (drifting.test != again.test).nnz == 0
+    total = [sum(m.getnnz(axis=1) for m in (d.train, d.valid, d.test))
+             for d in (still, drifting)]
+    np.testing.assert_array_equal(*total)  # each user keeps their number of interactions
+    assert drifting.train.multiply(drifting.test).nnz == 0  # still no repeats across splits
+    # Interests move over time: each user's held-out items overlap less with what the user's
+    # earliest interactions co-occur with than without drift.
+    def early_overlap(d) -> float:
+        order = d.train_order.tocsr()
+        early = order.copy()
+        early.data = (early.data <= 4).astype(np.float64)
+        early.eliminate_zeros()
+        neighbours = early @ (d.train.T @ d.train)
+        return float(neighbours.multiply(d.test).sum() / neighbours.sum())
+    assert early_overlap(drifting) < 0.8 * early_overlap(still)
+    with pytest.raises(ValueError, match="drift"):
+        make_synthetic(**args, drift=1.0)
+
+
 @pytest.mark.ml1m
 def test_ml1m_reference_split(ml1m) -> None:
     assert (ml1m.n_users, ml1m.n_items) == (5949, 2810)
