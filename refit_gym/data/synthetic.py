@@ -5,7 +5,8 @@ Users and items get latent vectors drawn around shared community centres, items 
 bias; each user picks items without replacement with probability proportional to
 exp(affinity) (Gumbel-top-k), so co-interaction (the collaborative signal) is informative. Each
 user's interactions are put in a random "time" order and the latest go to test, the ones before
-to valid, as in DiffRec's chronological splits.
+to valid, as in DiffRec's chronological splits; with ``drift`` the latest fraction of a user's
+interactions comes from the next community's interest instead.
 """
 
 from __future__ import annotations
