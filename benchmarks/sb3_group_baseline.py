@@ -116,13 +116,15 @@ def main() -> None:
         rows.append(f"| {algo} | SB3 MultiInputPolicy, from scratch | {rewards[0]:.3f} → "
                     f"{rewards[-1]:.3f} | (no chain) | |")
         print(rows[-1], flush=True)
+    settings = EnvSettings.resolve(spec, {})
     figure = Path(__file__).resolve().parent / "results" / "sb3_group_baseline.png"
     plot(curves, figure)
     write_result("sb3_group_baseline", f"SB3 agents on {ENV}: pretrained actor, group-relative "
                  "reward, from scratch", [
         f"agents/<algo>.toml defaults for {ENV}, seed {args.seed}, the same number of episodes "
-        f"for every row; backbone `{checkpoint}`. Reward: the spec default (collaborative "
-        "cross-entropy on the whole history). Columns: mean training episode reward of the "
+        f"for every row; backbone `{checkpoint}`. Reward: the spec default ({settings.reward} "
+        f"{settings.reward_params}, holdout {settings.holdout} {settings.holdout_fraction}). "
+        "Columns: mean training episode reward of the "
         "first → last epoch (the environment's reward, before centring); test NDCG@20 of the "
         "start → the model selected by validation NDCG@20; training seconds.", "",
         "| algo | actor | train reward | test ndcg@20 | s |", "|---|---|---|---|---|", *rows,
