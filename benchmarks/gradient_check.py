@@ -41,17 +41,17 @@ def pathwise_gradient(agent: ReFiTAgent, core, episodes: torch.Tensor, group: in
     mean reward."""
     cfg, model = agent.config, agent.model
     generator = torch.Generator(core.device).manual_seed(seed)
-    core.reset_rows(torch.arange(core.num_rows), episodes.repeat_interleave(group), generator)
+    core.reset_rows(torch.arange(core.num_rows, device=core.device),
+                    episodes.repeat_interleave(group), generator)
     batch, chain, x = core.backbone_batch(), core.chain, core.x
     condition = model.encode(batch)
     for step in reversed(range(chain.steps)):
         t = torch.full((len(x),), step, dtype=torch.long, device=x.device)
         mean = model.reverse_mean(x, t, condition, chain)
-        explores = step >= cfg.min_train_step and (cfg.explore_all_steps
-                                                   or step < cfg.train_steps)
-        if explores:
+        if cfg.explores(step):  # the steps the agent samples; the mean chain elsewhere
             std = (cfg.kappa * model.reverse_std(t, chain)).to(mean.dtype).unsqueeze(-1)
-            mean = mean + std * torch.randn(mean.shape, generator=generator)
+            mean = mean + std * torch.randn(mean.shape, generator=generator,
+                                            device=mean.device)
         x = mean
     reward = core.final_reward(x).mean()
     params = [p for p in model.parameters() if p.requires_grad]

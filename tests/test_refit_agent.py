@@ -78,6 +78,8 @@ def test_steps_below_min_train_step_follow_the_mean_and_are_not_trained() -> Non
             assert torch.equal(action, mean) == (int(t[0]) < 2)
     with pytest.raises(ValueError, match="min_train_step"):
         ReFiTConfig(train_steps=3, min_train_step=3)
+    with pytest.raises(ValueError, match="update_epochs"):
+        ReFiTConfig(update_epochs=0)
 
 
 def test_group_advantages_are_normalised_per_user() -> None:
