@@ -3,14 +3,30 @@
 # CUDA, then one ReFiT epoch on ML-1M and on Zhihu timed on the GPU beside the same work on that
 # machine's CPU, written to benchmarks/results/gpu_check.md with the device's name.
 #   REFIT_DATA_DIR=../shared/data bash benchmarks/gpu_check.sh
+# With CF_STUDY_CHECKPOINTS="s1.pt s2.pt s3.pt" (ML-1M backbones of seeds 1-3) it then runs
+# benchmarks/cf_batch_study.py until CF_STUDY_SECONDS (default 600) after this script started,
+# and writes its report.
 # The project must be installed in the Python that runs it (`pip install .`; on a machine
 # without registries, carry its wheels). Without a GPU it is a dry run that says so.
-set -euo pipefail
+set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
+if ! "$PY" -c "import torch"; then
+  echo "gpu_check: $PY cannot import torch; install the project into it first" >&2
+  exit 1
+fi
 if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
   echo "gpu_check: no GPU found (torch.cuda.is_available() is False): dry run, nothing measured"
   exit 0
 fi
-"$PY" -m pytest -q tests/test_devices.py
-"$PY" benchmarks/gpu_timing.py --batches 5
+failed=0
+# A failing test must not cost the timings: the lease is short, so each part runs regardless.
+"$PY" -m pytest -q tests/test_devices.py || failed=1
+"$PY" benchmarks/gpu_timing.py --batches 5 || failed=1
+if [ -n "${CF_STUDY_CHECKPOINTS:-}" ]; then
+  # shellcheck disable=SC2086  # a list of paths
+  "$PY" benchmarks/cf_batch_study.py --device cuda --checkpoints $CF_STUDY_CHECKPOINTS \
+    --work "${CF_STUDY_WORK:-/tmp/cf-batch-study}" \
+    --deadline-seconds $(( ${CF_STUDY_SECONDS:-600} - SECONDS )) || failed=1
+fi
+exit $failed

@@ -1,0 +1,216 @@
+"""The CF agent on ML-1M with the batches a GPU affords (issue 15, part 3).
+
+The gradient check (gradient_check_ReFiT-ML1M-v0_collaborative.md) found one batch of 64 users
+x 8 trajectories nearly orthogonal to the exact gradient (cosine <= 0.09): on 2 CPU cores the
+agent could not afford the batches that would average that noise away. This study runs the
+validation-chosen lever of cf_levers_ReFiT-ML1M-v0.md (exploration on the last 5 steps only,
+kappa 30) over every training user per epoch, with 8x larger batches, more trajectories per
+user and larger steps, on seeds 1-3 of the backbone, through the real CLI:
+
+    refit-gym finetune --env ReFiT-ML1M-v0 --algo refit --checkpoint CK --seed S --set ...
+
+Selection is by validation only: each run keeps its best epoch by validation NDCG@20 (the start
+included), and the configuration with the highest mean validation NDCG@20 over the seeds is the
+study's pick; test is reported for every row and never used. `continue` then runs with the
+pick's mean training seconds as its budget (equal wall time).
+
+    REFIT_DATA_DIR=../shared/data python benchmarks/cf_batch_study.py --device cuda \\
+        --checkpoints s1/denoiser.pt s2/denoiser.pt s3/denoiser.pt --work /tmp/cf-study
+    python benchmarks/cf_batch_study.py --work /tmp/cf-study --report-only   # rewrite the .md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+from common import write_result
+
+ENV_ID = "ReFiT-ML1M-v0"
+# cf_levers_ReFiT-ML1M-v0.md's validation-chosen lever; every row below adds to it.
+LEVER = {"explore_all_steps": "false", "train_steps": 5, "kappa": 30}
+GRID: dict[str, dict[str, object]] = {
+    "batch 64, lr 1e-5 (the CPU lever, full epochs)": {"users_per_batch": 64, "lr": 1e-5,
+                                                        "epochs": 4},
+    "batch 512, lr 1e-5": {"users_per_batch": 512, "lr": 1e-5, "epochs": 16},
+    "batch 512, lr 3e-5": {"users_per_batch": 512, "lr": 3e-5, "epochs": 16},
+    "batch 512, lr 1e-4": {"users_per_batch": 512, "lr": 1e-4, "epochs": 16},
+    "batch 512, group 32, lr 3e-5": {"users_per_batch": 512, "group_size": 32, "lr": 3e-5,
+                                     "epochs": 16},
+}
+CONTINUE = "continue (the pick's training seconds)"
+METRICS = ("ndcg@20", "recall@20")
+
+
+def run_name(config: str, seed: int) -> str:
+    slug = "".join(c if c.isalnum() else "-" for c in config.split(" (")[0]).strip("-")
+    return f"{slug}-seed{seed}"
+
+
+def finetune(config: str, seed: int, checkpoint: Path, args: argparse.Namespace,
+             deadline: float, budget: float | None = None) -> dict | None:
+    """One `refit-gym finetune` run; its compact record, or None when the deadline stopped it."""
+    out = args.work / run_name(config, seed)
+    if config == CONTINUE:
+        extra = ["--algo", "continue", "--budget-seconds", f"{budget:.1f}"]
+    else:
+        settings = {**LEVER, **GRID[config], "users_per_epoch": args.users_per_epoch}
+        settings["epochs"] = min(settings["epochs"], args.max_epochs)
+        extra = ["--algo", "refit",
+                 *(a for k, v in settings.items() for a in ("--set", f"{k}={v}"))]
+    command = [sys.executable, "-m", "refit_gym.cli", "finetune", "--env", ENV_ID, "--checkpoint",
+               str(checkpoint), "--seed", str(seed), "--out", str(out), "--device", args.device,
+               "--quiet", *extra]
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+    left = deadline - time.monotonic()
+    if left < 30:
+        return None
+    try:
+        subprocess.run(command, env=env, check=True, timeout=left, stdout=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        print(f"cf_batch_study: {out.name} stopped at the deadline", flush=True)
+        return None
+    metrics = json.loads((out / "metrics.json").read_text())
+    history = [{"epoch": h["epoch"], "elapsed": h["elapsed"], "fixed": h.get("fixed_reward"),
+                **{f"{split} {m}": h[split][m] for split in ("valid", "test") for m in METRICS}}
+               for h in metrics["history"]]
+    return {"config": config, "seed": seed, "best_epoch": metrics["best_epoch"],
+            "command": " ".join(command[2:]), "history": history, "device": args.device_name,
+            "parallel": args.parallel, "threads": args.threads,
+            "study": " ".join(["python", *sys.argv])}
+
+
+def run_all(args: argparse.Namespace) -> None:
+    args.device_name = (torch.cuda.get_device_name() if args.device.startswith("cuda")
+                        else "CPU")
+    args.work.mkdir(parents=True, exist_ok=True)
+    records = args.work / "runs.jsonl"
+    deadline = time.monotonic() + args.deadline_seconds
+    lock = threading.Lock()
+
+    def job(config: str, seed: int, budget: float | None = None) -> None:
+        record = finetune(config, seed, args.checkpoints[seed - 1], args, deadline, budget)
+        if record is not None:
+            with lock, records.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+            best = record["history"][record["best_epoch"]]
+            print(f"cf_batch_study: {config}, seed {seed}: valid ndcg@20 "
+                  f"{record['history'][0]['valid ndcg@20']:.5f} -> {best['valid ndcg@20']:.5f} "
+                  f"(epoch {record['best_epoch']})", flush=True)
+
+    seeds = range(1, len(args.checkpoints) + 1)
+    with ThreadPoolExecutor(args.parallel) as pool:  # seed-major: every row gets seeds evenly
+        list(pool.map(lambda cs: job(*cs), [(c, s) for s in seeds for c in GRID]))
+    pick = choose(load(records))
+    if pick is None:
+        return
+    budget = statistics.mean(r["history"][-1]["elapsed"] for r in load(records)
+                             if r["config"] == pick)
+    with ThreadPoolExecutor(args.parallel) as pool:
+        list(pool.map(lambda s: job(CONTINUE, s, budget), seeds))
+
+
+def load(records: Path) -> list[dict]:
+    return [json.loads(line) for line in records.read_text().splitlines() if line.strip()]
+
+
+def selected(record: dict) -> dict:
+    return record["history"][record["best_epoch"]]
+
+
+def choose(runs: list[dict]) -> str | None:
+    """The grid row with the highest mean selected validation NDCG@20 over the most seeds."""
+    by_config = {c: [r for r in runs if r["config"] == c] for c in GRID}
+    most = max((len(v) for v in by_config.values()), default=0)
+    complete = {c: v for c, v in by_config.items() if v and len(v) == most}
+    if not complete:
+        return None
+    return max(complete, key=lambda c: statistics.mean(
+        selected(r)["valid ndcg@20"] for r in complete[c]))
+
+
+def spread(values: list[float]) -> str:
+    if len(values) < 2:
+        return f"{values[0]:.4f}"
+    return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
+
+
+def report(args: argparse.Namespace) -> None:
+    runs = load(args.work / "runs.jsonl")
+    pick = choose(runs)
+    first = runs[0]
+    users = int(first["command"].partition("users_per_epoch=")[2].split()[0]) or 6040
+    lines = [f"Runs: `{first['study']}`", "",
+             f"Device: {first['device']}; {first['parallel']} runs at a time, {first['threads']} "
+             "CPU threads each (training seconds are those of a shared device).", "",
+             "Every row adds to the lever " + ", ".join(f"{k}={v}" for k, v in LEVER.items())
+             + f", {users} training users per epoch (6,040: all). Per run: the best "
+             "epoch by validation NDCG@20, start included. Mean ± std over the seeds done; "
+             "test never used for any choice.", "",
+             "| configuration | seeds | updates | valid ndcg@20 start -> selected | test ndcg@20 "
+             "start -> selected | test recall@20 start -> selected | fixed reward epoch 0 -> "
+             "last | training s |", "|---|---|---|---|---|---|---|---|"]
+    for config in [*GRID, CONTINUE]:
+        rows = [r for r in runs if r["config"] == config]
+        if not rows:
+            continue
+        start, best = [r["history"][0] for r in rows], [selected(r) for r in rows]
+        fixed = [(r["history"][0]["fixed"], r["history"][-1]["fixed"]) for r in rows
+                 if r["history"][-1]["fixed"] is not None]
+        updates = "" if config == CONTINUE else str(
+            (len(rows[0]["history"]) - 1) * -(-users // GRID[config]["users_per_batch"]))
+        fixed_cell = (f"{statistics.mean(a for a, _ in fixed):.4f} -> "
+                      f"{statistics.mean(b for _, b in fixed):.4f}" if fixed else "")
+        mark = " **(pick)**" if config == pick else ""
+        lines.append(
+            f"| {config}{mark} | {','.join(str(r['seed']) for r in rows)} | {updates} | "
+            + " | ".join(f"{spread([h[f'{s} {m}'] for h in start])} -> "
+                         f"{spread([h[f'{s} {m}'] for h in best])}"
+                         for s, m in (("valid", "ndcg@20"), ("test", "ndcg@20"),
+                                      ("test", "recall@20")))
+            + f" | {fixed_cell} | {statistics.mean(r['history'][-1]['elapsed'] for r in rows):.0f}"
+            " |")
+    lines += ["", "Validation NDCG@20 by epoch (mean over the seeds done):", ""]
+    for config in GRID:
+        rows = [r for r in runs if r["config"] == config]
+        if rows:
+            curve = [statistics.mean(r["history"][e]["valid ndcg@20"] for r in rows)
+                     for e in range(min(len(r["history"]) for r in rows))]
+            lines.append(f"- {config}: " + " ".join(f"{v:.5f}" for v in curve))
+    write_result(f"cf_batch_study_{ENV_ID}", f"The CF agent on {ENV_ID} with GPU-sized batches",
+                 lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoints", type=Path, nargs="+", default=[],
+                        help="pretrained denoiser.pt of seeds 1, 2, 3 (in that order)")
+    parser.add_argument("--work", type=Path, required=True)
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--parallel", type=int, default=5, help="runs at a time")
+    parser.add_argument("--threads", type=int, default=3, help="CPU threads per run")
+    parser.add_argument("--deadline-seconds", type=float, default=1e9,
+                        help="no run starts, and running ones stop, after this many seconds")
+    parser.add_argument("--users-per-epoch", type=int, default=0,
+                        help="training users per epoch (0: all); smaller for a CPU smoke run")
+    parser.add_argument("--max-epochs", type=int, default=1000, help="caps every row's epochs")
+    parser.add_argument("--report-only", action="store_true")
+    args = parser.parse_args()
+    if not args.report_only:
+        if not args.checkpoints:
+            parser.error("--checkpoints is required unless --report-only")
+        run_all(args)
+    report(args)
+
+
+if __name__ == "__main__":
+    main()
