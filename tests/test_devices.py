@@ -47,3 +47,19 @@ def test_refit_batch_runs_on_cuda(pretrained_synthetic: Path) -> None:
     stats = agent.train_batch(core, torch.arange(8, device="cuda"),
                               torch.Generator("cuda").manual_seed(0))
     assert torch.isfinite(torch.tensor(stats.reward))
+
+
+@cuda
+@pytest.mark.parametrize("algo", ["refit", "continue", "ppo"])
+def test_finetune_runs_on_cuda(algo: str, pretrained_synthetic: Path, tmp_path: Path) -> None:
+    """The whole fine-tuning path on the GPU: user batches, rollouts, updates, checkpoints."""
+    from refit_gym.training.finetune import finetune
+
+    hyperparams = {"refit": {"epochs": 1, "users_per_epoch": 64, "users_per_batch": 32},
+                   "continue": {}, "ppo": {"epochs": 1, "users_per_epoch": 64}}[algo]
+    result = finetune(load_env_spec("ReFiT-Synthetic-v0"),
+                      cached_dataset("ReFiT-Synthetic-v0", None), pretrained_synthetic, algo,
+                      tmp_path, device="cuda", hyperparams=hyperparams,
+                      budget_seconds=1.0 if algo == "continue" else None, progress=False)
+    assert 0.0 <= result["test"]["ndcg@20"] <= 1.0
+    assert (tmp_path / "finetuned.pt").is_file()

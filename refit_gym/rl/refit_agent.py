@@ -234,8 +234,9 @@ class ReFiTAgent:
 def user_batches(n_users: int, users_per_batch: int, generator: torch.Generator,
                  users_per_epoch: int = 0) -> list[Tensor]:
     """A shuffled pass over the episodes (users, or training rows; all, or the first
-    ``users_per_epoch`` of a random order) in batches; the last batch may be smaller."""
-    order = torch.randperm(n_users, generator=generator)
+    ``users_per_epoch`` of a random order) in batches; the last batch may be smaller. The
+    order is drawn on the generator's device and returned on the CPU."""
+    order = torch.randperm(n_users, generator=generator, device=generator.device).cpu()
     if users_per_epoch:
         order = order[:users_per_epoch]
     return list(order.split(users_per_batch))
