@@ -82,6 +82,28 @@ def test_steps_below_min_train_step_follow_the_mean_and_are_not_trained() -> Non
         ReFiTConfig(update_epochs=0)
 
 
+def test_shared_mean_prefix_gives_the_rollout_of_every_row(monkeypatch) -> None:
+    """A group with one deterministic start computes its unexplored prefix once per user: the
+    same trajectories, rewards and log-probabilities as computing it for every row."""
+    from refit_gym.rl import refit_agent
+
+    _, _, core = make_core(SYN, 12)
+    torch.manual_seed(0)
+    model = DiffRec(DiffRecConfig(n_items=core.n_items, dims=(8,)), load_env_spec(SYN).diffusion)
+    config = ReFiTConfig(group_size=4, train_steps=3, kappa=5.0, explore_all_steps=False)
+    agent = ReFiTAgent(model, copy.deepcopy(model), config)
+    users = torch.tensor([3, 0, 7])
+    core.reset_rows(torch.arange(12), users.repeat_interleave(4), torch.Generator())
+    assert refit_agent.groups_identical(core.x, 4) and not refit_agent.groups_identical(core.x, 12)
+    shared = agent.rollout(core, users, torch.Generator().manual_seed(1))
+    monkeypatch.setattr(refit_agent, "groups_identical", lambda x, g: False)
+    per_row = agent.rollout(core, users, torch.Generator().manual_seed(1))
+    torch.testing.assert_close(shared.reward, per_row.reward)
+    for a, b in zip(shared.steps, per_row.steps, strict=True):
+        for u, v in zip(a, b, strict=True):
+            torch.testing.assert_close(u, v)
+
+
 def test_group_advantages_are_normalised_per_user() -> None:
     rewards = torch.tensor([1.0, 2.0, 3.0, 10.0, 10.0, 10.0])
     adv = group_advantages(rewards, 3)

@@ -91,6 +91,13 @@ def policy_step(
     return action, gaussian_log_prob(action, mean, std), mean
 
 
+def groups_identical(x: Tensor, group_size: int) -> bool:
+    """Whether each consecutive group of ``group_size`` rows of ``x`` (U * G, d) is one row
+    repeated (and a group has more than one row)."""
+    grouped = x.view(-1, group_size, x.shape[-1])
+    return group_size > 1 and torch.equal(grouped, grouped[:, :1].expand_as(grouped))
+
+
 def group_advantages(rewards: Tensor, group_size: int, eps: float = 1e-8) -> Tensor:
     """(reward - user's group mean) / group std, rewards (U * G,) grouped per user -> (U * G,)."""
     grouped = rewards.view(-1, group_size).double()
@@ -150,13 +157,23 @@ class ReFiTAgent:
         batch, chain = core.backbone_batch(), core.chain
         steps: list[tuple[Tensor, Tensor, Tensor, Tensor]] = []
         condition = self.model.encode(batch)
+        # Until the first exploring step, rows whose group shares one deterministic start (an
+        # unconditioned backbone started from the user's history, as DiffRec on ML-1M) share
+        # every state too, so one row per group computes the mean: with exploration on the
+        # last 5 of 40 steps, most of the chain.
+        shared = condition is None and groups_identical(core.x, cfg.group_size)
         for _ in range(core.steps):
             t = core.denoiser_timestep()
             x_t = core.x
             step = int(t[0])
             if cfg.explores(step):
+                shared = False
                 action, log_prob, _ = policy_step(self.model, x_t, t, condition, cfg.kappa,
                                                   generator=generator, chain=chain)
+            elif shared:
+                g = cfg.group_size
+                action = self.model.reverse_mean(x_t[::g], t[::g], None, chain
+                                                 ).repeat_interleave(g, 0)
             else:
                 action = self.model.reverse_mean(x_t, t, condition, chain)
             if cfg.trains(step):
