@@ -25,6 +25,7 @@ With ``--records`` pointing at the committed records, a run adds only what they 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import statistics
@@ -36,7 +37,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
-from common import write_result
+from common import RESULTS, write_result
+
+from refit_gym.backbones import load_backbone
 
 ENV_ID = "ReFiT-ML1M-v0"
 # cf_levers_ReFiT-ML1M-v0.md's validation-chosen lever; every row below adds to it.
@@ -60,6 +63,31 @@ METRICS = ("ndcg@20", "recall@20")
 def run_name(config: str, seed: int) -> str:
     slug = "".join(c if c.isalnum() else "-" for c in config.split(" (")[0]).strip("-")
     return f"{slug}-seed{seed}"
+
+
+def weights_digest(checkpoint: Path) -> str:
+    """sha256 of a checkpoint's weights (not of its file, whose metadata may differ between
+    identical pretraining runs)."""
+    model, _ = load_backbone(checkpoint)
+    digest = hashlib.sha256()
+    for key, value in sorted(model.state_dict().items()):
+        digest.update(key.encode())
+        digest.update(value.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def check_backbones(checkpoints: list[Path], runs: list[dict]) -> list[str]:
+    """The checkpoints' weight digests, after checking them against the recorded runs': the
+    records must only ever hold runs of the same backbones."""
+    digests = [weights_digest(c) for c in checkpoints]
+    for run in runs:
+        if run["backbone_sha256"] != digests[run["seed"] - 1]:
+            raise SystemExit(
+                f"cf_batch_study: {checkpoints[run['seed'] - 1]} is not the seed-{run['seed']} "
+                f"backbone the records were measured on (weights sha256 "
+                f"{run['backbone_sha256'][:12]}...); pretrain it with `refit-gym pretrain --env "
+                f"{ENV_ID} --seed {run['seed']}` on a CPU, or start a new --records file")
+    return digests
 
 
 def finetune(config: str, seed: int, checkpoint: Path, args: argparse.Namespace,
@@ -92,7 +120,8 @@ def finetune(config: str, seed: int, checkpoint: Path, args: argparse.Namespace,
     return {"config": config, "seed": seed, "best_epoch": metrics["best_epoch"],
             "command": " ".join(command[2:]), "history": history, "device": args.device_name,
             "parallel": args.parallel, "threads": args.threads,
-            "study": " ".join(["python", *sys.argv])}
+            "study": " ".join(["python", *sys.argv]),
+            "backbone_sha256": args.digests[seed - 1]}
 
 
 def run_all(args: argparse.Namespace) -> None:
@@ -102,6 +131,7 @@ def run_all(args: argparse.Namespace) -> None:
     records = args.records
     records.touch()
     done = {(r["config"], r["seed"]) for r in load(records)}
+    args.digests = check_backbones(args.checkpoints, load(records))
     deadline = time.monotonic() + args.deadline_seconds
     lock = threading.Lock()
 
@@ -157,6 +187,9 @@ def spread(values: list[float]) -> str:
 def report(args: argparse.Namespace) -> None:
     runs = load(args.records)
     pick = choose(runs)
+    earlier = RESULTS / f"cf_batch_study_{ENV_ID}.md"
+    reading = earlier.read_text().partition("\n## ")[2] if earlier.is_file() else ""
+    reading = "## " + reading if reading else ""
     first = runs[0]
     users = int(first["command"].partition("users_per_epoch=")[2].split()[0]) or 6040
     lines = [f"Runs: `{first['study']}`", "",
@@ -196,8 +229,10 @@ def report(args: argparse.Namespace) -> None:
             curve = [statistics.mean(r["history"][e]["valid ndcg@20"] for r in rows)
                      for e in range(min(len(r["history"]) for r in rows))]
             lines.append(f"- {config}: " + " ".join(f"{v:.5f}" for v in curve))
-    write_result(f"cf_batch_study_{ENV_ID}", f"The CF agent on {ENV_ID} with GPU-sized batches",
-                 lines)
+    path = write_result(f"cf_batch_study_{ENV_ID}",
+                        f"The CF agent on {ENV_ID} with GPU-sized batches", lines)
+    if reading:  # the hand-written reading of an earlier report: kept, to be brought up to date
+        path.write_text(path.read_text() + "\n" + reading)
 
 
 def main() -> None:

@@ -3,9 +3,10 @@
 # CUDA, then one ReFiT epoch on ML-1M and on Zhihu timed on the GPU beside the same work on that
 # machine's CPU, written to benchmarks/results/gpu_check.md with the device's name.
 #   REFIT_DATA_DIR=../shared/data bash benchmarks/gpu_check.sh
-# With CF_STUDY_CHECKPOINTS="s1.pt s2.pt s3.pt" (ML-1M backbones of seeds 1-3) it then runs
-# benchmarks/cf_batch_study.py until CF_STUDY_SECONDS (default 600) after this script started,
-# and writes its report.
+# With CF_STUDY_CHECKPOINTS="s1.pt s2.pt s3.pt" (`refit-gym pretrain --env ReFiT-ML1M-v0 --seed
+# S` on a CPU, S = 1, 2, 3) it then runs benchmarks/cf_batch_study.py until CF_STUDY_SECONDS
+# (default 600) after this script started, adding the runs its committed records lack, and
+# rewrites its report.
 # The project must be installed in the Python that runs it (`pip install .`; on a machine
 # without registries, carry its wheels). Without a GPU it is a dry run that says so.
 set -uo pipefail
@@ -27,6 +28,7 @@ if [ -n "${CF_STUDY_CHECKPOINTS:-}" ]; then
   # shellcheck disable=SC2086  # a list of paths
   "$PY" benchmarks/cf_batch_study.py --device cuda --checkpoints $CF_STUDY_CHECKPOINTS \
     --work "${CF_STUDY_WORK:-/tmp/cf-batch-study}" \
+    --records "${CF_STUDY_RECORDS:-benchmarks/results/cf_batch_study_ReFiT-ML1M-v0.jsonl}" \
     --deadline-seconds $(( ${CF_STUDY_SECONDS:-600} - SECONDS )) || failed=1
 fi
 exit $failed
