@@ -7,8 +7,11 @@
 # S` on a CPU, S = 1, 2, 3) it then runs benchmarks/cf_batch_study.py until CF_STUDY_SECONDS
 # (default 600) after this script started, adding the runs its committed records lack, and
 # rewrites its report.
-# The project must be installed in the Python that runs it (`pip install .`; on a machine
-# without registries, carry its wheels). Without a GPU it is a dry run that says so.
+# The project must be installed editable in the Python that runs it (`pip install -e .`: from
+# the repository root a plain install is shadowed by the source folder, which has no
+# refit_gym.envs); on a machine without registries carry the wheels of gymnasium,
+# stable-baselines3, sb3-contrib and farama-notifications, and install with --no-index
+# --no-deps --no-build-isolation. Without a GPU it is a dry run that says so.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
