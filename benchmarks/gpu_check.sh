@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The prepared GPU check (about 5 minutes on one H100/H200): the device-parametrised tests on
-# CUDA, then one ReFiT epoch on ML-1M and on Zhihu timed on the GPU beside the same work on that
-# machine's CPU, written to benchmarks/results/gpu_check.md with the device's name.
+# The prepared GPU check (70 s on one H100, the study below aside): the device-parametrised
+# tests on CUDA, then one ReFiT epoch on ML-1M and on Zhihu timed on the GPU beside the same work
+# on that machine's CPU, written to benchmarks/results/gpu_check.md with the device's name.
 #   REFIT_DATA_DIR=../shared/data bash benchmarks/gpu_check.sh
 # With CF_STUDY_CHECKPOINTS="s1.pt s2.pt s3.pt" (`refit-gym pretrain --env ReFiT-ML1M-v0 --seed
 # S` on a CPU, S = 1, 2, 3) it then runs benchmarks/cf_batch_study.py until CF_STUDY_SECONDS
