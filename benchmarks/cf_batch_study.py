@@ -4,7 +4,7 @@ The gradient check (gradient_check_ReFiT-ML1M-v0_collaborative.md) found one bat
 x 8 trajectories nearly orthogonal to the exact gradient (cosine <= 0.09): on 2 CPU cores the
 agent could not afford the batches that would average that noise away. This study runs the
 validation-chosen lever of cf_levers_ReFiT-ML1M-v0.md (exploration on the last 5 steps only,
-kappa 30) over every training user per epoch, with 8x larger batches, more trajectories per
+kappa 30) over every training user (5,949) per epoch, with 8x larger batches, more trajectories per
 user and larger steps, on seeds 1-3 of the backbone, through the real CLI:
 
     refit-gym finetune --env ReFiT-ML1M-v0 --algo refit --checkpoint CK --seed S --set ...
@@ -19,7 +19,9 @@ pick's mean training seconds as its budget (equal wall time).
     python benchmarks/cf_batch_study.py --records results/cf_batch_study_ReFiT-ML1M-v0.jsonl \\
         --report-only   # rewrite the .md from the committed records
 
-With ``--records`` pointing at the committed records, a run adds only what they lack.
+With ``--records`` pointing at the committed records, a run adds only what they lack. The
+report is written beside the records (``X.jsonl`` -> ``X.md``): a smoke run with its own
+records leaves the committed report alone.
 """
 
 from __future__ import annotations
@@ -37,9 +39,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
-from common import RESULTS, write_result
+from common import write_result
 
 from refit_gym.backbones import load_backbone
+from refit_gym.mdp.gym_env import cached_dataset
 
 ENV_ID = "ReFiT-ML1M-v0"
 # cf_levers_ReFiT-ML1M-v0.md's validation-chosen lever; every row below adds to it.
@@ -90,8 +93,8 @@ def check_backbones(checkpoints: list[Path], runs: list[dict]) -> list[str]:
     return digests
 
 
-def finetune(config: str, seed: int, checkpoint: Path, args: argparse.Namespace,
-             deadline: float, budget: float | None = None) -> dict | None:
+def run_finetune(config: str, seed: int, checkpoint: Path, args: argparse.Namespace,
+                 deadline: float, budget: float | None = None) -> dict | None:
     """One `refit-gym finetune` run; its compact record, or None when the deadline stopped it."""
     out = args.work / run_name(config, seed)
     if config == CONTINUE:
@@ -120,6 +123,7 @@ def finetune(config: str, seed: int, checkpoint: Path, args: argparse.Namespace,
     return {"config": config, "seed": seed, "best_epoch": metrics["best_epoch"],
             "command": " ".join(command[2:]), "history": history, "device": args.device_name,
             "parallel": args.parallel, "threads": args.threads,
+            "users_per_epoch": args.users_per_epoch or args.train_users,
             "study": " ".join(["python", *sys.argv]),
             "backbone_sha256": args.digests[seed - 1]}
 
@@ -128,32 +132,35 @@ def run_all(args: argparse.Namespace) -> None:
     args.device_name = (torch.cuda.get_device_name() if args.device.startswith("cuda")
                         else "CPU")
     args.work.mkdir(parents=True, exist_ok=True)
+    args.train_users = cached_dataset(ENV_ID, None).n_train_rows
     records = args.records
     records.touch()
-    done = {(r["config"], r["seed"]) for r in load(records)}
-    args.digests = check_backbones(args.checkpoints, load(records))
+    recorded = load(records)
+    done = {(r["config"], r["seed"]) for r in recorded}
+    args.digests = check_backbones(args.checkpoints, recorded)
     deadline = time.monotonic() + args.deadline_seconds
     lock = threading.Lock()
 
     def job(config: str, seed: int, budget: float | None = None) -> None:
         if (config, seed) in done:  # measured by an earlier run of the study
             return
-        record = finetune(config, seed, args.checkpoints[seed - 1], args, deadline, budget)
+        record = run_finetune(config, seed, args.checkpoints[seed - 1], args, deadline, budget)
         if record is not None:
             with lock, records.open("a") as f:
                 f.write(json.dumps(record) + "\n")
-            best = record["history"][record["best_epoch"]]
             print(f"cf_batch_study: {config}, seed {seed}: valid ndcg@20 "
-                  f"{record['history'][0]['valid ndcg@20']:.5f} -> {best['valid ndcg@20']:.5f} "
-                  f"(epoch {record['best_epoch']})", flush=True)
+                  f"{record['history'][0]['valid ndcg@20']:.5f} -> "
+                  f"{selected(record)['valid ndcg@20']:.5f} (epoch {record['best_epoch']})",
+                  flush=True)
 
     seeds = range(1, len(args.checkpoints) + 1)
     with ThreadPoolExecutor(args.parallel) as pool:  # seed-major: every row gets seeds evenly
         list(pool.map(lambda cs: job(*cs), [(c, s) for s in seeds for c in GRID]))
-    pick = choose(load(records))
+    recorded = load(records)
+    pick = choose(recorded)
     if pick is None:
         return
-    budget = statistics.mean(r["history"][-1]["elapsed"] for r in load(records)
+    budget = statistics.mean(r["history"][-1]["elapsed"] for r in recorded
                              if r["config"] == pick)
     with ThreadPoolExecutor(args.parallel) as pool:
         list(pool.map(lambda s: job(CONTINUE, s, budget), seeds))
@@ -187,16 +194,16 @@ def spread(values: list[float]) -> str:
 def report(args: argparse.Namespace) -> None:
     runs = load(args.records)
     pick = choose(runs)
-    earlier = RESULTS / f"cf_batch_study_{ENV_ID}.md"
+    earlier = args.records.with_suffix(".md")
     reading = earlier.read_text().partition("\n## ")[2] if earlier.is_file() else ""
     reading = "## " + reading if reading else ""
     first = runs[0]
-    users = int(first["command"].partition("users_per_epoch=")[2].split()[0]) or 6040
+    users = first["users_per_epoch"]
     lines = [f"Runs: `{first['study']}`", "",
              f"Device: {first['device']}; {first['parallel']} runs at a time, {first['threads']} "
              "CPU threads each (training seconds are those of a shared device).", "",
              "Every row adds to the lever " + ", ".join(f"{k}={v}" for k, v in LEVER.items())
-             + f", {users} training users per epoch (6,040: all). Per run: the best "
+             + f", {users:,} training users per epoch. Per run: the best "
              "epoch by validation NDCG@20, start included. Mean ± std over the seeds done; "
              "test never used for any choice.", "",
              "| configuration | seeds | updates | valid ndcg@20 start -> selected | test ndcg@20 "
@@ -229,8 +236,8 @@ def report(args: argparse.Namespace) -> None:
             curve = [statistics.mean(r["history"][e]["valid ndcg@20"] for r in rows)
                      for e in range(min(len(r["history"]) for r in rows))]
             lines.append(f"- {config}: " + " ".join(f"{v:.5f}" for v in curve))
-    path = write_result(f"cf_batch_study_{ENV_ID}",
-                        f"The CF agent on {ENV_ID} with GPU-sized batches", lines)
+    path = write_result(args.records.stem, f"The CF agent on {ENV_ID} with GPU-sized batches",
+                        lines, folder=args.records.parent)
     if reading:  # the hand-written reading of an earlier report: kept, to be brought up to date
         path.write_text(path.read_text() + "\n" + reading)
 

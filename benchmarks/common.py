@@ -47,13 +47,14 @@ def best_of(fn: Callable[[], object], repeats: int) -> float:
     return min(times)
 
 
-def write_result(name: str, title: str, lines: list[str]) -> Path:
-    """Write ``results/<name>.md`` with the exact command and the machine, and echo it."""
+def write_result(name: str, title: str, lines: list[str], folder: Path = RESULTS) -> Path:
+    """Write ``<folder>/<name>.md`` (default results/) with the exact command and the machine,
+    and echo it."""
     command = "python " + " ".join([str(Path(sys.argv[0]).as_posix()), *sys.argv[1:]])
     text = "\n".join([f"# {title}", "", f"Command: `{command}`", "", f"Machine: {machine()}", "",
                       *lines, ""])
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{name}.md"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.md"
     path.write_text(text)
     print(text)
     return path

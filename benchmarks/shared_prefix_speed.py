@@ -51,17 +51,13 @@ def main() -> None:
         agent = ReFiTAgent(model, spec.build_backbone(data.n_items), config)
         core = DenoisingMDP(source, reward, users * group)
         ids = torch.arange(users)
-        per_row = None
-        for path in ("per row", "shared prefix"):
-            if path == "per row":
-                with mock.patch.object(refit_agent, "groups_identical", return_value=False):
-                    rollout_s, update_s = batch_seconds(agent, core, ids, args.repeats)
-                per_row = rollout_s + update_s
-            else:
-                rollout_s, update_s = batch_seconds(agent, core, ids, args.repeats)
-            total = rollout_s + update_s
+        with mock.patch.object(refit_agent, "groups_identical", return_value=False):
+            per_row = batch_seconds(agent, core, ids, args.repeats)
+        shared = batch_seconds(agent, core, ids, args.repeats)
+        for path, (rollout_s, update_s) in (("per row", per_row), ("shared prefix", shared)):
             rows.append(f"| {users} x {group} | {path} | {rollout_s:.2f} | {update_s:.2f} | "
-                        f"{total:.2f} | {per_row / total:.2f} |")
+                        f"{rollout_s + update_s:.2f} | "
+                        f"{sum(per_row) / (rollout_s + update_s):.2f} |")
     write_result("shared_prefix_speed", f"ReFiT batch on {ENV_ID}: the shared mean prefix", [
         f"Untrained backbone of the spec (speed does not depend on the weights), lever settings "
         f"(train_steps 5, kappa 30, explore_all_steps false) and the id's default reward; the "
