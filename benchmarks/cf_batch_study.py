@@ -19,6 +19,10 @@ pick's mean training seconds as its budget (equal wall time).
     python benchmarks/cf_batch_study.py --records results/cf_batch_study_ReFiT-ML1M-v0.jsonl \\
         --report-only   # rewrite the .md from the committed records
 
+``--rows`` and ``--seeds`` run single cells (e.g. one seed on a CPU, ``--device cpu --parallel 1
+--threads 2``: a group-32 run takes over two hours on 2 cores); `continue` then waits for a run of
+the whole grid, and takes its budget from the pick's runs on its own kind of device.
+
 With ``--records`` pointing at the committed records, a run adds only what they lack. The
 report is written beside the records (``X.jsonl`` -> ``X.md``): a smoke run with its own
 records leaves the committed report alone.
@@ -153,15 +157,21 @@ def run_all(args: argparse.Namespace) -> None:
                   f"{selected(record)['valid ndcg@20']:.5f} (epoch {record['best_epoch']})",
                   flush=True)
 
-    seeds = range(1, len(args.checkpoints) + 1)
+    seeds = args.seeds or range(1, len(args.checkpoints) + 1)
+    rows = args.rows or list(GRID)
     with ThreadPoolExecutor(args.parallel) as pool:  # seed-major: every row gets seeds evenly
-        list(pool.map(lambda cs: job(*cs), [(c, s) for s in seeds for c in GRID]))
+        list(pool.map(lambda cs: job(*cs), [(c, s) for s in seeds for c in rows]))
+    if args.rows:  # a chosen cell: `continue` waits for a run of the whole grid
+        return
     recorded = load(records)
     pick = choose(recorded)
-    if pick is None:
+    # Equal wall time means the same kind of device: a CPU run's seconds would give a GPU's
+    # `continue` many times the pick's compute.
+    pick_seconds = [r["history"][-1]["elapsed"] for r in recorded
+                    if r["config"] == pick and r["device"] == args.device_name]
+    if pick is None or not pick_seconds:
         return
-    budget = statistics.mean(r["history"][-1]["elapsed"] for r in recorded
-                             if r["config"] == pick)
+    budget = statistics.mean(pick_seconds)
     with ThreadPoolExecutor(args.parallel) as pool:
         list(pool.map(lambda s: job(CONTINUE, s, budget), seeds))
 
@@ -191,24 +201,35 @@ def spread(values: list[float]) -> str:
     return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
 
 
+def seconds_by_device(runs: list[dict]) -> str:
+    """Mean training seconds of ``runs``, one figure per device they ran on."""
+    devices = dict.fromkeys(r["device"] for r in runs)
+    return "; ".join(
+        f"{statistics.mean(r['history'][-1]['elapsed'] for r in runs if r['device'] == d):,.0f}"
+        + (f" ({d})" if len(devices) > 1 else "") for d in devices)
+
+
 def report(args: argparse.Namespace) -> None:
     runs = load(args.records)
     pick = choose(runs)
     earlier = args.records.with_suffix(".md")
     reading = earlier.read_text().partition("\n## ")[2] if earlier.is_file() else ""
     reading = "## " + reading if reading else ""
-    first = runs[0]
-    users = first["users_per_epoch"]
-    lines = [f"Runs: `{first['study']}`", "",
-             f"Device: {first['device']}; {first['parallel']} runs at a time, {first['threads']} "
-             "CPU threads each (training seconds are those of a shared device).", "",
-             "Every row adds to the lever " + ", ".join(f"{k}={v}" for k, v in LEVER.items())
-             + f", {users:,} training users per epoch. Per run: the best "
-             "epoch by validation NDCG@20, start included. Mean ± std over the seeds done; "
-             "test never used for any choice.", "",
-             "| configuration | seeds | updates | valid ndcg@20 start -> selected | test ndcg@20 "
-             "start -> selected | test recall@20 start -> selected | fixed reward epoch 0 -> "
-             "last | training s |", "|---|---|---|---|---|---|---|---|"]
+    users = runs[0]["users_per_epoch"]
+    lines = ["Runs (each row's training seconds are given per device; runs sharing a device slow "
+             "each other):", ""]
+    for study in dict.fromkeys(r["study"] for r in runs):
+        ran = [r for r in runs if r["study"] == study]
+        lines.append(f"- `{study}`: {len(ran)} runs on {ran[0]['device']}, {ran[0]['parallel']} "
+                     f"at a time, {ran[0]['threads']} CPU threads each")
+    lines += ["",
+              "Every row adds to the lever " + ", ".join(f"{k}={v}" for k, v in LEVER.items())
+              + f", {users:,} training users per epoch. Per run: the best "
+              "epoch by validation NDCG@20, start included. Mean ± std over the seeds done; "
+              "test never used for any choice.", "",
+              "| configuration | seeds | updates | valid ndcg@20 start -> selected | test ndcg@20 "
+              "start -> selected | test recall@20 start -> selected | fixed reward epoch 0 -> "
+              "last | training s |", "|---|---|---|---|---|---|---|---|"]
     for config in [*GRID, CONTINUE]:
         rows = [r for r in runs if r["config"] == config]
         if not rows:
@@ -227,8 +248,7 @@ def report(args: argparse.Namespace) -> None:
                          f"{spread([h[f'{s} {m}'] for h in best])}"
                          for s, m in (("valid", "ndcg@20"), ("test", "ndcg@20"),
                                       ("test", "recall@20")))
-            + f" | {fixed_cell} | {statistics.mean(r['history'][-1]['elapsed'] for r in rows):.0f}"
-            " |")
+            + f" | {fixed_cell} | {seconds_by_device(rows)} |")
     lines += ["", "Validation NDCG@20 by epoch (mean over the seeds done):", ""]
     for config in GRID:
         rows = [r for r in runs if r["config"] == config]
@@ -259,8 +279,15 @@ def main() -> None:
     parser.add_argument("--users-per-epoch", type=int, default=0,
                         help="training users per epoch (0: all); smaller for a CPU smoke run")
     parser.add_argument("--max-epochs", type=int, default=1000, help="caps every row's epochs")
+    parser.add_argument("--rows", nargs="+", choices=list(GRID), default=None,
+                        help="run only these grid rows (default: all, then `continue`)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None,
+                        help="run only these backbone seeds (default: one per checkpoint)")
     parser.add_argument("--report-only", action="store_true")
     args = parser.parse_args()
+    if args.seeds and max(args.seeds) > len(args.checkpoints):
+        parser.error(f"--seeds {max(args.seeds)} needs {max(args.seeds)} --checkpoints "
+                     "(seed S runs on the S-th)")
     args.records = args.records or args.work / "runs.jsonl"
     if not args.report_only:
         if not args.checkpoints:
