@@ -47,16 +47,19 @@ from common import write_result
 
 from refit_gym.backbones import load_backbone
 from refit_gym.mdp.gym_env import cached_dataset
+from refit_gym.specs import load_agent_hyperparams
 
 ENV_ID = "ReFiT-ML1M-v0"
 # cf_levers_ReFiT-ML1M-v0.md's validation-chosen lever; every row below adds to it.
 LEVER = {"explore_all_steps": "false", "train_steps": 5, "kappa": 30}
+# Each row sets every key of agents/refit.toml's ML-1M tables (with LEVER): on a GPU the id's
+# cuda table, this study's pick, would otherwise fill in what a row leaves out.
 GRID: dict[str, dict[str, object]] = {
-    "batch 64, lr 1e-5 (the CPU lever, full epochs)": {"users_per_batch": 64, "lr": 1e-5,
-                                                        "epochs": 4},
-    "batch 512, lr 1e-5": {"users_per_batch": 512, "lr": 1e-5, "epochs": 16},
-    "batch 512, lr 3e-5": {"users_per_batch": 512, "lr": 3e-5, "epochs": 16},
-    "batch 512, lr 1e-4": {"users_per_batch": 512, "lr": 1e-4, "epochs": 16},
+    "batch 64, lr 1e-5 (the CPU lever, full epochs)": {"users_per_batch": 64, "group_size": 8,
+                                                        "lr": 1e-5, "epochs": 4},
+    "batch 512, lr 1e-5": {"users_per_batch": 512, "group_size": 8, "lr": 1e-5, "epochs": 16},
+    "batch 512, lr 3e-5": {"users_per_batch": 512, "group_size": 8, "lr": 3e-5, "epochs": 16},
+    "batch 512, lr 1e-4": {"users_per_batch": 512, "group_size": 8, "lr": 1e-4, "epochs": 16},
     "batch 512, group 32, lr 3e-5": {"users_per_batch": 512, "group_size": 32, "lr": 3e-5,
                                      "epochs": 16},
     # Added after the first GPU run: the row above still rose at its last epoch on validation.
@@ -97,6 +100,17 @@ def check_backbones(checkpoints: list[Path], runs: list[dict]) -> list[str]:
     return digests
 
 
+def check_rows_set_every_default() -> None:
+    """Refuse a row that would take a hyperparameter from agents/refit.toml: which table fills
+    it in depends on the device."""
+    defaults = {key for device in ("cpu", "cuda")
+                for key in load_agent_hyperparams("refit", ENV_ID, device)}
+    for config, row in GRID.items():
+        if missing := defaults - {*LEVER, *row}:
+            raise SystemExit(f"cf_batch_study: row {config!r} leaves {sorted(missing)} to the "
+                             "device's defaults; set them in GRID")
+
+
 def run_finetune(config: str, seed: int, checkpoint: Path, args: argparse.Namespace,
                  deadline: float, budget: float | None = None) -> dict | None:
     """One `refit-gym finetune` run; its compact record, or None when the deadline stopped it."""
@@ -135,6 +149,7 @@ def run_finetune(config: str, seed: int, checkpoint: Path, args: argparse.Namesp
 def run_all(args: argparse.Namespace) -> None:
     args.device_name = (torch.cuda.get_device_name() if args.device.startswith("cuda")
                         else "CPU")
+    check_rows_set_every_default()
     args.work.mkdir(parents=True, exist_ok=True)
     args.train_users = cached_dataset(ENV_ID, None).n_train_rows
     records = args.records

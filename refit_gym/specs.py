@@ -177,10 +177,16 @@ def load_env_spec(env_id: str) -> EnvSpec:
     return specs[env_id]
 
 
-def load_agent_hyperparams(algo: str, env_id: str) -> dict[str, Any]:
-    """Hyperparameters of ``algo`` for ``env_id`` from agents/<algo>.toml ("default" fallback)."""
+def load_agent_hyperparams(algo: str, env_id: str, device: str = "cpu") -> dict[str, Any]:
+    """Hyperparameters of ``algo`` for ``env_id`` from agents/<algo>.toml ("default" fallback).
+
+    An id's table may hold one sub-table per device type (``["ReFiT-ML1M-v0".cuda]``): on that
+    device its keys replace the id's, so a GPU gets the batches it affords and a CPU the ones
+    that finish there."""
     path = resources.files("refit_gym.agents") / f"{algo}.toml"
     if not path.is_file():
         return {}
     table = tomllib.loads(path.read_text())
-    return dict(table.get(env_id.removeprefix("refit_gym:"), table.get("default", {})))
+    entry = dict(table.get(env_id.removeprefix("refit_gym:"), table.get("default", {})))
+    by_device = {key: entry.pop(key) for key in list(entry) if isinstance(entry[key], dict)}
+    return {**entry, **by_device.get(device.split(":")[0], {})}

@@ -13,7 +13,7 @@ from refit_gym.backbones import CheckpointError, DiffRec, DiffRecConfig, load_ba
 from refit_gym.cli import main
 from refit_gym.mdp.gym_env import make_core
 from refit_gym.rl.refit_agent import ReFiTAgent, ReFiTConfig, group_advantages, policy_step
-from refit_gym.specs import load_env_spec
+from refit_gym.specs import load_agent_hyperparams, load_env_spec
 from refit_gym.training.finetune import finetune
 from refit_gym.training.metrics import evaluate
 
@@ -119,6 +119,18 @@ def pretrained(pretrained_synthetic: Path) -> Path:
 
 SMALL = {"epochs": 2, "users_per_batch": 64, "group_size": 4, "checkpoint_every": 3,
          "lr": 1e-3, "train_steps": 3}
+
+
+def test_a_device_table_replaces_the_id_defaults_on_that_device() -> None:
+    cpu = load_agent_hyperparams("refit", "ReFiT-ML1M-v0")
+    gpu = load_agent_hyperparams("refit", "ReFiT-ML1M-v0", "cuda:0")
+    assert (cpu["users_per_batch"], cpu["group_size"], cpu["train_steps"]) == (64, 8, 10)
+    assert (gpu["users_per_batch"], gpu["group_size"], gpu["train_steps"]) == (512, 32, 5)
+    assert gpu["explore_all_steps"] is False and "explore_all_steps" not in cpu
+    for params in (cpu, gpu):  # the sub-table itself is no hyperparameter
+        ReFiTConfig(**params)
+    zhihu = load_agent_hyperparams("refit", "ReFiT-Zhihu-v0")
+    assert load_agent_hyperparams("refit", "ReFiT-Zhihu-v0", "cuda") == zhihu
 
 
 def test_finetune_selects_by_validation_and_writes_outputs(pretrained: Path, tmp_path) -> None:

@@ -278,7 +278,7 @@ def finetune(
     if isinstance(data, SequenceData):  # the environment's E: the checkpoint's, frozen
         overrides.setdefault("checkpoint", str(checkpoint))
     settings = EnvSettings.resolve(spec, overrides)
-    params = {**load_agent_hyperparams(algo, spec.id), **(hyperparams or {})}
+    params = {**load_agent_hyperparams(algo, spec.id, device), **(hyperparams or {})}
     sb3_model = None
     if algo == "refit":
         config: Any = ReFiTConfig(**params)
