@@ -235,8 +235,8 @@ def report(args: argparse.Namespace) -> None:
              "each other):", ""]
     for study in dict.fromkeys(r["study"] for r in runs):
         ran = [r for r in runs if r["study"] == study]
-        lines.append(f"- `{study}`: {len(ran)} runs on {ran[0]['device']}, {ran[0]['parallel']} "
-                     f"at a time, {ran[0]['threads']} CPU threads each")
+        lines.append(f"- `{study}`: {len(ran)} run{'s' * (len(ran) > 1)} on {ran[0]['device']}, "
+                     f"{ran[0]['parallel']} at a time, {ran[0]['threads']} CPU threads each")
     lines += ["",
               "Every row adds to the lever " + ", ".join(f"{k}={v}" for k, v in LEVER.items())
               + f", {users:,} training users per epoch. Per run: the best "
