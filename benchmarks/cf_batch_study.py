@@ -300,9 +300,9 @@ def main() -> None:
                         help="run only these backbone seeds (default: one per checkpoint)")
     parser.add_argument("--report-only", action="store_true")
     args = parser.parse_args()
-    if args.seeds and max(args.seeds) > len(args.checkpoints):
-        parser.error(f"--seeds {max(args.seeds)} needs {max(args.seeds)} --checkpoints "
-                     "(seed S runs on the S-th)")
+    if args.seeds and not all(1 <= s <= len(args.checkpoints) for s in args.seeds):
+        parser.error(f"--seeds {args.seeds}: each must be 1 to the number of --checkpoints "
+                     f"({len(args.checkpoints)}; seed S runs on the S-th)")
     args.records = args.records or args.work / "runs.jsonl"
     if not args.report_only:
         if not args.checkpoints:

@@ -177,6 +177,10 @@ def load_env_spec(env_id: str) -> EnvSpec:
     return specs[env_id]
 
 
+# torch device types an agents/<algo>.toml sub-table may be named after.
+DEVICE_TYPES = frozenset({"cpu", "cuda", "mps", "xpu"})
+
+
 def load_agent_hyperparams(algo: str, env_id: str, device: str = "cpu") -> dict[str, Any]:
     """Hyperparameters of ``algo`` for ``env_id`` from agents/<algo>.toml ("default" fallback).
 
@@ -187,6 +191,11 @@ def load_agent_hyperparams(algo: str, env_id: str, device: str = "cpu") -> dict[
     if not path.is_file():
         return {}
     table = tomllib.loads(path.read_text())
-    entry = dict(table.get(env_id.removeprefix("refit_gym:"), table.get("default", {})))
+    env_id = env_id.removeprefix("refit_gym:")
+    entry = dict(table.get(env_id, table.get("default", {})))
     by_device = {key: entry.pop(key) for key in list(entry) if isinstance(entry[key], dict)}
+    if unknown := sorted(set(by_device) - DEVICE_TYPES):
+        raise SpecError(f"agents/{algo}.toml [{env_id}]: sub-tables {unknown} are not device "
+                        f"types; name them after one of {sorted(DEVICE_TYPES)}, e.g. "
+                        f'["{env_id}".cuda]')
     return {**entry, **by_device.get(device.split(":")[0], {})}

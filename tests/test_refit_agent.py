@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from refit_gym import specs
 from refit_gym.backbones import CheckpointError, DiffRec, DiffRecConfig, load_backbone
 from refit_gym.cli import main
 from refit_gym.mdp.gym_env import make_core
@@ -131,6 +132,13 @@ def test_a_device_table_replaces_the_id_defaults_on_that_device() -> None:
         ReFiTConfig(**params)
     zhihu = load_agent_hyperparams("refit", "ReFiT-Zhihu-v0")
     assert load_agent_hyperparams("refit", "ReFiT-Zhihu-v0", "cuda") == zhihu
+
+
+def test_a_sub_table_that_is_no_device_type_is_rejected(tmp_path, monkeypatch) -> None:
+    (tmp_path / "refit.toml").write_text('["X-v0"]\nlr = 1e-4\n["X-v0".gpu]\nlr = 1e-3\n')
+    monkeypatch.setattr(specs.resources, "files", lambda package: tmp_path)
+    with pytest.raises(specs.SpecError, match=r"\['gpu'\] are not device types.*X-v0\"\.cuda"):
+        load_agent_hyperparams("refit", "X-v0", "cuda")
 
 
 def test_finetune_selects_by_validation_and_writes_outputs(pretrained: Path, tmp_path) -> None:
