@@ -186,16 +186,13 @@ def load_agent_hyperparams(algo: str, env_id: str, device: str = "cpu") -> dict[
 
     An id's table may hold one sub-table per device type (``["ReFiT-ML1M-v0".cuda]``): on that
     device its keys replace the id's, so a GPU gets the batches it affords and a CPU the ones
-    that finish there."""
+    that finish there. Any other sub-table is a hyperparameter (SB3's ``policy_kwargs``)."""
     path = resources.files("refit_gym.agents") / f"{algo}.toml"
     if not path.is_file():
         return {}
     table = tomllib.loads(path.read_text())
     env_id = env_id.removeprefix("refit_gym:")
     entry = dict(table.get(env_id, table.get("default", {})))
-    by_device = {key: entry.pop(key) for key in list(entry) if isinstance(entry[key], dict)}
-    if unknown := sorted(set(by_device) - DEVICE_TYPES):
-        raise SpecError(f"agents/{algo}.toml [{env_id}]: sub-tables {unknown} are not device "
-                        f"types; name them after one of {sorted(DEVICE_TYPES)}, e.g. "
-                        f'["{env_id}".cuda]')
+    # Only a device type's sub-table is one: others (SB3's policy_kwargs) are hyperparameters.
+    by_device = {key: entry.pop(key) for key in DEVICE_TYPES & set(entry)}
     return {**entry, **by_device.get(device.split(":")[0], {})}

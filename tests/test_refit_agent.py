@@ -134,11 +134,13 @@ def test_a_device_table_replaces_the_id_defaults_on_that_device() -> None:
     assert load_agent_hyperparams("refit", "ReFiT-Zhihu-v0", "cuda") == zhihu
 
 
-def test_a_sub_table_that_is_no_device_type_is_rejected(tmp_path, monkeypatch) -> None:
-    (tmp_path / "refit.toml").write_text('["X-v0"]\nlr = 1e-4\n["X-v0".gpu]\nlr = 1e-3\n')
+def test_only_a_device_types_sub_table_is_a_device_table(tmp_path, monkeypatch) -> None:
+    (tmp_path / "ppo.toml").write_text('["X-v0"]\nlr = 1e-4\n["X-v0".policy_kwargs]\n'
+                                       'net_arch = [8]\n["X-v0".cuda]\nlr = 1e-3\n')
     monkeypatch.setattr(specs.resources, "files", lambda package: tmp_path)
-    with pytest.raises(specs.SpecError, match=r"\['gpu'\] are not device types.*X-v0\"\.cuda"):
-        load_agent_hyperparams("refit", "X-v0", "cuda")
+    expected = {"lr": 1e-4, "policy_kwargs": {"net_arch": [8]}}
+    assert load_agent_hyperparams("ppo", "X-v0") == expected
+    assert load_agent_hyperparams("ppo", "X-v0", "cuda:1") == {**expected, "lr": 1e-3}
 
 
 def test_finetune_selects_by_validation_and_writes_outputs(pretrained: Path, tmp_path) -> None:
