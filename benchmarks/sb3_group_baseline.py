@@ -21,6 +21,7 @@ import argparse
 from pathlib import Path
 
 from common import write_result
+from stable_baselines3.common.logger import Logger
 
 from refit_gym.data import InteractionData
 from refit_gym.mdp.gym_env import EnvSettings, cached_dataset
@@ -46,6 +47,7 @@ def scratch_rewards(algo: str, spec: EnvSpec, data: InteractionData, seed: int) 
                         driver["group_size"], seed)
     model = SB3_ALGOS[algo]("MultiInputPolicy", venv, seed=seed, device="cpu", verbose=0,
                             **sb3_args)
+    model.set_logger(Logger(folder=None, output_formats=[]))  # no SB3-<date> folder in /tmp
     callback, means = EpisodeRewards(), []
     for _ in range(driver["epochs"]):
         model.learn(episodes_per_epoch(driver, data.n_users) * spec.diffusion.steps,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,15 @@ def _data_dir() -> Path:
     if os.environ.get("REFIT_DATA_DIR"):
         return Path(os.environ["REFIT_DATA_DIR"])
     return Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def sb3_log_dir(tmp_path_factory) -> Iterator[None]:
+    """SB3's `learn` without a logger of its own makes an SB3-<date> folder in the system's
+    temporary directory on every call; the tests' go to one folder of the session's instead."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("SB3_LOGDIR", str(tmp_path_factory.mktemp("sb3-logs")))
+        yield
 
 
 @pytest.fixture(scope="session")
