@@ -193,6 +193,5 @@ def load_agent_hyperparams(algo: str, env_id: str, device: str = "cpu") -> dict[
     table = tomllib.loads(path.read_text())
     env_id = env_id.removeprefix("refit_gym:")
     entry = dict(table.get(env_id, table.get("default", {})))
-    # Only a device type's sub-table is one: others (SB3's policy_kwargs) are hyperparameters.
     by_device = {key: entry.pop(key) for key in DEVICE_TYPES & set(entry)}
     return {**entry, **by_device.get(device.split(":")[0], {})}
