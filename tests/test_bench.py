@@ -55,3 +55,7 @@ def test_bench_rejects_bad_algorithm_lists(tmp_path: Path) -> None:
         bench.run_bench(spec, data, ["pretrained", "dqn"], [1], tmp_path)
     with pytest.raises(ValueError, match="include refit"):
         bench.run_bench(spec, data, ["continue"], [1], tmp_path)
+    for stray in ("ppo", "ease"):  # not run; a peer, whose grid is its toml
+        with pytest.raises(ValueError, match=rf"--set names \['{stray}'\]"):
+            bench.run_bench(spec, data, ["refit", "ease"], [1], tmp_path,
+                            hyperparams={stray: {"epochs": 1}})

@@ -220,3 +220,21 @@ def test_continue_baseline_and_cli(pretrained: Path, tmp_path) -> None:
                  str(pretrained), "--out", str(tmp_path / "d"), "--quiet"]) == 2
     assert main(["finetune", "--env", SYN, "--algo", "refit", "--checkpoint", str(pretrained),
                  "--set", "kapa=3", "--out", str(tmp_path / "e"), "--quiet"]) == 2
+
+
+def test_continue_takes_the_protocol_settings_it_names(pretrained: Path, tmp_path) -> None:
+    """--set changes continue's [pretrain] protocol (here: validation every 3 epochs); a key
+    outside CONTINUE_SETTINGS, or a budget given to another algorithm, is refused."""
+    report = tmp_path / "c.json"
+    assert main(["finetune", "--env", SYN, "--algo", "continue", "--checkpoint", str(pretrained),
+                 "--budget-seconds", "1", "--set", "eval_every=3", "--out", str(tmp_path / "c"),
+                 "--json", str(report), "--quiet"]) == 0
+    result = json.loads(report.read_text())
+    assert result["config"] == {"budget_seconds": 1.0, "eval_every": 3}
+    passes = [h["epoch"] for h in result["history"]][:-1]  # the last: where the budget ran out
+    assert all(epoch % 3 == 0 for epoch in passes)
+    assert main(["finetune", "--env", SYN, "--algo", "continue", "--checkpoint", str(pretrained),
+                 "--budget-seconds", "1", "--set", "kappa=3", "--out", str(tmp_path / "d"),
+                 "--quiet"]) == 2
+    assert main(["finetune", "--env", SYN, "--algo", "refit", "--checkpoint", str(pretrained),
+                 "--budget-seconds", "1", "--out", str(tmp_path / "e"), "--quiet"]) == 2

@@ -54,6 +54,10 @@ def run_bench(
     if "continue" in algos and "refit" not in algos:
         raise ValueError("continue is budgeted by the refit run's wall time: include refit")
     out_dir, hyperparams = Path(out_dir), hyperparams or {}
+    if stray := sorted(set(hyperparams) - (set(algos) - {"pretrained", *PEER_NAMES})):
+        raise ValueError(f"--set names {stray}, which this bench does not fine-tune; --set "
+                         "takes ALGO.KEY=VALUE for an algorithm in --algos (a peer's grid is "
+                         "agents/<peer>.toml)")
     ordered = sorted(algos, key=ORDER.index)
     cells: dict[str, list[dict[str, Any]]] = {a: [] for a in ordered}
     for seed in seeds:
@@ -147,7 +151,8 @@ def plot(cells: dict[str, list[dict[str, Any]]], out_dir: Path) -> None:
     ax_valid.set(title="validation NDCG@20 (first point = the start)",
                  xlabel="training seconds")
     for ax in (ax_reward, ax_fixed, ax_valid):
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:  # a bench of peers alone draws no curve
+            ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
     fig.tight_layout()
     _save(fig, out_dir / "learning_curves.png")

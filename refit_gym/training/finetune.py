@@ -64,6 +64,9 @@ from refit_gym.training.resume import (
 
 ALGOS = ("refit", "continue", *SB3_ALGOS)
 FIXED_EPISODES = 256  # training episodes of the optimiser's own check
+# What `continue` may change of the spec's [pretrain] protocol (``--set``): the optimiser's steps
+# and how often validation interrupts a long run; the rest defines the backbone's own training.
+CONTINUE_SETTINGS = ("lr", "weight_decay", "batch_size", "importance_sampling", "eval_every")
 
 
 class RunState:
@@ -175,10 +178,12 @@ def _my_chunks(users: Tensor, chunk: int, dist: Distributed) -> list[tuple[int, 
 
 
 def _continue_epochs(spec: EnvSpec, data: Dataset, model: Backbone, budget: float,
-                     seed: int, state: RunState, resumed: dict | None, device,
-                     end_of_epoch: Callable[[], bool], progress: bool) -> None:
-    """The baseline: more epochs of the backbone's own loss, for ``budget`` training seconds."""
-    config, dist = spec.pretrain, current()
+                     settings: dict[str, Any], seed: int, state: RunState,
+                     resumed: dict | None, device, end_of_epoch: Callable[[], bool],
+                     progress: bool) -> None:
+    """The baseline: more epochs of the backbone's own loss, for ``budget`` training seconds,
+    with the spec's [pretrain] protocol as changed by ``settings`` (:data:`CONTINUE_SETTINGS`)."""
+    config, dist = dataclasses.replace(spec.pretrain, **settings), current()
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr,
                                   weight_decay=config.weight_decay)
     sampler = make_timestep_sampler(config, model.diffusion.steps)
@@ -254,9 +259,10 @@ def finetune(
 ) -> dict[str, Any]:
     """Fine-tune ``checkpoint`` with ``algo``; returns (and writes) the metrics payload.
 
-    ``hyperparams`` override agents/<algo>.toml; ``env_kwargs`` override the spec's MDP
-    settings (reward, reward_params, steps, holdout_fraction, holdout, ...). ``continue`` trains
-    with the backbone's own loss until ``budget_seconds`` of wall time have passed.
+    ``hyperparams`` override agents/<algo>.toml (for ``continue``, the spec's [pretrain] keys in
+    :data:`CONTINUE_SETTINGS`); ``env_kwargs`` override the spec's MDP settings (reward,
+    reward_params, steps, holdout_fraction, holdout, ...). ``continue`` trains with the
+    backbone's own loss until ``budget_seconds`` of wall time have passed.
 
     Every epoch logs validation metrics on the chain the agents tune (``steps``) and the reward
     of the backbone's own chain on a fixed set of training episodes (``fixed_reward``). A
@@ -266,6 +272,9 @@ def finetune(
     """
     if algo not in ALGOS:
         raise ValueError(f"unknown algorithm {algo!r}; choose one of {ALGOS}")
+    if budget_seconds is not None and algo != "continue":
+        raise ValueError(f"a wall-time budget (--budget-seconds) is continue's; {algo} runs the "
+                         "epochs of its hyperparameters (--set epochs=N)")
     dist = current()
     if dist.active and algo in SB3_ALGOS:
         raise ValueError(f"{algo} runs in one process only (Stable-Baselines3 has no distributed "
@@ -286,7 +295,11 @@ def finetune(
     elif algo == "continue":
         if budget_seconds is None:
             raise ValueError("--algo continue needs a wall-time budget (--budget-seconds)")
-        config = identity_config = {"budget_seconds": budget_seconds}
+        if unknown := sorted(set(params) - set(CONTINUE_SETTINGS)):
+            raise ValueError(f"continue has no setting {unknown}: it trains with the spec's "
+                             f"[pretrain] protocol, of which --set may change "
+                             f"{list(CONTINUE_SETTINGS)}")
+        config = identity_config = {"budget_seconds": budget_seconds, **params}
     else:
         driver, sb3_args = split_hyperparams(params)
         config = {"epochs": 1, "users_per_epoch": 0, "n_envs": 16, "group_size": 1, **driver}
@@ -350,8 +363,9 @@ def finetune(
             _refit_epochs(spec, data, source, reward, model, reference, config, seed, state,
                           resumed, device, log, evaluate_and_select, progress)
         elif algo == "continue":
-            _continue_epochs(spec, data, model, config["budget_seconds"], seed, state, resumed,
-                             device, evaluate_and_select, progress)
+            settings = {k: v for k, v in config.items() if k != "budget_seconds"}
+            _continue_epochs(spec, data, model, config["budget_seconds"], settings, seed, state,
+                             resumed, device, evaluate_and_select, progress)
         else:
             _sb3_epochs(spec, algo, sb3_model, config, chain.steps, data.n_train_rows,
                         state, out_dir, evaluate_and_select, progress)
