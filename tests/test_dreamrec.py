@@ -70,6 +70,21 @@ def test_training_loss_is_the_x0_mse_to_the_target_embedding() -> None:
     assert model.item_embeddings.weight.grad[3:6].abs().sum() > 0  # E is trained jointly
 
 
+def test_a_frozen_item_table_stays_at_its_draw_through_training() -> None:
+    model = _model(train_item_table=False).train()
+    drawn = model.item_table().clone()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1, weight_decay=0.1)
+    batch = {"history": torch.tensor([[1, 2, N, N, N]] * 3), "target": torch.tensor([3, 4, 5])}
+    for _ in range(3):
+        optimizer.zero_grad()
+        model.training_loss(batch, torch.tensor([0, 10, 29]),
+                            torch.Generator().manual_seed(0)).mean().backward()
+        optimizer.step()
+    assert torch.equal(model.item_table(), drawn)  # neither the loss nor weight decay moved E
+    assert not torch.equal(model.denoiser.weight, _model().denoiser.weight)  # the rest learnt
+    assert torch.equal(drawn, _model().item_table())  # the same draw as a trained table's
+
+
 def test_sampler_is_seeded_and_stochastic_until_the_last_step() -> None:
     model = _model()
     batch = {"history": torch.tensor([[1, 2, N, N, N]] * 4)}

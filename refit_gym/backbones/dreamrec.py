@@ -32,6 +32,9 @@ class DreamRecConfig:
     cond_dropout: float = 0.1  # p of replacing c by the null condition in training
     guidance: float = 4.0  # w of classifier-free guidance at inference
     num_heads: int = 1
+    # DreamRec learns E with its MSE loss, which can shrink E towards 0 (DESIGN 13); False
+    # keeps E at its seeded N(0, I) draw, which no loss can collapse.
+    train_item_table: bool = True
 
 
 def sinusoidal_embedding(t: Tensor, dim: int) -> Tensor:
@@ -100,6 +103,7 @@ class DreamRec(Backbone):
             raise ValueError(f"hidden ({d}) must be a multiple of num_heads ({config.num_heads})")
         self.item_embeddings = nn.Embedding(config.n_items + 1, d)  # row n_items: padding
         nn.init.normal_(self.item_embeddings.weight, 0.0, 1.0)
+        self.item_embeddings.weight.requires_grad_(config.train_item_table)
         self.null_condition = nn.Parameter(torch.randn(d))
         self.encoder = HistoryEncoder(config, self.item_embeddings)
         self.step_mlp = nn.Sequential(nn.Linear(d, 2 * d), nn.GELU(), nn.Linear(2 * d, d))
