@@ -227,11 +227,12 @@ def test_continue_takes_the_protocol_settings_it_names(pretrained: Path, tmp_pat
     outside CONTINUE_SETTINGS, or a budget given to another algorithm, is refused."""
     report = tmp_path / "c.json"
     assert main(["finetune", "--env", SYN, "--algo", "continue", "--checkpoint", str(pretrained),
-                 "--budget-seconds", "1", "--set", "eval_every=3", "--out", str(tmp_path / "c"),
+                 "--budget-seconds", "2", "--set", "eval_every=3", "--out", str(tmp_path / "c"),
                  "--json", str(report), "--quiet"]) == 0
     result = json.loads(report.read_text())
-    assert result["config"] == {"budget_seconds": 1.0, "eval_every": 3}
+    assert result["config"] == {"budget_seconds": 2.0, "eval_every": 3}
     passes = [h["epoch"] for h in result["history"]][:-1]  # the last: where the budget ran out
+    assert passes[:2] == [0, 3]  # the id's own eval_every is 5
     assert all(epoch % 3 == 0 for epoch in passes)
     assert main(["finetune", "--env", SYN, "--algo", "continue", "--checkpoint", str(pretrained),
                  "--budget-seconds", "1", "--set", "kappa=3", "--out", str(tmp_path / "d"),

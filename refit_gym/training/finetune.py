@@ -51,7 +51,7 @@ from refit_gym.rl.sb3_agents import (
     make_vec_env,
     split_hyperparams,
 )
-from refit_gym.specs import EnvSpec, load_agent_hyperparams
+from refit_gym.specs import EnvSpec, PretrainConfig, load_agent_hyperparams
 from refit_gym.training.metrics import SELECTION_METRIC, eval_mode, evaluate
 from refit_gym.training.pretrain import make_timestep_sampler, rank_generator, train_epoch
 from refit_gym.training.resume import (
@@ -178,12 +178,12 @@ def _my_chunks(users: Tensor, chunk: int, dist: Distributed) -> list[tuple[int, 
 
 
 def _continue_epochs(spec: EnvSpec, data: Dataset, model: Backbone, budget: float,
-                     settings: dict[str, Any], seed: int, state: RunState,
+                     config: PretrainConfig, seed: int, state: RunState,
                      resumed: dict | None, device, end_of_epoch: Callable[[], bool],
                      progress: bool) -> None:
-    """The baseline: more epochs of the backbone's own loss, for ``budget`` training seconds,
-    with the spec's [pretrain] protocol as changed by ``settings`` (:data:`CONTINUE_SETTINGS`)."""
-    config, dist = dataclasses.replace(spec.pretrain, **settings), current()
+    """The baseline: more epochs of the backbone's own loss under ``config`` (the spec's
+    [pretrain] protocol, as ``--set`` changed it), for ``budget`` training seconds."""
+    dist = current()
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr,
                                   weight_decay=config.weight_decay)
     sampler = make_timestep_sampler(config, model.diffusion.steps)
@@ -299,7 +299,8 @@ def finetune(
             raise ValueError(f"continue has no setting {unknown}: it trains with the spec's "
                              f"[pretrain] protocol, of which --set may change "
                              f"{list(CONTINUE_SETTINGS)}")
-        config = identity_config = {"budget_seconds": budget_seconds, **params}
+        config = dataclasses.replace(spec.pretrain, **params)
+        identity_config = {"budget_seconds": budget_seconds, **params}
     else:
         driver, sb3_args = split_hyperparams(params)
         config = {"epochs": 1, "users_per_epoch": 0, "n_envs": 16, "group_size": 1, **driver}
@@ -363,9 +364,8 @@ def finetune(
             _refit_epochs(spec, data, source, reward, model, reference, config, seed, state,
                           resumed, device, log, evaluate_and_select, progress)
         elif algo == "continue":
-            settings = {k: v for k, v in config.items() if k != "budget_seconds"}
-            _continue_epochs(spec, data, model, config["budget_seconds"], settings, seed, state,
-                             resumed, device, evaluate_and_select, progress)
+            _continue_epochs(spec, data, model, budget_seconds, config, seed, state, resumed,
+                             device, evaluate_and_select, progress)
         else:
             _sb3_epochs(spec, algo, sb3_model, config, chain.steps, data.n_train_rows,
                         state, out_dir, evaluate_and_select, progress)
