@@ -11,8 +11,9 @@ user and larger steps, on seeds 1-3 of the backbone, through the real CLI:
 
 Selection is by validation only: each run keeps its best epoch by validation NDCG@20 (the start
 included), and the configuration with the highest mean validation NDCG@20 over the seeds is the
-study's pick; test is reported for every row and never used. `continue` then runs with the
-pick's mean training seconds as its budget (equal wall time).
+study's pick; test is reported for every row and never used. `continue` runs with the pick's
+mean training seconds as its budget (equal wall time), first: it is what a short GPU lease must
+not lose to the grid.
 
     REFIT_DATA_DIR=../shared/data python benchmarks/cf_batch_study.py --device cuda \\
         --checkpoints s1/denoiser.pt s2/denoiser.pt s3/denoiser.pt --work /tmp/cf-study
@@ -20,8 +21,16 @@ pick's mean training seconds as its budget (equal wall time).
         --report-only   # rewrite the .md from the committed records
 
 ``--rows`` and ``--seeds`` run single cells (e.g. one seed on a CPU, ``--device cpu --parallel 1
---threads 2``: a group-32 run takes over two hours on 2 cores); `continue` then waits for a run of
-the whole grid, and takes its budget from the pick's runs on its own kind of device.
+--threads 2``: a group-32 run takes over two hours on 2 cores); ``--continue-only`` runs just
+`continue`. Equal wall time needs the pick's seconds on the same device model: a CPU's model
+(CPUs differ: ML-1M's pretraining took 74 s on one 2-core Xeon and 134 s on a 2-core EPYC), or
+any GPU's when this GPU's model has none (the GPU seconds were measured with five runs sharing
+one H100, so a `continue` alone on an H100 or H200 gets at least the pick's compute).
+
+Each record names its backbone by a digest of its weights. Another CPU's kernels round
+differently, so a checkpoint pretrained there differs in its last bits; it is accepted when its
+validation and test metrics match the records' start within START_TOLERANCE, and refused
+otherwise.
 
 With ``--records`` pointing at the committed records, a run adds only what they lack. The
 report is written beside the records (``X.jsonl`` -> ``X.md``): a smoke run with its own
@@ -43,11 +52,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
-from common import write_result
+from common import cpu_model, write_result
 
 from refit_gym.backbones import load_backbone
 from refit_gym.mdp.gym_env import cached_dataset
-from refit_gym.specs import load_agent_hyperparams
+from refit_gym.specs import load_agent_hyperparams, load_env_spec
+from refit_gym.training.metrics import evaluate
 
 ENV_ID = "ReFiT-ML1M-v0"
 # cf_levers_ReFiT-ML1M-v0.md's validation-chosen lever; every row below adds to it.
@@ -68,6 +78,10 @@ GRID: dict[str, dict[str, object]] = {
 }
 CONTINUE = "continue (the pick's training seconds)"
 METRICS = ("ndcg@20", "recall@20")
+# The same backbone up to floating point: seed 3 pretrained on an AMD EPYC differs from the
+# Intel Xeon's weights and moves its start's validation NDCG@20 by 1e-6 (test: not at all);
+# seeds differ by 1e-3.
+START_TOLERANCE = 1e-4
 
 
 def run_name(config: str, seed: int) -> str:
@@ -86,18 +100,43 @@ def weights_digest(checkpoint: Path) -> str:
     return digest.hexdigest()
 
 
-def check_backbones(checkpoints: list[Path], runs: list[dict]) -> list[str]:
+def device_name(device: str) -> str:
+    """What a run's seconds were measured on: the GPU's model, or the CPU's."""
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(device)
+    return f"CPU: {cpu_model()}"
+
+
+def check_backbones(checkpoints: list[Path], runs: list[dict], device: str) -> list[str]:
     """The checkpoints' weight digests, after checking them against the recorded runs': the
-    records must only ever hold runs of the same backbones."""
+    records must only ever hold runs of the same backbones (up to floating point)."""
     digests = [weights_digest(c) for c in checkpoints]
-    for run in runs:
-        if run["seed"] <= len(digests) and run["backbone_sha256"] != digests[run["seed"] - 1]:
-            raise SystemExit(
-                f"cf_batch_study: {checkpoints[run['seed'] - 1]} is not the seed-{run['seed']} "
-                f"backbone the records were measured on (weights sha256 "
-                f"{run['backbone_sha256'][:12]}...); pretrain it with `refit-gym pretrain --env "
-                f"{ENV_ID} --seed {run['seed']}` on a CPU, or start a new --records file")
+    for seed, (checkpoint, digest) in enumerate(zip(checkpoints, digests), start=1):
+        recorded = [r for r in runs if r["seed"] == seed]
+        if recorded and digest not in {r["backbone_sha256"] for r in recorded}:
+            check_same_start(checkpoint, recorded[0], device)
     return digests
+
+
+def check_same_start(checkpoint: Path, record: dict, device: str) -> None:
+    """Refuse ``checkpoint`` unless its validation and test metrics are ``record``'s start's
+    within START_TOLERANCE."""
+    spec, data = load_env_spec(ENV_ID), cached_dataset(ENV_ID, None)
+    model, _ = load_backbone(checkpoint, data.n_items, device)
+    metrics = evaluate(model, data, spec.pretrain, device=device)
+    start = record["history"][0]
+    gap = max(abs(metrics[split][m] - start[f"{split} {m}"])
+              for split in ("valid", "test") for m in METRICS)
+    seed = record["seed"]
+    if gap > START_TOLERANCE:
+        raise SystemExit(
+            f"cf_batch_study: {checkpoint} is not the seed-{seed} backbone the records were "
+            f"measured on (weights sha256 {record['backbone_sha256'][:12]}..., and its metrics "
+            f"differ from that start's by up to {gap:.2g}); pretrain it with `refit-gym pretrain "
+            f"--env {ENV_ID} --seed {seed}`, or start a new --records file")
+    print(f"cf_batch_study: {checkpoint} differs in its last bits from the seed-{seed} backbone "
+          f"of the records (another CPU's rounding); its metrics match that start within "
+          f"{gap:.1g}: accepted", flush=True)
 
 
 def check_rows_set_every_default() -> None:
@@ -116,7 +155,8 @@ def run_finetune(config: str, seed: int, checkpoint: Path, args: argparse.Namesp
     """One `refit-gym finetune` run; its compact record, or None when the deadline stopped it."""
     out = args.work / run_name(config, seed)
     if config == CONTINUE:
-        extra = ["--algo", "continue", "--budget-seconds", f"{budget:.1f}"]
+        extra = ["--algo", "continue", "--budget-seconds", f"{budget:.1f}",
+                 "--set", f"eval_every={args.continue_eval_every}"]
     else:
         settings = {**LEVER, **GRID[config], "users_per_epoch": args.users_per_epoch}
         settings["epochs"] = min(settings["epochs"], args.max_epochs)
@@ -146,9 +186,21 @@ def run_finetune(config: str, seed: int, checkpoint: Path, args: argparse.Namesp
             "backbone_sha256": args.digests[seed - 1]}
 
 
+def continue_budget(runs: list[dict], name: str) -> tuple[str, float, str] | None:
+    """The pick, its mean training seconds and the device they were measured on: this device
+    model's runs, else (on a GPU) any GPU's; None when there is no pick or no such runs."""
+    pick = choose(runs)
+    picked = [r for r in runs if r["config"] == pick]
+    same = [r for r in picked if r["device"] == name]
+    if not same and not name.startswith("CPU"):
+        same = [r for r in picked if not r["device"].startswith("CPU")]
+    if pick is None or not same:
+        return None
+    return pick, statistics.mean(r["history"][-1]["elapsed"] for r in same), same[0]["device"]
+
+
 def run_all(args: argparse.Namespace) -> None:
-    args.device_name = (torch.cuda.get_device_name() if args.device.startswith("cuda")
-                        else "CPU")
+    args.device_name = device_name(args.device)
     check_rows_set_every_default()
     args.work.mkdir(parents=True, exist_ok=True)
     args.train_users = cached_dataset(ENV_ID, None).n_train_rows
@@ -156,15 +208,19 @@ def run_all(args: argparse.Namespace) -> None:
     records.touch()
     recorded = load(records)
     done = {(r["config"], r["seed"]) for r in recorded}
-    args.digests = check_backbones(args.checkpoints, recorded)
+    args.digests = check_backbones(args.checkpoints, recorded, args.device)
     deadline = time.monotonic() + args.deadline_seconds
     lock = threading.Lock()
 
-    def job(config: str, seed: int, budget: float | None = None) -> None:
+    def job(config: str, seed: int, budget: tuple[str, float, str] | None = None) -> None:
         if (config, seed) in done:  # measured by an earlier run of the study
             return
-        record = run_finetune(config, seed, args.checkpoints[seed - 1], args, deadline, budget)
+        record = run_finetune(config, seed, args.checkpoints[seed - 1], args, deadline,
+                              budget and budget[1])
         if record is not None:
+            if budget is not None:
+                record["budget"] = {"pick": budget[0], "seconds": budget[1],
+                                    "device": budget[2]}
             with lock, records.open("a") as f:
                 f.write(json.dumps(record) + "\n")
             print(f"cf_batch_study: {config}, seed {seed}: valid ndcg@20 "
@@ -173,22 +229,19 @@ def run_all(args: argparse.Namespace) -> None:
                   flush=True)
 
     seeds = args.seeds or range(1, len(args.checkpoints) + 1)
+    if not args.rows:  # `continue` first: the grid's extra rows must not starve it again
+        budget = continue_budget(recorded, args.device_name)
+        if budget is None:
+            print(f"cf_batch_study: no pick measured on {args.device_name} (nor, for a GPU, on "
+                  "another GPU): `continue` has no equal-time budget here", flush=True)
+        else:
+            with ThreadPoolExecutor(args.parallel) as pool:
+                list(pool.map(lambda s: job(CONTINUE, s, budget), seeds))
+    if args.continue_only:
+        return
     rows = args.rows or list(GRID)
     with ThreadPoolExecutor(args.parallel) as pool:  # seed-major: every row gets seeds evenly
         list(pool.map(lambda cs: job(*cs), [(c, s) for s in seeds for c in rows]))
-    if args.rows:  # a chosen cell: `continue` waits for a run of the whole grid
-        return
-    recorded = load(records)
-    pick = choose(recorded)
-    # Equal wall time means the same kind of device: a CPU run's seconds would give a GPU's
-    # `continue` many times the pick's compute.
-    pick_seconds = [r["history"][-1]["elapsed"] for r in recorded
-                    if r["config"] == pick and r["device"] == args.device_name]
-    if pick is None or not pick_seconds:
-        return
-    budget = statistics.mean(pick_seconds)
-    with ThreadPoolExecutor(args.parallel) as pool:
-        list(pool.map(lambda s: job(CONTINUE, s, budget), seeds))
 
 
 def load(records: Path) -> list[dict]:
@@ -264,6 +317,11 @@ def report(args: argparse.Namespace) -> None:
                          for s, m in (("valid", "ndcg@20"), ("test", "ndcg@20"),
                                       ("test", "recall@20")))
             + f" | {fixed_cell} | {seconds_by_device(rows)} |")
+    for budget in dict.fromkeys(json.dumps(r["budget"]) for r in runs if "budget" in r):
+        b = json.loads(budget)
+        lines += ["", f"`continue`'s budget: {b['seconds']:,.0f} s, the mean training seconds "
+                  f"of {b['pick']!r} on {b['device']}"
+                  + ("" if b["pick"] == pick else f" (the pick has since become {pick!r})")]
     lines += ["", "Validation NDCG@20 by epoch (mean over the seeds done):", ""]
     for config in GRID:
         rows = [r for r in runs if r["config"] == config]
@@ -295,11 +353,18 @@ def main() -> None:
                         help="training users per epoch (0: all); smaller for a CPU smoke run")
     parser.add_argument("--max-epochs", type=int, default=1000, help="caps every row's epochs")
     parser.add_argument("--rows", nargs="+", choices=list(GRID), default=None,
-                        help="run only these grid rows (default: all, then `continue`)")
+                        help="run only these grid rows (default: `continue`, then all)")
+    parser.add_argument("--continue-only", action="store_true",
+                        help="run only `continue`, at the pick's seconds on this device model")
+    parser.add_argument("--continue-eval-every", type=int, default=5,
+                        help="`continue`'s epochs between validation passes (DiffRec's own 5; "
+                             "a CPU run of thousands of epochs can afford fewer)")
     parser.add_argument("--seeds", type=int, nargs="+", default=None,
                         help="run only these backbone seeds (default: one per checkpoint)")
     parser.add_argument("--report-only", action="store_true")
     args = parser.parse_args()
+    if args.rows and args.continue_only:
+        parser.error("--rows and --continue-only exclude each other")
     if args.seeds and not all(1 <= s <= len(args.checkpoints) for s in args.seeds):
         parser.error(f"--seeds {args.seeds}: each must be 1 to the number of --checkpoints "
                      f"({len(args.checkpoints)}; seed S runs on the S-th)")
