@@ -59,3 +59,25 @@ def test_bench_rejects_bad_algorithm_lists(tmp_path: Path) -> None:
         with pytest.raises(ValueError, match=rf"--set names \['{stray}'\]"):
             bench.run_bench(spec, data, ["refit", "ease"], [1], tmp_path,
                             hyperparams={stray: {"epochs": 1}})
+
+
+def test_sequential_tables_split_test_by_target() -> None:
+    def run(hr: float, seen: float, unseen: float) -> dict:
+        metrics = {"hr@20": hr, "ndcg@20": hr / 2}
+        return {"valid": metrics, "test": metrics, "wall_time_s": 1.0,
+                "test_seen": {"hr@20": seen, "ndcg@20": seen / 2, "rows": 90},
+                "test_unseen": {"hr@20": unseen, "ndcg@20": unseen / 2, "rows": 10}}
+
+    cells = {"pretrained": [run(0.1, 0.0, 1.0), run(0.3, 0.2, 1.0)],
+             "refit": [run(0.2, 0.1, 1.0), run(0.2, 0.1, 1.0)]}
+    summary = bench.summarise(cells)
+    assert summary["pretrained"]["test_seen/hr@20"] == pytest.approx((0.1, 0.1))
+    table = bench.markdown_table("X-v0", summary, [1, 2], bench.split_rows(cells))
+    assert "| pretrained | trained | 90 | 0.1000 ± 0.1000 | 0.0500 ± 0.0500 |" in table
+    assert "| refit | never trained | 10 | 1.0000 ± 0.0000 | 0.5000 ± 0.0000 |" in table
+    # The main table keeps to valid and test; a CF id (no splits) gets no split table.
+    assert "test_seen" not in table
+    cf = {a: [{k: v for k, v in r.items() if not k.startswith("test_")} for r in runs]
+          for a, runs in cells.items()}
+    assert "targets" not in bench.markdown_table("X-v0", bench.summarise(cf), [1, 2],
+                                                 bench.split_rows(cf))

@@ -22,6 +22,8 @@ from refit_gym.training.peers import PEER_NAMES, tune_peer
 from refit_gym.training.pretrain import pretrain
 
 ORDER = ("pretrained", "refit", "ppo", "a2c", "trpo", "continue", *PEER_NAMES)
+# Sequential ids split test by whether the row's target was ever a training target (DESIGN 13).
+TARGET_SPLITS = {"test_seen": "trained", "test_unseen": "never trained"}
 
 
 def metric_keys(cells: dict[str, list[dict[str, Any]]]) -> list[str]:
@@ -86,7 +88,7 @@ def run_bench(
     payload = {"env": spec.id, "seeds": list(seeds), "algos": ordered, "summary": summary,
                "cells": cells}
     write_json(out_dir / "results.json", payload)
-    table = markdown_table(spec.id, summary, list(seeds))
+    table = markdown_table(spec.id, summary, list(seeds), split_rows(cells))
     with atomic_path(out_dir / "results.md") as tmp:
         tmp.write_text(table)
     plot(cells, out_dir)
@@ -94,11 +96,14 @@ def run_bench(
 
 
 def summarise(cells: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
-    """Mean and population std over seeds of every metric, per algorithm."""
+    """Mean and population std over seeds of every metric, per algorithm (and per target split
+    where every run has it)."""
     summary: dict[str, Any] = {}
     for algo, runs in cells.items():
         entry: dict[str, Any] = {}
-        for split in ("valid", "test"):
+        for split in ("valid", "test", *TARGET_SPLITS):
+            if not all(split in r for r in runs):
+                continue
             for key in metric_keys(cells):
                 values = [r[split][key] for r in runs]
                 entry[f"{split}/{key}"] = (statistics.mean(values), statistics.pstdev(values))
@@ -108,8 +113,16 @@ def summarise(cells: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     return summary
 
 
-def markdown_table(env_id: str, summary: dict[str, Any], seeds: list[int]) -> str:
-    columns = [k for k in next(iter(summary.values())) if k != "wall_time_s"]
+def split_rows(cells: dict[str, list[dict[str, Any]]]) -> dict[str, int]:
+    """The test rows of each target split (empty for a CF id)."""
+    run = next(iter(cells.values()))[0]
+    return {split: run[split]["rows"] for split in TARGET_SPLITS if split in run}
+
+
+def markdown_table(env_id: str, summary: dict[str, Any], seeds: list[int],
+                   rows: dict[str, int] | None = None) -> str:
+    """The valid/test table, then (given each target split's ``rows``) test by target split."""
+    columns = [k for k in next(iter(summary.values())) if k.split("/")[0] in ("valid", "test")]
     lines = [f"# {env_id}: mean ± std over seeds {', '.join(map(str, seeds))}", "",
              "Fine-tuned models are selected by validation NDCG@20 (the pretrained start is a "
              "candidate), peers by validation NDCG@20 over their agents/<peer>.toml grid; test "
@@ -121,6 +134,16 @@ def markdown_table(env_id: str, summary: dict[str, Any], seeds: list[int]) -> st
         cells = [f"{entry[c][0]:.4f} ± {entry[c][1]:.4f}" for c in columns]
         wall = entry["wall_time_s"]
         lines.append(f"| {algo} | " + " | ".join(cells) + f" | {wall[0]:.0f} ± {wall[1]:.0f} |")
+    keys = [c.removeprefix("test/") for c in columns if c.startswith("test/")]
+    if rows:
+        lines += ["", "Test by whether the row's target was ever a training target:", "",
+                  "| algo | targets | rows | " + " | ".join(keys) + " |",
+                  "|---" * (len(keys) + 3) + "|"]
+        for algo, entry in summary.items():
+            for split, label in TARGET_SPLITS.items():
+                if f"{split}/{keys[0]}" in entry:
+                    lines.append(f"| {algo} | {label} | {rows[split]:,} | " + " | ".join(
+                        "{:.4f} ± {:.4f}".format(*entry[f"{split}/{k}"]) for k in keys) + " |")
     return "\n".join(lines) + "\n"
 
 
