@@ -23,7 +23,7 @@ not lose to the grid.
 ``--rows`` and ``--seeds`` run single cells (e.g. one seed on a CPU, ``--device cpu --parallel 1
 --threads 2``: a group-32 run takes over two hours on 2 cores); ``--continue-only`` runs just
 `continue`. Equal wall time needs the pick's seconds on the same device model: a CPU's model
-(CPUs differ: ML-1M's pretraining took 74 s on one 2-core Xeon and 134 s on a 2-core EPYC), or
+(CPUs differ: ML-1M's pretraining took 74 s on one 2-core Xeon and 130 s on a 2-core EPYC), or
 any GPU's when this GPU's model has none (the GPU seconds were measured with five runs sharing
 one H100, so a `continue` alone on an H100 or H200 gets at least the pick's compute).
 
@@ -50,6 +50,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from common import cpu_model, write_result
@@ -82,6 +83,14 @@ METRICS = ("ndcg@20", "recall@20")
 # Intel Xeon's weights and moves its start's validation NDCG@20 by 1e-6 (test: not at all);
 # seeds differ by 1e-3.
 START_TOLERANCE = 1e-4
+
+
+class Budget(NamedTuple):
+    """`continue`'s equal wall time: the pick's mean training seconds on ``device``."""
+
+    pick: str
+    seconds: float
+    device: str
 
 
 def run_name(config: str, seed: int) -> str:
@@ -151,11 +160,12 @@ def check_rows_set_every_default() -> None:
 
 
 def run_finetune(config: str, seed: int, checkpoint: Path, args: argparse.Namespace,
-                 deadline: float, budget: float | None = None) -> dict | None:
-    """One `refit-gym finetune` run; its compact record, or None when the deadline stopped it."""
+                 deadline: float, budget: Budget | None = None) -> dict | None:
+    """One `refit-gym finetune` run (`continue` given its ``budget``); its compact record, or
+    None when the deadline stopped it."""
     out = args.work / run_name(config, seed)
     if config == CONTINUE:
-        extra = ["--algo", "continue", "--budget-seconds", f"{budget:.1f}",
+        extra = ["--algo", "continue", "--budget-seconds", f"{budget.seconds:.1f}",
                  "--set", f"eval_every={args.continue_eval_every}"]
     else:
         settings = {**LEVER, **GRID[config], "users_per_epoch": args.users_per_epoch}
@@ -183,12 +193,13 @@ def run_finetune(config: str, seed: int, checkpoint: Path, args: argparse.Namesp
             "parallel": args.parallel, "threads": args.threads,
             "users_per_epoch": args.users_per_epoch or args.train_users,
             "study": " ".join(["python", *sys.argv]),
-            "backbone_sha256": args.digests[seed - 1]}
+            "backbone_sha256": args.digests[seed - 1],
+            **({"budget": budget._asdict()} if budget else {})}
 
 
-def continue_budget(runs: list[dict], name: str) -> tuple[str, float, str] | None:
-    """The pick, its mean training seconds and the device they were measured on: this device
-    model's runs, else (on a GPU) any GPU's; None when there is no pick or no such runs."""
+def continue_budget(runs: list[dict], name: str) -> Budget | None:
+    """The pick's seconds on device model ``name``, else (on a GPU) on any GPU; None when
+    there is no pick or no such runs."""
     pick = choose(runs)
     picked = [r for r in runs if r["config"] == pick]
     same = [r for r in picked if r["device"] == name]
@@ -196,7 +207,8 @@ def continue_budget(runs: list[dict], name: str) -> tuple[str, float, str] | Non
         same = [r for r in picked if not r["device"].startswith("CPU")]
     if pick is None or not same:
         return None
-    return pick, statistics.mean(r["history"][-1]["elapsed"] for r in same), same[0]["device"]
+    return Budget(pick, statistics.mean(r["history"][-1]["elapsed"] for r in same),
+                  same[0]["device"])
 
 
 def run_all(args: argparse.Namespace) -> None:
@@ -212,15 +224,11 @@ def run_all(args: argparse.Namespace) -> None:
     deadline = time.monotonic() + args.deadline_seconds
     lock = threading.Lock()
 
-    def job(config: str, seed: int, budget: tuple[str, float, str] | None = None) -> None:
+    def job(config: str, seed: int, budget: Budget | None = None) -> None:
         if (config, seed) in done:  # measured by an earlier run of the study
             return
-        record = run_finetune(config, seed, args.checkpoints[seed - 1], args, deadline,
-                              budget and budget[1])
+        record = run_finetune(config, seed, args.checkpoints[seed - 1], args, deadline, budget)
         if record is not None:
-            if budget is not None:
-                record["budget"] = {"pick": budget[0], "seconds": budget[1],
-                                    "device": budget[2]}
             with lock, records.open("a") as f:
                 f.write(json.dumps(record) + "\n")
             print(f"cf_batch_study: {config}, seed {seed}: valid ndcg@20 "
@@ -317,11 +325,10 @@ def report(args: argparse.Namespace) -> None:
                          for s, m in (("valid", "ndcg@20"), ("test", "ndcg@20"),
                                       ("test", "recall@20")))
             + f" | {fixed_cell} | {seconds_by_device(rows)} |")
-    for budget in dict.fromkeys(json.dumps(r["budget"]) for r in runs if "budget" in r):
-        b = json.loads(budget)
-        lines += ["", f"`continue`'s budget: {b['seconds']:,.0f} s, the mean training seconds "
-                  f"of {b['pick']!r} on {b['device']}"
-                  + ("" if b["pick"] == pick else f" (the pick has since become {pick!r})")]
+    for b in dict.fromkeys(Budget(**r["budget"]) for r in runs if "budget" in r):
+        lines += ["", f"`continue`'s budget: {b.seconds:,.0f} s, the mean training seconds of "
+                  f"{b.pick!r} on {b.device}"
+                  + ("" if b.pick == pick else f" (the pick has since become {pick!r})")]
     lines += ["", "Validation NDCG@20 by epoch (mean over the seeds done):", ""]
     for config in GRID:
         rows = [r for r in runs if r["config"] == config]

@@ -134,8 +134,8 @@ def markdown_table(env_id: str, summary: dict[str, Any], seeds: list[int],
         cells = [f"{entry[c][0]:.4f} ± {entry[c][1]:.4f}" for c in columns]
         wall = entry["wall_time_s"]
         lines.append(f"| {algo} | " + " | ".join(cells) + f" | {wall[0]:.0f} ± {wall[1]:.0f} |")
-    keys = [c.removeprefix("test/") for c in columns if c.startswith("test/")]
     if rows:
+        keys = [c.removeprefix("test/") for c in columns if c.startswith("test/")]
         lines += ["", "Test by whether the row's target was ever a training target:", "",
                   "| algo | targets | rows | " + " | ".join(keys) + " |",
                   "|---" * (len(keys) + 3) + "|"]
