@@ -190,6 +190,7 @@ def plot(cells: dict[str, list[dict[str, Any]]], out_dir: Path) -> None:
         low = min(m - s for m, s in zip(means, stds))
         ax.set_ylim(low * 0.97, max(m + s for m, s in zip(means, stds)) * 1.01)
         ax.set(title=f"test {key} (mean ± std over seeds)")
+        ax.tick_params(axis="x", labelrotation=30)  # eight or more names overlap level
     fig.tight_layout()
     _save(fig, out_dir / "metrics.png")
     plt.close("all")
