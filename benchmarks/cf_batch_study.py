@@ -25,7 +25,10 @@ not lose to the grid.
 `continue`. Equal wall time needs the pick's seconds on the same device model: a CPU's model
 (CPUs differ: ML-1M's pretraining took 74 s on one 2-core Xeon and 130 s on a 2-core EPYC), or
 any GPU's when this GPU's model has none (the GPU seconds were measured with five runs sharing
-one H100, so a `continue` alone on an H100 or H200 gets at least the pick's compute).
+one H100, so a `continue` alone on an H100 or H200 gets at least the pick's compute). On a CPU
+model where the pick never ran, ``--probe-updates N`` first times N of the pick's updates there,
+and `continue` gets the pick's updates at that rate: the pick's training time is nothing but
+its updates, all of one size. `continue` resumes where it stopped when the study is rerun.
 
 Each record names its backbone by a digest of its weights. Another CPU's kernels round
 differently, so a checkpoint pretrained there differs in its last bits; it is accepted when its
@@ -78,6 +81,8 @@ GRID: dict[str, dict[str, object]] = {
                                                 "lr": 3e-5, "epochs": 32},
 }
 CONTINUE = "continue (the pick's training seconds)"
+# A few updates of a row on another device model: its seconds per update there.
+PROBE = " (rate probe)"
 METRICS = ("ndcg@20", "recall@20")
 # The same backbone up to floating point: seed 3 pretrained on an AMD EPYC differs from the
 # Intel Xeon's weights and moves its start's validation NDCG@20 by 1e-6 (test: not at all);
@@ -86,16 +91,25 @@ START_TOLERANCE = 1e-4
 
 
 class Budget(NamedTuple):
-    """`continue`'s equal wall time: the pick's mean training seconds on ``device``."""
+    """`continue`'s equal wall time: the pick's mean training seconds on ``device``, measured
+    there or (``basis``) its updates at the rate a probe measured there."""
 
     pick: str
     seconds: float
     device: str
+    basis: str = ""
 
 
 def run_name(config: str, seed: int) -> str:
     slug = "".join(c if c.isalnum() else "-" for c in config.split(" (")[0]).strip("-")
-    return f"{slug}-seed{seed}"
+    return f"{slug}{'-probe' * config.endswith(PROBE)}-seed{seed}"
+
+
+def updates(record: dict) -> int:
+    """The number of policy updates a grid row's (or probe's) run made."""
+    per_epoch = -(-record["users_per_epoch"] // GRID[record["config"].removesuffix(PROBE)][
+        "users_per_batch"])
+    return (len(record["history"]) - 1) * per_epoch
 
 
 def weights_digest(checkpoint: Path) -> str:
@@ -164,12 +178,16 @@ def run_finetune(config: str, seed: int, checkpoint: Path, args: argparse.Namesp
     """One `refit-gym finetune` run (`continue` given its ``budget``); its compact record, or
     None when the deadline stopped it."""
     out = args.work / run_name(config, seed)
+    users = args.users_per_epoch
     if config == CONTINUE:
         extra = ["--algo", "continue", "--budget-seconds", f"{budget.seconds:.1f}",
                  "--set", f"eval_every={args.continue_eval_every}"]
     else:
-        settings = {**LEVER, **GRID[config], "users_per_epoch": args.users_per_epoch}
-        settings["epochs"] = min(settings["epochs"], args.max_epochs)
+        row = GRID[config.removesuffix(PROBE)]
+        epochs = min(row["epochs"], args.max_epochs)
+        if config.endswith(PROBE):
+            users, epochs = args.probe_updates * row["users_per_batch"], 1
+        settings = {**LEVER, **row, "users_per_epoch": users, "epochs": epochs}
         extra = ["--algo", "refit",
                  *(a for k, v in settings.items() for a in ("--set", f"{k}={v}"))]
     command = [sys.executable, "-m", "refit_gym.cli", "finetune", "--env", ENV_ID, "--checkpoint",
@@ -191,24 +209,34 @@ def run_finetune(config: str, seed: int, checkpoint: Path, args: argparse.Namesp
     return {"config": config, "seed": seed, "best_epoch": metrics["best_epoch"],
             "command": " ".join(command[2:]), "history": history, "device": args.device_name,
             "parallel": args.parallel, "threads": args.threads,
-            "users_per_epoch": args.users_per_epoch or args.train_users,
+            "users_per_epoch": users or args.train_users,
             "study": " ".join(["python", *sys.argv]),
             "backbone_sha256": args.digests[seed - 1],
             **({"budget": budget._asdict()} if budget else {})}
 
 
 def continue_budget(runs: list[dict], name: str) -> Budget | None:
-    """The pick's seconds on device model ``name``, else (on a GPU) on any GPU; None when
-    there is no pick or no such runs."""
+    """The pick's seconds on device model ``name``, else (on a GPU) on any GPU, else its
+    updates at the seconds per update that a probe of it measured on ``name``; None when
+    there is no pick or none of these."""
     pick = choose(runs)
+    if pick is None:
+        return None
     picked = [r for r in runs if r["config"] == pick]
     same = [r for r in picked if r["device"] == name]
     if not same and not name.startswith("CPU"):
         same = [r for r in picked if not r["device"].startswith("CPU")]
-    if pick is None or not same:
+    if same:
+        return Budget(pick, statistics.mean(r["history"][-1]["elapsed"] for r in same),
+                      same[0]["device"])
+    probes = [r for r in runs if r["config"] == pick + PROBE and r["device"] == name]
+    if not probes:
         return None
-    return Budget(pick, statistics.mean(r["history"][-1]["elapsed"] for r in same),
-                  same[0]["device"])
+    rate = statistics.mean(r["history"][-1]["elapsed"] / updates(r) for r in probes)
+    made = statistics.mean(updates(r) for r in picked)
+    return Budget(pick, made * rate, name,
+                  f"its {made:.0f} updates at {rate:.1f} s each, the rate "
+                  f"{sum(updates(r) for r in probes)} updates of it took here")
 
 
 def run_all(args: argparse.Namespace) -> None:
@@ -237,6 +265,11 @@ def run_all(args: argparse.Namespace) -> None:
                   flush=True)
 
     seeds = args.seeds or range(1, len(args.checkpoints) + 1)
+    if args.probe_updates:  # before `continue`, whose budget may rest on it
+        if (pick := choose(recorded)) is None:
+            raise SystemExit("cf_batch_study: --probe-updates needs a pick in the records")
+        job(pick + PROBE, seeds[0])
+        recorded = load(records)
     if not args.rows:  # `continue` first: the grid's extra rows must not starve it again
         budget = continue_budget(recorded, args.device_name)
         if budget is None:
@@ -313,22 +346,26 @@ def report(args: argparse.Namespace) -> None:
         start, best = [r["history"][0] for r in rows], [selected(r) for r in rows]
         fixed = [(r["history"][0]["fixed"], r["history"][-1]["fixed"]) for r in rows
                  if r["history"][-1]["fixed"] is not None]
-        updates = "" if config == CONTINUE else str(
-            (len(rows[0]["history"]) - 1) * -(-users // GRID[config]["users_per_batch"]))
+        made = "" if config == CONTINUE else str(updates(rows[0]))
         fixed_cell = (f"{statistics.mean(a for a, _ in fixed):.4f} -> "
                       f"{statistics.mean(b for _, b in fixed):.4f}" if fixed else "")
         mark = " **(pick)**" if config == pick else ""
         lines.append(
-            f"| {config}{mark} | {','.join(str(r['seed']) for r in rows)} | {updates} | "
+            f"| {config}{mark} | {','.join(str(r['seed']) for r in rows)} | {made} | "
             + " | ".join(f"{spread([h[f'{s} {m}'] for h in start])} -> "
                          f"{spread([h[f'{s} {m}'] for h in best])}"
                          for s, m in (("valid", "ndcg@20"), ("test", "ndcg@20"),
                                       ("test", "recall@20")))
             + f" | {fixed_cell} | {seconds_by_device(rows)} |")
     for b in dict.fromkeys(Budget(**r["budget"]) for r in runs if "budget" in r):
-        lines += ["", f"`continue`'s budget: {b.seconds:,.0f} s, the mean training seconds of "
-                  f"{b.pick!r} on {b.device}"
+        measured = (f"{b.pick!r} on {b.device}: {b.basis}" if b.basis else
+                    f"the mean training seconds of {b.pick!r} on {b.device}")
+        lines += ["", f"`continue`'s budget: {b.seconds:,.0f} s, {measured}"
                   + ("" if b.pick == pick else f" (the pick has since become {pick!r})")]
+    for probe in (r for r in runs if r["config"].endswith(PROBE)):
+        lines += ["", f"Rate probe: {updates(probe)} updates of {probe['config']!r} (seed "
+                  f"{probe['seed']}) on {probe['device']}, {probe['threads']} threads: "
+                  f"{probe['history'][-1]['elapsed'] / updates(probe):.1f} s an update"]
     lines += ["", "Validation NDCG@20 by epoch (mean over the seeds done):", ""]
     for config in GRID:
         rows = [r for r in runs if r["config"] == config]
@@ -366,6 +403,10 @@ def main() -> None:
     parser.add_argument("--continue-eval-every", type=int, default=5,
                         help="`continue`'s epochs between validation passes (DiffRec's own 5; "
                              "a CPU run of thousands of epochs can afford fewer)")
+    parser.add_argument("--probe-updates", type=int, default=0,
+                        help="first time this many updates of the pick on this device (on "
+                             "the first of --seeds): where no pick ran on this device model, "
+                             "`continue`'s budget is the pick's updates at this rate")
     parser.add_argument("--seeds", type=int, nargs="+", default=None,
                         help="run only these backbone seeds (default: one per checkpoint)")
     parser.add_argument("--report-only", action="store_true")

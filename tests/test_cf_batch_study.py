@@ -7,16 +7,19 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import cf_batch_study
+from cf_batch_study import Budget
 
 PICK, OTHER = "batch 512, group 32, lr 3e-5", "batch 512, lr 1e-5"
 XEON, EPYC = "CPU: Intel(R) Xeon(R) Processor @ 2.50GHz", "CPU: AMD EPYC"
 
 
-def record(config: str, seed: int, device: str, valid: float, seconds: float) -> dict:
+def record(config: str, seed: int, device: str, valid: float, seconds: float,
+           users: int = 5949) -> dict:
+    """One epoch of ``users`` users: 12 updates of 512 users for the full 5,949."""
     history = [{"epoch": 0, "elapsed": 0.0, "valid ndcg@20": 0.098},
                {"epoch": 1, "elapsed": seconds, "valid ndcg@20": valid}]
     return {"config": config, "seed": seed, "device": device, "best_epoch": 1,
-            "history": history}
+            "history": history, "users_per_epoch": users}
 
 
 RUNS = [record(PICK, 1, "NVIDIA H100 80GB HBM3", 0.105, 120.0),
@@ -34,13 +37,25 @@ def test_the_pick_is_the_best_mean_validation_over_the_most_seeds() -> None:
 
 
 def test_continue_gets_the_picks_seconds_on_the_same_device_model() -> None:
-    assert cf_batch_study.continue_budget(RUNS, "NVIDIA H100 80GB HBM3") == (
+    assert cf_batch_study.continue_budget(RUNS, "NVIDIA H100 80GB HBM3") == Budget(
         PICK, 123.0, "NVIDIA H100 80GB HBM3")
-    assert cf_batch_study.continue_budget(RUNS, XEON) == (PICK, 7800.0, XEON)
+    assert cf_batch_study.continue_budget(RUNS, XEON) == Budget(PICK, 7800.0, XEON)
 
 
 def test_another_gpu_borrows_a_gpus_seconds_but_another_cpu_gets_none() -> None:
-    assert cf_batch_study.continue_budget(RUNS, "NVIDIA H200") == (
+    assert cf_batch_study.continue_budget(RUNS, "NVIDIA H200") == Budget(
         PICK, 123.0, "NVIDIA H100 80GB HBM3")
     assert cf_batch_study.continue_budget(RUNS, EPYC) is None
     assert cf_batch_study.continue_budget([], "NVIDIA H200") is None
+
+
+def test_a_probe_gives_another_cpu_the_picks_updates_at_its_measured_rate() -> None:
+    probe = record(PICK + cf_batch_study.PROBE, 1, EPYC, 0.099, 150.0, users=1024)
+    assert cf_batch_study.updates(probe) == 2 and cf_batch_study.updates(RUNS[0]) == 12
+    budget = cf_batch_study.continue_budget([*RUNS, probe], EPYC)
+    assert budget[:3] == (PICK, 12 * 75.0, EPYC)
+    assert "12 updates at 75.0 s each" in budget.basis
+    # A probe neither counts for the pick nor stands in for another device's seconds.
+    assert cf_batch_study.choose([*RUNS, probe]) == PICK
+    assert cf_batch_study.continue_budget([*RUNS, probe], XEON) == Budget(PICK, 7800.0, XEON)
+    assert cf_batch_study.continue_budget([*RUNS, {**probe, "device": XEON}], EPYC) is None
