@@ -155,6 +155,12 @@ def plot(cells: dict[str, list[dict[str, Any]]], out_dir: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    def colour(algo: str) -> tuple[float, ...]:
+        """One colour an algorithm in every plot: tab20's ten strong shades, then its light
+        ones (the ten-colour cycle gave a peer the colour of an agent)."""
+        index = 2 * ORDER.index(algo)
+        return matplotlib.colormaps["tab20"](index % 20 + index // 20)
+
     fig, (ax_reward, ax_fixed, ax_valid) = plt.subplots(1, 3, figsize=(15, 4))
     for algo, runs in cells.items():
         for i, run in enumerate(runs):
@@ -162,7 +168,7 @@ def plot(cells: dict[str, list[dict[str, Any]]], out_dir: Path) -> None:
             if not history:  # the pretrained backbone and the peers: no learning curve
                 continue
             style = {"marker": "o", "label": algo if i == 0 else None,
-                     "color": f"C{ORDER.index(algo)}", "alpha": 0.8}
+                     "color": colour(algo), "alpha": 0.8}
             ax_valid.plot([h["elapsed"] for h in history],
                           [h["valid"]["ndcg@20"] for h in history], **style)
             for ax, key in ((ax_reward, "train_reward"), (ax_fixed, "fixed_reward")):
@@ -186,7 +192,7 @@ def plot(cells: dict[str, list[dict[str, Any]]], out_dir: Path) -> None:
     for ax, key in zip(axes, ("ndcg@20", hits)):
         means = [statistics.mean(r["test"][key] for r in cells[a]) for a in algos]
         stds = [statistics.pstdev(r["test"][key] for r in cells[a]) for a in algos]
-        ax.bar(algos, means, yerr=stds, color=[f"C{ORDER.index(a)}" for a in algos], capsize=4)
+        ax.bar(algos, means, yerr=stds, color=[colour(a) for a in algos], capsize=4)
         low = min(m - s for m, s in zip(means, stds))
         ax.set_ylim(low * 0.97, max(m + s for m, s in zip(means, stds)) * 1.01)
         ax.set(title=f"test {key} (mean ± std over seeds)")
