@@ -229,14 +229,18 @@ def continue_budget(runs: list[dict], name: str) -> Budget | None:
     if same:
         return Budget(pick, statistics.mean(r["history"][-1]["elapsed"] for r in same),
                       same[0]["device"])
-    probes = [r for r in runs if r["config"] == pick + PROBE and r["device"] == name]
-    if not probes:
+    if not (probes := probes_of(runs, pick, name)):
         return None
     rate = statistics.mean(r["history"][-1]["elapsed"] / updates(r) for r in probes)
     made = statistics.mean(updates(r) for r in picked)
     return Budget(pick, made * rate, name,
-                  f"its {made:.0f} updates at {rate:.1f} s each, the rate "
-                  f"{sum(updates(r) for r in probes)} updates of it took here")
+                  f"its {made:.0f} updates at {rate:.1f} s each "
+                  f"(timed over {sum(updates(r) for r in probes)} updates here)")
+
+
+def probes_of(runs: list[dict], pick: str, name: str) -> list[dict]:
+    """The rate probes of ``pick`` on device model ``name``."""
+    return [r for r in runs if r["config"] == pick + PROBE and r["device"] == name]
 
 
 def run_all(args: argparse.Namespace) -> None:
@@ -268,8 +272,11 @@ def run_all(args: argparse.Namespace) -> None:
     if args.probe_updates:  # before `continue`, whose budget may rest on it
         if (pick := choose(recorded)) is None:
             raise SystemExit("cf_batch_study: --probe-updates needs a pick in the records")
-        job(pick + PROBE, seeds[0])
-        recorded = load(records)
+        # Once a device model: another probe would move the rate, and so the budget of a
+        # `continue` already under way, whose saved state would then be refused.
+        if not probes_of(recorded, pick, args.device_name):
+            job(pick + PROBE, seeds[0])
+            recorded = load(records)
     if not args.rows:  # `continue` first: the grid's extra rows must not starve it again
         budget = continue_budget(recorded, args.device_name)
         if budget is None:
@@ -324,7 +331,7 @@ def report(args: argparse.Namespace) -> None:
     earlier = args.records.with_suffix(".md")
     reading = earlier.read_text().partition("\n## ")[2] if earlier.is_file() else ""
     reading = "## " + reading if reading else ""
-    users = runs[0]["users_per_epoch"]
+    users = next(r for r in runs if r["config"] in GRID)["users_per_epoch"]
     lines = ["Runs (each row's training seconds are given per device; runs sharing a device slow "
              "each other):", ""]
     for study in dict.fromkeys(r["study"] for r in runs):
@@ -363,7 +370,8 @@ def report(args: argparse.Namespace) -> None:
         lines += ["", f"`continue`'s budget: {b.seconds:,.0f} s, {measured}"
                   + ("" if b.pick == pick else f" (the pick has since become {pick!r})")]
     for probe in (r for r in runs if r["config"].endswith(PROBE)):
-        lines += ["", f"Rate probe: {updates(probe)} updates of {probe['config']!r} (seed "
+        lines += ["", f"Rate probe: {updates(probe)} updates of "
+                  f"{probe['config'].removesuffix(PROBE)!r} (seed "
                   f"{probe['seed']}) on {probe['device']}, {probe['threads']} threads: "
                   f"{probe['history'][-1]['elapsed'] / updates(probe):.1f} s an update"]
     lines += ["", "Validation NDCG@20 by epoch (mean over the seeds done):", ""]
@@ -405,8 +413,9 @@ def main() -> None:
                              "a CPU run of thousands of epochs can afford fewer)")
     parser.add_argument("--probe-updates", type=int, default=0,
                         help="first time this many updates of the pick on this device (on "
-                             "the first of --seeds): where no pick ran on this device model, "
-                             "`continue`'s budget is the pick's updates at this rate")
+                             "the first of --seeds; once a device model): where no pick ran "
+                             "on this device model, `continue`'s budget is the pick's updates "
+                             "at this rate")
     parser.add_argument("--seeds", type=int, nargs="+", default=None,
                         help="run only these backbone seeds (default: one per checkpoint)")
     parser.add_argument("--report-only", action="store_true")
