@@ -149,7 +149,8 @@ def markdown_table(env_id: str, summary: dict[str, Any], seeds: list[int],
 
 def plot(cells: dict[str, list[dict[str, Any]]], out_dir: Path) -> None:
     """Learning curves (train reward, the fixed-episode reward of the optimiser's own check,
-    validation NDCG@20 per epoch) and final metric bars."""
+    validation NDCG@20 per epoch) and the final test metrics (mean ± std over seeds, one point
+    an algorithm)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -192,10 +193,17 @@ def plot(cells: dict[str, list[dict[str, Any]]], out_dir: Path) -> None:
     for ax, key in zip(axes, ("ndcg@20", hits)):
         means = [statistics.mean(r["test"][key] for r in cells[a]) for a in algos]
         stds = [statistics.pstdev(r["test"][key] for r in cells[a]) for a in algos]
-        ax.bar(algos, means, yerr=stds, color=[colour(a) for a in algos], capsize=4)
+        # Points, not bars: the axis is zoomed to the values (fine-tuning moves the fourth
+        # decimal), and a bar cut off at a zoomed bottom would show a weak peer as zero.
+        for i, (algo, mean, std) in enumerate(zip(algos, means, stds)):
+            ax.errorbar(i, mean, yerr=std, fmt="o", markersize=8, capsize=4, color=colour(algo))
         low = min(m - s for m, s in zip(means, stds))
-        ax.set_ylim(low * 0.97, max(m + s for m, s in zip(means, stds)) * 1.01)
+        high = max(m + s for m, s in zip(means, stds))
+        pad = 0.05 * (high - low or abs(high) or 1.0)
+        ax.set_ylim(low - pad, high + pad)
+        ax.set_xticks(range(len(algos)), algos)
         ax.set(title=f"test {key} (mean ± std over seeds)")
+        ax.grid(axis="y", alpha=0.3)
         ax.tick_params(axis="x", labelrotation=30)  # eight or more names overlap level
     fig.tight_layout()
     _save(fig, out_dir / "metrics.png")
