@@ -91,7 +91,7 @@ def run_bench(
     table = markdown_table(spec.id, summary, list(seeds), split_rows(cells))
     with atomic_path(out_dir / "results.md") as tmp:
         tmp.write_text(table)
-    plot(cells, out_dir)
+    plot(cells, summary, out_dir)
     return payload
 
 
@@ -147,10 +147,11 @@ def markdown_table(env_id: str, summary: dict[str, Any], seeds: list[int],
     return "\n".join(lines) + "\n"
 
 
-def plot(cells: dict[str, list[dict[str, Any]]], out_dir: Path) -> None:
+def plot(cells: dict[str, list[dict[str, Any]]], summary: dict[str, Any],
+         out_dir: Path) -> None:
     """Learning curves (train reward, the fixed-episode reward of the optimiser's own check,
-    validation NDCG@20 per epoch) and the final test metrics (mean ± std over seeds, one point
-    an algorithm)."""
+    validation NDCG@20 per epoch) and the final test metrics: ``summary``'s mean ± std over
+    seeds, one point an algorithm."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -191,8 +192,7 @@ def plot(cells: dict[str, list[dict[str, Any]]], out_dir: Path) -> None:
     algos = list(cells)
     hits = next(k for k in metric_keys(cells) if k.endswith("@20") and not k.startswith("ndcg"))
     for ax, key in zip(axes, ("ndcg@20", hits)):
-        means = [statistics.mean(r["test"][key] for r in cells[a]) for a in algos]
-        stds = [statistics.pstdev(r["test"][key] for r in cells[a]) for a in algos]
+        means, stds = zip(*(summary[a][f"test/{key}"] for a in algos))
         # Points, not bars: the axis is zoomed to the values (fine-tuning moves the fourth
         # decimal), and a bar cut off at a zoomed bottom would show a weak peer as zero.
         for i, (algo, mean, std) in enumerate(zip(algos, means, stds)):
