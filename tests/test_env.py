@@ -19,7 +19,7 @@ SYN = "ReFiT-Synthetic-v0"
 
 def _rollout(env: ReFiTEnv, seed: int, actions: list[np.ndarray]):
     obs, info = env.reset(seed=seed)
-    trace = [(obs["x"].copy(), obs["t"], info["episode"])]
+    trace = [(obs["x"].copy(), obs["t"], info["episode_id"])]
     for action in actions:
         obs, reward, terminated, truncated, _ = env.step(action)
         trace.append((obs["x"].copy(), obs["t"], reward, terminated, truncated))
@@ -40,7 +40,7 @@ def test_make_with_module_prefix_and_spaces() -> None:
     assert env.observation_space["t"].n == core.steps + 1
     assert env.action_space.shape == (core.n_items,)
     obs, info = env.reset(seed=0, options={"episode": 5})
-    assert info["episode"] == 5 and obs["t"] == core.steps
+    assert info["episode_id"] == 5 and obs["t"] == core.steps
     np.testing.assert_array_equal(obs["x"], core.source.train[5].toarray().ravel())
 
 
@@ -171,7 +171,7 @@ def test_vector_env_is_native_and_autoresets_same_step() -> None:
     assert isinstance(venv, ReFiTVectorEnv)
     assert venv.metadata["autoreset_mode"] == gym.vector.AutoresetMode.SAME_STEP
     obs, info = venv.reset(seed=2)
-    assert obs["x"].shape == (5, venv.single_action_space.shape[0]) and len(info["episode"]) == 5
+    assert obs["x"].shape == (5, venv.single_action_space.shape[0]) and len(info["episode_id"]) == 5
     steps = venv.core.steps
     for _ in range(steps):
         last = obs

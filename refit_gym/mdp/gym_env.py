@@ -212,6 +212,19 @@ def observe(core: DenoisingMDP, rows: Any) -> dict[str, Any]:
     return obs
 
 
+RESET_OPTIONS = ("episode",)  # ReFiTEnv.reset(options=...): the episode (user or row) id
+VECTOR_RESET_OPTIONS = ("episodes",)  # ReFiTVectorEnv.reset(options=...): one id per row
+
+
+def _reset_options(options: dict[str, Any] | None, allowed: tuple[str, ...]) -> dict[str, Any]:
+    """``options`` (None: none), refusing keys a reset would silently ignore."""
+    options = dict(options or {})
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise ValueError(f"reset(options=...): unknown keys {unknown}; allowed: {list(allowed)}")
+    return options
+
+
 def _as_action_tensor(action: Any, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
     array = np.asarray(action)
     if array.shape != shape:
@@ -228,6 +241,8 @@ class ReFiTEnv(gym.Env):
     Observation ``{"x": float32 (d,), "t": int}`` plus, for a sequential id, ``"history"``
     (L item ids, padded with n_items); action: x_{t-1}, float32 (d,).
     ``reset(options={"episode": i})`` picks the episode; otherwise they follow ``user_sampling``.
+    ``info["episode_id"]`` names it (``info["episode"]`` is left to Gymnasium's and SB3's
+    episode statistics, ``RecordEpisodeStatistics`` and ``Monitor``).
     """
 
     metadata = {"render_modes": []}
@@ -245,20 +260,20 @@ class ReFiTEnv(gym.Env):
 
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
         super().reset(seed=seed)
-        options = options or {}
+        options = _reset_options(options, RESET_OPTIONS)
         if "episode" in options:
             episode = torch.tensor([int(options["episode"])])
         else:
             episode = self._picker(1, self.np_random)
         generator = _torch_generator(self.np_random, self.core.device)
         self.core.reset_rows(torch.tensor([0]), episode, generator)
-        return self._obs(), {"episode": int(episode[0]), "t": self.core.steps}
+        return self._obs(), {"episode_id": int(episode[0]), "t": self.core.steps}
 
     def step(self, action: Any):
         tensor = _as_action_tensor(action, self.action_space.shape, self.core.device)
         result = self.core.step(tensor.unsqueeze(0))
         terminated = bool(result.terminated[0])
-        info = {"episode": int(self.core.episodes[0]), "t": int(result.t[0])}
+        info = {"episode_id": int(self.core.episodes[0]), "t": int(result.t[0])}
         if terminated:
             info["reward_name"] = self.settings.reward
         return self._obs(), float(result.reward[0]), terminated, False, info
@@ -269,7 +284,9 @@ class ReFiTVectorEnv(gym.vector.VectorEnv):
 
     When rows terminate, the returned observation of those rows is already the first of their
     next episode; their final observation is in ``info["final_obs"]`` (batched like the
-    observation, valid where ``info["_final_obs"]`` is True).
+    observation, valid where ``info["_final_obs"]`` is True). ``info["episode_id"]`` (N,) names
+    each row's episode of the step just taken (a finished row's: the one that ended);
+    ``reset(options={"episodes": ids})`` starts the N given ones.
     """
 
     metadata = {"autoreset_mode": gym.vector.AutoresetMode.SAME_STEP}
@@ -286,14 +303,23 @@ class ReFiTVectorEnv(gym.vector.VectorEnv):
 
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
         super().reset(seed=seed)
-        self._episodes.reset_all(self.np_random, (options or {}).get("episodes"))
-        return self._episodes.obs(), {"episode": self.core.episodes.cpu().numpy().copy()}
+        episodes = _reset_options(options, VECTOR_RESET_OPTIONS).get("episodes")
+        if episodes is not None and np.shape(episodes) != (self.num_envs,):
+            raise ValueError(f"reset option 'episodes' must hold one episode id per row, shape "
+                             f"({self.num_envs},), got shape {np.shape(episodes)}")
+        self._episodes.reset_all(self.np_random, episodes)
+        return self._episodes.obs(), self._episode_info()
+
+    def _episode_info(self) -> dict[str, Any]:
+        """Each row's episode id, with the mask Gymnasium's vector infos carry per key."""
+        return {"episode_id": self.core.episodes.cpu().numpy().copy(),
+                "_episode_id": np.ones(self.num_envs, dtype=bool)}
 
     def step(self, actions: Any):
         tensor = _as_action_tensor(actions, self.action_space.shape, self.core.device)
         result = self.core.step(tensor)
         terminated = result.terminated.cpu().numpy()
-        info: dict[str, Any] = {"episode": self.core.episodes.cpu().numpy().copy()}
+        info = self._episode_info()
         if terminated.any():
             info["final_obs"] = self._episodes.obs()
             info["_final_obs"] = terminated.copy()
