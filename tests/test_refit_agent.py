@@ -113,6 +113,71 @@ def test_group_advantages_are_normalised_per_user() -> None:
     assert adv[3:].abs().max() == 0  # equal rewards: no signal, no NaN
 
 
+def _per_step_encoder_gradients(agent: ReFiTAgent, rollout, denominator: int
+                                ) -> dict[str, torch.Tensor]:
+    """The update's gradients computed the plain way: every trained step backpropagates through
+    the history encoder on its own (the graph of c kept between steps)."""
+    cfg = agent.config
+    agent.optimizer.zero_grad(set_to_none=True)
+    condition = agent.model.encode(rollout.batch)
+    for x_t, t, action, old_log_prob in rollout.steps:
+        _, log_prob, mean = policy_step(agent.model, x_t, t, condition, cfg.kappa,
+                                        action=action, chain=rollout.chain)
+        ratio = torch.exp(log_prob - old_log_prob)
+        loss = -torch.minimum(ratio * rollout.advantages, ratio.clamp(
+            1 - cfg.clip_range, 1 + cfg.clip_range) * rollout.advantages).sum()
+        with torch.no_grad():
+            ref_mean = agent.reference.reverse_mean(x_t, t, rollout.reference_condition,
+                                                    rollout.chain)
+        var = (cfg.kappa * agent.model.reverse_std(t, rollout.chain)).pow(2)
+        kl = (mean.double() - ref_mean.double()).pow(2).sum(-1) / (2 * var)
+        (loss + cfg.kl_coef * kl.sum()).div(denominator).backward(retain_graph=True)
+    return {name: p.grad.clone() for name, p in agent.model.named_parameters()
+            if p.grad is not None}
+
+
+def test_encoder_backward_runs_once_per_chunk_with_unchanged_gradients(
+        pretrained_seq_synthetic: Path) -> None:
+    """Issue 29 item 5: the per-step losses collect d loss / d c on a leaf copy of the
+    condition, and the history encoder runs one backward per chunk; every parameter's gradient
+    equals the per-step way's (the encoder's included)."""
+    seq = "ReFiT-SeqSynthetic-v0"
+    _, _, core = make_core(seq, 8, checkpoint=str(pretrained_seq_synthetic))
+    model, _ = load_backbone(pretrained_seq_synthetic)
+    reference = copy.deepcopy(model)
+    torch.manual_seed(0)  # move the policy off the reference so the KL term has a gradient
+    with torch.no_grad():
+        for p in model.denoiser.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    config = ReFiTConfig(group_size=4, train_steps=6, min_train_step=2, kappa=1.0, kl_coef=0.1)
+    agent = ReFiTAgent(model, reference, config)
+    rollout = agent.rollout(core, torch.tensor([5, 9]), torch.Generator().manual_seed(3))
+    denominator = 8 * len(rollout.steps)
+    expected = _per_step_encoder_gradients(agent, rollout, denominator)
+    encoder_backwards = []
+    encode = model.encode
+
+    def counted(batch):  # counts the backward passes that reach the encoder's output
+        condition = encode(batch)
+        condition.register_hook(lambda grad: encoder_backwards.append(grad.shape))
+        return condition
+
+    model.encode = counted
+    agent.policy_gradient([rollout], 8)
+    del model.encode
+    assert len(rollout.steps) == 4 and len(encoder_backwards) == 1
+    got = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+    assert got.keys() == expected.keys() and any("encoder" in name for name in got)
+    # Relative to the whole gradient: some entries are zero in exact arithmetic (an attention
+    # key's bias cancels in the softmax), where both ways hold only rounding noise.
+    scale = max(grad.abs().max().item() for grad in expected.values())
+    for name, grad in expected.items():
+        assert (got[name] - grad).abs().max().item() <= 1e-6 * scale, name
+    flat = torch.cat([grad.flatten() for grad in expected.values()])
+    difference = torch.cat([(got[name] - grad).flatten() for name, grad in expected.items()])
+    assert difference.norm() <= 1e-6 * flat.norm()
+
+
 @pytest.fixture
 def pretrained(pretrained_synthetic: Path) -> Path:
     return pretrained_synthetic

@@ -224,8 +224,13 @@ class ReFiTAgent:
         cfg, chain, advantages = self.config, rollout.chain, rollout.advantages
         kl_sum = clipped = 0.0
         condition = self.model.encode(rollout.batch)  # with gradients: the encoder is tuned too
+        # The steps score a leaf copy of the condition that collects d loss / d c over them; the
+        # encoder then runs one backward with that sum, not one per step (chain rule: the same
+        # gradient, to float rounding, at a fraction of the cost for a deep history encoder).
+        encoded = condition is not None and condition.requires_grad
+        step_condition = condition.detach().requires_grad_() if encoded else condition
         for x_t, t, action, old_log_prob in rollout.steps:
-            _, log_prob, mean = policy_step(self.model, x_t, t, condition, cfg.kappa,
+            _, log_prob, mean = policy_step(self.model, x_t, t, step_condition, cfg.kappa,
                                             action=action, chain=chain)
             # Beyond e^20 the clipped objective is flat anyway; the clamp only keeps a
             # far-moved policy (update_epochs > 1) from overflowing to inf * 0 = NaN.
@@ -242,9 +247,10 @@ class ReFiTAgent:
                 kl = (mean.double() - ref_mean.double()).pow(2).sum(-1) / (2 * var)
                 loss = loss + cfg.kl_coef * kl.sum()
                 kl_sum += kl.sum().item()
-            # The condition's graph is shared by every step: keep it until the last one.
-            (loss / denominator).backward(retain_graph=condition is not None)
+            (loss / denominator).backward()
             clipped += ((ratio - 1).abs() > cfg.clip_range).double().sum().item()
+        if encoded and step_condition.grad is not None:
+            condition.backward(step_condition.grad)
         return kl_sum, clipped
 
 
