@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -114,6 +115,64 @@ def test_sequential_evaluation_averages_sampling_seeds_and_splits_by_target() ->
               for s in (0, 1, 2)]
     per_seed = [r["valid"]["hr@1"] for r in single]
     assert out["valid"]["hr@1"] == np_approx(float(np.mean(per_seed)))
-    assert out["valid_std"]["hr@1"] == np_approx(float(np.std(per_seed)))
+    assert out["valid_std"]["hr@1"] == np_approx(float(np.std(per_seed, ddof=1)))
     again = evaluate_sequential(model, data, ks=(1, 5), batch_size=3, sampling_seeds=(0, 1, 2))
     assert again["test"] == out["test"]  # batch size does not change seeded results
+
+
+def test_ties_never_favour_the_target() -> None:
+    """All items level: the target's place is uniform over the n places, so HR@K = K / n and
+    NDCG@K = sum_{p<K} 1/log2(p+2) / n (counting only strictly higher items gave 1)."""
+    n, k = 10, 3
+    expected_ndcg = sum(1 / math.log2(p + 2) for p in range(k)) / n
+    seq = next_item_metrics(torch.zeros(4, n), torch.tensor([0, 3, 5, 9]), ks=(k,))
+    assert seq[f"hr@{k}"].tolist() == np_approx([k / n] * 4)
+    assert seq[f"ndcg@{k}"].tolist() == np_approx([expected_ndcg] * 4)
+    targets = torch.zeros(2, n)
+    targets[0, [1, 4]] = 1
+    targets[1, 7] = 1
+    cf = ranking_metrics(torch.zeros(2, n), targets, ks=(k,))
+    assert cf[f"recall@{k}"].tolist() == np_approx([k / n] * 2)
+    ideal = [sum(1 / math.log2(p + 2) for p in range(m)) for m in (2, 1)]
+    assert cf[f"ndcg@{k}"].tolist() == np_approx([2 * expected_ndcg / ideal[0],
+                                                  expected_ndcg / ideal[1]])
+
+
+def _mean_over_tie_orders(row: np.ndarray, relevant: set[int], k: int) -> tuple[float, float]:
+    """Recall@k and NDCG@k of one row averaged over every order of its items that keeps the
+    scores descending (all permutations, each breaking ties its own way)."""
+    n = len(row)
+    recall = ndcg = 0.0
+    orders = list(itertools.permutations(range(n)))
+    idcg = sum(1 / math.log2(j + 2) for j in range(min(k, len(relevant))))
+    for tie_order in orders:
+        ranked = sorted(range(n), key=lambda i: (-row[i], tie_order[i]))[:k]
+        hits = [j for j, i in enumerate(ranked) if i in relevant]
+        recall += len(hits) / len(relevant)
+        ndcg += sum(1 / math.log2(j + 2) for j in hits) / idcg
+    return recall / len(orders), ndcg / len(orders)
+
+
+def test_tie_rule_is_the_mean_over_random_tie_orders_in_both_scenarios() -> None:
+    rng = np.random.default_rng(4)
+    n = 6
+    scores = rng.integers(0, 3, size=(8, n)).astype(np.float32)  # many ties
+    scores[0, 2] = -np.inf  # a masked item ties with nothing relevant
+    relevant = [set(rng.choice(n, size=rng.integers(1, 4), replace=False).tolist())
+                for _ in range(8)]
+    relevant[0].discard(2)
+    relevant[0].add(0)
+    targets = torch.zeros(8, n)
+    for u, items in enumerate(relevant):
+        targets[u, sorted(items)] = 1
+    for k in (1, 3, 5):
+        cf = ranking_metrics(torch.from_numpy(scores), targets, ks=(k,))
+        seq = next_item_metrics(torch.from_numpy(scores),
+                                torch.tensor([min(r) for r in relevant]), ks=(k,))
+        for u in range(8):
+            recall, ndcg = _mean_over_tie_orders(scores[u], relevant[u], k)
+            assert cf[f"recall@{k}"][u].item() == np_approx(recall)
+            assert cf[f"ndcg@{k}"][u].item() == np_approx(ndcg)
+            hr, seq_ndcg = _mean_over_tie_orders(scores[u], {min(relevant[u])}, k)
+            assert seq[f"hr@{k}"][u].item() == np_approx(hr)
+            assert seq[f"ndcg@{k}"][u].item() == np_approx(seq_ndcg)

@@ -7,12 +7,24 @@ truth counting 0. Sequential, as DreamRec and DiffuRec compute it: one target pe
 ranked, nothing masked, HR@K and NDCG@K averaged over every row (DreamRec's own code drops the
 last partial batch of 100; this evaluates every row), mean and spread over sampling seeds.
 
+Ties (one rule, both scenarios): a tie between a relevant item and other items is never
+resolved in the relevant item's favour; each metric is its expected value under a uniformly
+random order of the tied items. An item scored below ``above`` items and level with ``tied - 1``
+others sits at a position uniform on above, ..., above + tied - 1, so its hit probability at K
+and its expected discount are exact closed forms (:func:`tie_expectations`); with several
+relevant items (CF) the expectations add up by linearity. A model whose scores tie by
+construction (popularity) therefore scores what a random order of its tied items would, on
+average, and tie-free scores give the usual numbers.
+
+Spreads over seeds are sample standard deviations (n - 1), from :func:`sample_std` everywhere.
+
 Under ``torchrun`` each rank evaluates every ``world_size``-th batch and one reduction sums the
 results: every rank gets the numbers one process gets (up to the order of float sums).
 """
 
 from __future__ import annotations
 
+import statistics
 import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -34,25 +46,55 @@ DEFAULT_KS: tuple[int, ...] = (10, 20)
 SELECTION_METRIC = "ndcg@20"
 
 
+def sample_std(values: Sequence[float]) -> float:
+    """The sample standard deviation (n - 1) of ``values``; 0.0 for a single value (one seed
+    has no spread to report)."""
+    return statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def _discount_sums(k: int, device: torch.device) -> Tensor:
+    """D (k + 1,) float64: D[p] = sum over positions q < p of 1 / log2(q + 2)."""
+    discount = 1.0 / torch.log2(torch.arange(k, device=device, dtype=torch.float64) + 2)
+    return torch.cat([discount.new_zeros(1), discount.cumsum(0)])
+
+
+def tie_expectations(above: Tensor, tied: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """An item's P(position < k) and E[1(position < k) / log2(position + 2)] (float64, the
+    shape of ``above``) when ``above`` items score strictly higher and ``tied`` items
+    (itself included, so >= 1) score the same: its position (0-based) is uniform on
+    above, ..., above + tied - 1 under a random order of the tied items."""
+    sums = _discount_sums(k, above.device)
+    low, high = above.clamp(max=k), (above + tied).clamp(max=k)
+    size = tied.to(torch.float64)
+    return (high - low).to(torch.float64) / size, (sums[high] - sums[low]) / size
+
+
 def ranking_metrics(scores: Tensor, targets: Tensor, ks: Sequence[int]) -> dict[str, Tensor]:
     """Per-user metrics. scores (B, n) with masked items at -inf; targets (B, n) in {0, 1}.
 
-    Returns ``{"recall@K": (B,), "ndcg@K": (B,)}`` for each K in ``ks``.
+    Returns ``{"recall@K": (B,), "ndcg@K": (B,)}`` for each K in ``ks``: the expected values
+    under a random order of tied items (module docstring). Cost O(B n (log K + K)), no sort.
     """
     k_max = min(max(ks), scores.shape[1])
-    top = scores.topk(k_max, dim=1).indices
-    hits = targets.gather(1, top).gt(0).to(torch.float64)
-    n_truth = targets.gt(0).sum(1)
-    discount = 1.0 / torch.log2(torch.arange(k_max, device=scores.device, dtype=torch.float64) + 2)
-    ideal = discount.cumsum(0)
+    top = scores.topk(k_max, dim=1).values  # (B, k_max), descending
+    # Items strictly above each item, exact below k_max (an item under the k_max-th score has
+    # all k_max above it, and counts nothing at any K <= k_max).
+    above = k_max - torch.searchsorted(top.flip(1).contiguous(), scores, right=True)
+    # An item with fewer than k_max above scores exactly top[:, above]: its tie group's size is
+    # that value's count over the whole row.
+    counts = torch.stack([(scores == top[:, i : i + 1]).sum(1) for i in range(k_max)], dim=1)
+    tied = counts.gather(1, above.clamp(max=k_max - 1))
+    relevant = targets.gt(0)
+    n_truth = relevant.sum(1)
+    ideal = _discount_sums(k_max, scores.device)
     has_truth = n_truth > 0
     out: dict[str, Tensor] = {}
     for k in ks:
         k_eff = min(k, k_max)
-        hits_k = hits[:, :k_eff]
-        recall = hits_k.sum(1) / n_truth.clamp(min=1)
-        dcg = (hits_k * discount[:k_eff]).sum(1)
-        idcg = ideal[(n_truth.clamp(max=k_eff) - 1).clamp(min=0)]
+        hit, gain = tie_expectations(above, tied, k_eff)
+        recall = torch.where(relevant, hit, 0.0).sum(1) / n_truth.clamp(min=1)
+        dcg = torch.where(relevant, gain, 0.0).sum(1)
+        idcg = ideal[n_truth.clamp(min=1, max=k_eff)]
         out[f"recall@{k}"] = torch.where(has_truth, recall, torch.zeros_like(recall))
         out[f"ndcg@{k}"] = torch.where(has_truth, dcg / idcg, torch.zeros_like(dcg))
     return out
@@ -132,16 +174,16 @@ def evaluate_cf(
 def next_item_metrics(scores: Tensor, targets: Tensor, ks: Sequence[int]) -> dict[str, Tensor]:
     """Per-row HR@K and NDCG@K of one target each: scores (B, n), nothing masked; targets (B,).
 
-    The target's rank is the number of items scored strictly above it (so ties do not push it
-    down); HR@K = [rank < K], NDCG@K = [rank < K] / log2(rank + 2). O(B n), no sort.
+    The target sits below the items scored strictly higher and, by the tie rule (module
+    docstring), at a uniformly random place among the items level with it: HR@K and NDCG@K
+    are the expected hit and discount of that place. O(B n), no sort.
     """
     target_scores = scores.gather(1, targets.unsqueeze(1))
-    rank = (scores > target_scores).sum(1).to(torch.float64)
+    above = (scores > target_scores).sum(1)
+    tied = (scores == target_scores).sum(1)
     out: dict[str, Tensor] = {}
     for k in ks:
-        hit = (rank < k).to(torch.float64)
-        out[f"hr@{k}"] = hit
-        out[f"ndcg@{k}"] = hit / torch.log2(rank + 2)
+        out[f"hr@{k}"], out[f"ndcg@{k}"] = tie_expectations(above, tied, k)
     return out
 
 
@@ -161,7 +203,7 @@ def evaluate_sequential(
     """HR@K and NDCG@K of every row of ``splits``, all items ranked, nothing masked, each
     sampling seed one run of the backbone's own (stochastic) sampler on ``chain`` (default:
     all T steps); batch b of seed s draws from a generator seeded s + b * 2^32, whichever
-    process evaluates it. Returns the means over seeds under each split, their population std
+    process evaluates it. Returns the means over seeds under each split, their sample std
     under ``"<split>_std"``, and the means split by whether the row's target was ever a training
     target under ``"<split>_seen"`` and ``"<split>_unseen"``."""
     out: dict[str, dict[str, float]] = {}
@@ -186,7 +228,7 @@ def evaluate_sequential(
                 per_row[:, i, start:stop] = torch.stack([metrics[k] for k in keys])
             stacked = dict(zip(keys, dist.sum_(per_row), strict=True))  # each (S, N)
             out[split] = {k: v.mean().item() for k, v in stacked.items()}
-            out[f"{split}_std"] = {k: v.mean(1).std(unbiased=False).item()
+            out[f"{split}_std"] = {k: sample_std(v.mean(1).tolist())
                                    for k, v in stacked.items()}
             for name, mask in ((f"{split}_seen", seen), (f"{split}_unseen", ~seen)):
                 out[name] = {k: v[:, mask].mean().item() if bool(mask.any()) else 0.0

@@ -15,6 +15,11 @@ self-attentive encoder DreamRec conditions on, trained with cross-entropy over a
 
 Item-item weights are sparse (top-k) or, for the closed forms, a dense n x n matrix: those
 check the memory they need first and say so instead of swapping.
+
+Peers add no tie-break of their own: items level in score (popularity's equal counts, Markov's
+unseen transitions) are judged by the metrics' one tie rule, the expected rank under a random
+order of the tied items (:mod:`refit_gym.training.metrics`), so no model gains from an id order
+that may correlate with the targets. (An id offset in float32 also vanished for counts >= 1.)
 """
 
 from __future__ import annotations
@@ -37,11 +42,6 @@ from refit_gym.data import Dataset, InteractionData, SequenceData
 from refit_gym.data.sequences import last_history_items
 from refit_gym.specs import EnvSpec, PretrainConfig, load_agent_hyperparams
 from refit_gym.training.metrics import SELECTION_METRIC, evaluate
-
-
-def _tie_break(n_items: int) -> np.ndarray:
-    """A tiny decreasing offset: equal scores rank by item id, as a top-k does."""
-    return -np.arange(n_items) * 1e-9
 
 
 class Peer(ABC):
@@ -87,7 +87,7 @@ class MostPopular(Peer):
 
     def fit(self, data: InteractionData, seed: int) -> MostPopular:
         counts = np.asarray(data.train.sum(axis=0)).ravel()
-        self.popularity = torch.from_numpy((counts + _tie_break(len(counts))).astype(np.float32))
+        self.popularity = torch.from_numpy(counts.astype(np.float32))
         return self
 
     def rank_scores(self, batch, chain=None, generator=None) -> Tensor:
@@ -237,7 +237,7 @@ class NextItemPopular(Peer):
 
     def fit(self, data: SequenceData, seed: int) -> NextItemPopular:
         counts = np.bincount(data.targets["train"], minlength=data.n_items).astype(np.float64)
-        self.popularity = torch.from_numpy((counts + _tie_break(data.n_items)).astype(np.float32))
+        self.popularity = torch.from_numpy(counts.astype(np.float32))
         return self
 
     def rank_scores(self, batch, chain=None, generator=None) -> Tensor:
@@ -262,7 +262,7 @@ class Markov(Peer):
         self.transitions = (sp.diags(np.divide(1.0, out_deg, out=np.zeros_like(out_deg),
                                                where=out_deg > 0)) @ counts).tocsr()
         popularity = np.bincount(data.targets["train"], minlength=data.n_items).astype(float)
-        self.prior = (popularity / popularity.sum() + _tie_break(data.n_items)).astype(np.float32)
+        self.prior = (popularity / popularity.sum()).astype(np.float32)
         self.n_items = data.n_items
         return self
 
