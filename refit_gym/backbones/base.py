@@ -63,6 +63,21 @@ class Backbone(nn.Module, ABC):
         through it, e.g. DreamRec's E); returns self."""
         return self
 
+    def training_rows(self, data: Any) -> Any:
+        """The training rows (an index array) an epoch of the backbone's own loss passes over;
+        None: every row of ``data``."""
+        return None
+
+    def begin_pretrain_epoch(self, epoch: int) -> None:
+        """Called before each pretraining epoch (1-based), e.g. to change a staged schedule's
+        trained parameters or loss; a backbone trained in one stage does nothing."""
+
+    @property
+    def selection_start(self) -> int:
+        """The first pretraining epoch whose model selection by validation may keep (earlier
+        stages are neither evaluated nor counted by the patience)."""
+        return 1
+
     @abstractmethod
     def encode(self, batch: Batch) -> Tensor | None:
         """The per-row condition c (B, ...) of the reverse process, computed once per episode;
@@ -107,15 +122,32 @@ class Backbone(nn.Module, ABC):
                  generator: torch.Generator | None = None, start: Tensor | None = None) -> Tensor:
         """The backbone's own inference chain from x_K to x_0 (B, d): the mean at every step, or,
         when ``stochastic_inference``, the mean plus sigma_t z at every step but the last.
-        ``start``: x_K when given (an environment's), else :meth:`initial_state`."""
+        ``start``: x_K when given (an environment's), else :meth:`initial_state`.
+
+        Draws keyed by row: when ``batch`` holds ``"row"`` (B,) long, the rows' indices in their
+        split, and ``generator`` is given, x_K and z of each row come from its row block's
+        generator under the seed ``generator.initial_seed()`` (:class:`RowNoise`), not from
+        ``generator``'s stream: a row draws the same whatever batch it is evaluated in."""
+        # Imported here: this method is the only part of base.py this change may touch.
+        from refit_gym.backbones.row_noise import RowNoise
+
         chain = chain or self.diffusion
         condition = self.encode(batch)
-        x = self.initial_state(batch, chain, generator) if start is None else start
+        keyed = None
+        if generator is not None and "row" in batch:
+            keyed = RowNoise(generator.initial_seed(), batch["row"], generator.device)
+        if start is not None:
+            x = start
+        elif keyed is not None:
+            x = keyed.initial_state(batch, lambda rows, g: self.initial_state(rows, chain, g))
+        else:
+            x = self.initial_state(batch, chain, generator)
         for step in reversed(range(chain.steps)):
             t = torch.full((x.shape[0],), step, dtype=torch.long, device=x.device)
             x_next = self.reverse_mean(x, t, condition, chain)
             if self.stochastic_inference and step > 0:
-                noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+                noise = (torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+                         if keyed is None else keyed.randn(x.shape[1], x.dtype).to(x.device))
                 x_next = x_next + chain.reverse_std(t).to(x.dtype).unsqueeze(-1) * noise
             x = x_next
         return x

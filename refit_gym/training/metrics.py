@@ -202,10 +202,11 @@ def evaluate_sequential(
 ) -> dict[str, dict[str, float]]:
     """HR@K and NDCG@K of every row of ``splits``, all items ranked, nothing masked, each
     sampling seed one run of the backbone's own (stochastic) sampler on ``chain`` (default:
-    all T steps); batch b of seed s draws from a generator seeded s + b * 2^32, whichever
-    process evaluates it. Returns the means over seeds under each split, their sample std
-    under ``"<split>_std"``, and the means split by whether the row's target was ever a training
-    target under ``"<split>_seen"`` and ``"<split>_unseen"``."""
+    all T steps); row i of seed s draws the same whatever the batch size and whichever
+    process evaluates it (:class:`~refit_gym.backbones.row_noise.RowNoise`). Returns the
+    means over seeds under each split, their sample std under ``"<split>_std"``, and the means
+    split by whether the row's target was ever a training target under ``"<split>_seen"`` and
+    ``"<split>_unseen"``."""
     out: dict[str, dict[str, float]] = {}
     keys = [f"{name}@{k}" for k in ks for name in ("hr", "ndcg")]
     dist = current()
@@ -219,10 +220,10 @@ def evaluate_sequential(
                      for start in range(0, rows, batch_size)]
             for i, seed, start in tqdm(dist.share(units), desc=f"evaluate {split}",
                                        disable=not _live(progress), leave=False):
-                generator = torch.Generator(device).manual_seed(
-                    seed + (start // batch_size << 32))
+                generator = torch.Generator(device).manual_seed(seed)
                 stop = min(start + batch_size, rows)
                 batch = data.batch(split, np.arange(start, stop), device)
+                batch["row"] = torch.arange(start, stop, device=device)  # draws keyed by row
                 metrics = next_item_metrics(backbone.rank_scores(batch, chain, generator),
                                             batch["target"], ks)
                 per_row[:, i, start:stop] = torch.stack([metrics[k] for k in keys])
