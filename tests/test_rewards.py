@@ -174,3 +174,13 @@ def test_sequential_rewards_against_direct_computations() -> None:
                                -(x0 - embeddings[[2, 0]]).pow(2).mean(-1))
     with pytest.raises(ValueError, match="exact"):
         make_reward("ndcg", {"alphas": [0.5]}, data)
+
+
+def test_factor_cache_name_carries_its_format(problem, monkeypatch) -> None:
+    import refit_gym.mdp.rewards as rewards
+
+    train = problem[0]
+    name = rewards.factors_cache_name(train, 20)
+    assert name.startswith("svd-") and name.endswith("-r20.npz")
+    monkeypatch.setattr(rewards, "FACTORS_FORMAT", rewards.FACTORS_FORMAT + 1)
+    assert rewards.factors_cache_name(train, 20) != name

@@ -198,3 +198,20 @@ def test_transitions_count_consecutive_training_pairs() -> None:
     expected[1, 2] = 1  # 0 1 -> 2
     expected[2, 1] = 2  # 2 -> 1, twice; the empty history adds nothing
     np.testing.assert_array_equal(data.transitions().toarray(), expected)
+
+
+def test_a_new_cache_format_is_a_new_cache(tmp_path: Path, monkeypatch) -> None:
+    """A bumped CACHE_FORMAT never reads the old conversion: the files are converted again."""
+    import refit_gym.data.sequences as sequences
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("REFIT_CACHE_DIR", str(cache))
+    spec = write_dreamrec(tmp_path / "toy")
+    load_dataset(spec, tmp_path)
+    first = {p.name for p in cache.rglob("*.npz")}
+    assert len(first) == 1
+    key = sequences._cache_key(["abc"], {"format": "dreamrec"})
+    monkeypatch.setattr(sequences, "CACHE_FORMAT", sequences.CACHE_FORMAT + 1)
+    assert sequences._cache_key(["abc"], {"format": "dreamrec"}) != key
+    load_dataset(spec, tmp_path)
+    assert len({p.name for p in cache.rglob("*.npz")} - first) == 1

@@ -72,6 +72,24 @@ class SequenceData:
         return sp.csr_matrix((ones, (last[keep], self.targets["train"][keep])),
                              shape=(self.n_items, self.n_items))
 
+    def sequence_end_rows(self) -> np.ndarray:
+        """Indices of the training rows that no later row extends: each training sequence's
+        last prefix, whose history and target together hold the whole (latest) sequence.
+
+        Row i + 1 extends row i when its history is row i's history followed by row i's
+        target (the latest ``max_len`` of them): consecutive prefixes of one sequence, as
+        :func:`prefix_rows` lays them out. A backbone that trains on every position of a
+        sequence at once (ADRec) passes over these rows only."""
+        history, target, pad = self.histories["train"], self.targets["train"], self.n_items
+        length = (history != pad).sum(1)
+        full = length == self.max_len
+        extended = np.where(full[:, None], np.roll(history, -1, axis=1), history)
+        rows = np.arange(len(target))
+        extended[rows, np.where(full, self.max_len - 1, length)] = target
+        continues = np.zeros(len(target), dtype=bool)
+        continues[:-1] = (extended[:-1] == history[1:]).all(1)
+        return np.flatnonzero(~continues)
+
     def summary(self) -> str:
         rows = " / ".join(f"{s} {len(self.targets[s])}" for s in SPLITS)
         return f"{self.name}: {self.n_items} items, history length {self.max_len}, rows {rows}"
@@ -113,9 +131,15 @@ def validate_sequences(name: str, n_items: int, histories: Mapping[str, np.ndarr
 # --------------------------------------------------------------------------- safe cache
 
 
+# The cache's format version, part of every key: bump it whenever the code that converts the
+# source files or lays out the .npz changes, so no stale conversion is ever read back.
+CACHE_FORMAT = 1
+
+
 def _cache_key(file_digests: list[str], extra: Mapping[str, Any]) -> str:
-    """A cache name from the source files' sha256 (already computed) and the read options."""
-    digest = hashlib.sha256(repr(sorted(extra.items())).encode())
+    """A cache name from the source files' sha256 (already computed), the read options and
+    :data:`CACHE_FORMAT`."""
+    digest = hashlib.sha256(repr(sorted({**extra, "cache_format": CACHE_FORMAT}.items())).encode())
     for file_digest in file_digests:
         digest.update(file_digest.encode())
     return digest.hexdigest()[:16]

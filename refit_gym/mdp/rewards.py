@@ -94,10 +94,22 @@ class Propagator:
         return out
 
 
+# The factor cache's format version, part of its key: bump it whenever the normalisation, the
+# solver or the stored layout changes, so a stale factorisation is never read back.
+FACTORS_FORMAT = 1
+
+
+def factors_cache_name(train: sp.csr_matrix, rank: int) -> str:
+    """The cache file name of ``train``'s rank-``rank`` factors: its sparsity pattern's sha256,
+    the rank and :data:`FACTORS_FORMAT`."""
+    digest = hashlib.sha256(f"format{FACTORS_FORMAT}".encode())
+    digest.update(train.indptr.tobytes() + train.indices.tobytes())
+    return f"svd-{digest.hexdigest()[:16]}-r{rank}.npz"
+
+
 def _cached_factors(train, user_deg, item_deg, rank, cache_dir) -> tuple[np.ndarray, np.ndarray]:
     """Top-``rank`` right singular vectors (n, r) and squared values (r,) of the normalised R."""
-    key = hashlib.sha256(train.indptr.tobytes() + train.indices.tobytes()).hexdigest()[:16]
-    path = Path(cache_dir) / f"svd-{key}-r{rank}.npz" if cache_dir else None
+    path = Path(cache_dir) / factors_cache_name(train, rank) if cache_dir else None
     if path is not None and path.is_file():
         with np.load(path) as cached:
             return cached["vectors"], cached["sq_values"]
