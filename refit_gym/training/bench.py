@@ -1,24 +1,43 @@
 """``refit-gym bench``: pretrain (or reuse), fine-tune each algorithm over seeds, and compare.
 
 Layout under ``--out``: ``seed<S>/pretrain`` and ``seed<S>/<algo>`` (each with metrics.json;
-a finished cell is reused, an interrupted one resumes), then ``results.json``, ``results.md``,
-``learning_curves.png`` and ``metrics.png``. ``pretrained`` is the backbone itself; ``continue``
+an interrupted cell resumes), then ``results.json``, ``results.md``, ``learning_curves.png`` and
+``metrics.png``.
+
+Every cell's metrics.json records its ``identity`` (what decides its numbers: the algorithm
+and seed, its hyperparameters after ``--set``, env kwargs, the digests of the spec and of the
+data, the project version, and for a fine-tuned cell its pretrain cell's identity) and the
+``machine`` it ran on (CPU model, torch's CPU capability, threads, torch version, device). A
+finished cell is reused only when its identity is the one this bench would give it; otherwise
+bench refuses, before any work, with one line naming the first key that differs. The machine
+is not part of the identity (a cell computed elsewhere is reused), so results.md lists every
+cell with where it ran. ``pretrained`` is the backbone itself; ``continue``
 trains it with its own loss for the wall time the ReFiT run of the same seed took; the peers
 (pop, itemknn, ..., sasrec) are tuned on validation over their agents/<peer>.toml grids.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
+import platform
 import statistics
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+import refit_gym
 from refit_gym.data import Dataset, atomic_path, write_json
-from refit_gym.specs import EnvSpec
+from refit_gym.distributed import current
+from refit_gym.specs import EnvSpec, load_agent_hyperparams
 from refit_gym.training.finetune import ALGOS, finetune
-from refit_gym.training.peers import PEER_NAMES, tune_peer
+from refit_gym.training.metrics import sample_std
+from refit_gym.training.peers import PEER_NAMES, grid, tune_peer
 from refit_gym.training.pretrain import pretrain
 
 ORDER = ("pretrained", "refit", "ppo", "a2c", "trpo", "continue", *PEER_NAMES)
@@ -33,14 +52,114 @@ def metric_keys(cells: dict[str, list[dict[str, Any]]]) -> list[str]:
     return sorted(keys, key=lambda k: (names.index(k.split("@")[0]), int(k.split("@")[1])))
 
 
-def _pretrained_cell(spec: EnvSpec, data: Dataset, out: Path, seed: int, device: str,
-                     max_epochs: int | None, progress: bool) -> dict[str, Any]:
-    report = out / "metrics.json"
+class CellMismatch(ValueError):
+    """A finished cell was computed with another identity than this bench would give it."""
+
+
+def _digest(parts: Any) -> str:
+    """sha256 (hex) of JSON-able ``parts``, keys sorted."""
+    text = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def spec_digest(spec: EnvSpec) -> str:
+    """sha256 of every field of ``spec`` (data, schedule, backbone, [pretrain], [env])."""
+    return _digest(dataclasses.asdict(spec))
+
+
+def data_digest(data: Dataset) -> str:
+    """sha256 of the dataset's contents: every array and sparse matrix of every split."""
+    digest = hashlib.sha256()
+
+    def feed(name: str, value: Any) -> None:
+        digest.update(name.encode())
+        if isinstance(value, dict):
+            for key in sorted(value):
+                feed(f"{name}.{key}", value[key])
+        elif sp.issparse(value):
+            csr = value.tocsr()
+            digest.update(repr(csr.shape).encode())
+            for part in (csr.indptr, csr.indices, csr.data):
+                feed(name, np.ascontiguousarray(part))
+        elif isinstance(value, np.ndarray):
+            digest.update(f"{value.dtype}{value.shape}".encode())
+            digest.update(np.ascontiguousarray(value).tobytes())
+        else:
+            digest.update(repr(value).encode())
+
+    for field in dataclasses.fields(data):
+        feed(field.name, getattr(data, field.name))
+    return digest.hexdigest()
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine(device: str) -> dict[str, Any]:
+    """Where a cell runs: what can change its floats but not what it computes."""
+    name = (torch.cuda.get_device_name(torch.device(device))
+            if torch.device(device).type == "cuda" else device)
+    return {"cpu": _cpu_model(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "threads": torch.get_num_threads(), "torch": torch.__version__, "device": name}
+
+
+def _first_difference(recorded: Any, wanted: Any, key: str = "") -> str | None:
+    """The dotted key of the first difference between two JSON-like values (None: equal)."""
+    if isinstance(recorded, dict) and isinstance(wanted, dict):
+        for name in sorted(set(recorded) | set(wanted)):
+            if name not in recorded or name not in wanted:
+                return f"{key}{name}"
+            if (found := _first_difference(recorded[name], wanted[name], f"{key}{name}.")):
+                return found
+        return None
+    return None if recorded == wanted else key.rstrip(".") or "identity"
+
+
+def _lookup(value: Any, dotted: str) -> Any:
+    for name in dotted.split("."):
+        value = value.get(name, "<absent>") if isinstance(value, dict) else "<absent>"
+    return value
+
+
+def reuse_cell(cell: Path, identity: dict[str, Any]) -> dict[str, Any] | None:
+    """The finished cell's metrics if its recorded identity is ``identity``; None if the cell
+    is not finished; :class:`CellMismatch` (one line naming the key) if it differs."""
+    report = cell / "metrics.json"
     if not report.is_file():
-        result = pretrain(spec, data, out, seed=seed, device=device, max_epochs=max_epochs,
-                          progress=progress)
-        write_json(report, result.to_json(spec.id, seed))
-    return json.loads(report.read_text())
+        return None
+    result = json.loads(report.read_text())
+    # JSON turns tuples into lists: compare what the file would hold.
+    wanted = json.loads(json.dumps(identity, default=str))
+    recorded = result.get("identity")
+    if recorded is None:
+        raise CellMismatch(f"{cell} records no identity (written before bench recorded one); "
+                           "use a new --out, or delete the cell to recompute it")
+    if (key := _first_difference(recorded, wanted)) is not None:
+        def short(value: Any) -> str:
+            text = json.dumps(value, sort_keys=True, default=str)
+            return text if len(text) <= 60 else text[:57] + "..."
+        raise CellMismatch(f"{cell} was computed with {key} = {short(_lookup(recorded, key))}, "
+                           f"this bench gives {short(_lookup(wanted, key))}; use a new --out, or "
+                           "delete the cell to recompute it")
+    return result
+
+
+def _record(cell: Path, result: dict[str, Any], identity: dict[str, Any],
+            device: str) -> dict[str, Any]:
+    """``result`` with its identity and machine, as the cell's metrics.json holds it (rank 0
+    writes it)."""
+    result = json.loads(json.dumps({**result, "identity": identity, "machine": machine(device)},
+                                   default=str))
+    if current().is_main:
+        write_json(cell / "metrics.json", result)
+    return result
 
 
 def run_bench(
@@ -61,43 +180,87 @@ def run_bench(
                          "takes ALGO.KEY=VALUE for an algorithm in --algos (a peer's grid is "
                          "agents/<peer>.toml)")
     ordered = sorted(algos, key=ORDER.index)
+    common = {"spec": spec_digest(spec), "data": data_digest(data),
+              "version": refit_gym.__version__}
+    identities: dict[tuple[int, str], dict[str, Any]] = {}
+    for seed in seeds:
+        pretrain_identity = {"algo": "pretrain", "seed": seed,
+                             "max_epochs": pretrain_max_epochs, **common}
+        if set(ordered) - set(PEER_NAMES):  # the peers need no backbone
+            identities[seed, "pretrain"] = pretrain_identity
+        for algo in ordered:
+            if algo in PEER_NAMES:
+                identities[seed, algo] = {"algo": algo, "seed": seed,
+                                          "hyperparams": grid(algo, spec.id), **common}
+            elif algo != "pretrained":
+                params = {**load_agent_hyperparams(algo, spec.id, device),
+                          **hyperparams.get(algo, {})}
+                identities[seed, algo] = {"algo": algo, "seed": seed, "hyperparams": params,
+                                          "env_kwargs": env_kwargs or {},
+                                          "pretrain": pretrain_identity, **common}
+    # Every finished cell is checked before any work starts.
+    finished = {key: reuse_cell(_cell_dir(out_dir, *key), identity)
+                for key, identity in identities.items()}
     cells: dict[str, list[dict[str, Any]]] = {a: [] for a in ordered}
     for seed in seeds:
         base: dict[str, Any] = {}
-        if set(ordered) - set(PEER_NAMES):  # the peers need no backbone
-            base = _pretrained_cell(spec, data, out_dir / f"seed{seed}" / "pretrain", seed,
-                                    device, pretrain_max_epochs, progress)
+        if (seed, "pretrain") in identities:
+            cell = _cell_dir(out_dir, seed, "pretrain")
+            base = finished[seed, "pretrain"] or _record(
+                cell, pretrain(spec, data, cell, seed=seed, device=device,
+                               max_epochs=pretrain_max_epochs, progress=progress
+                               ).to_json(spec.id, seed), identities[seed, "pretrain"], device)
+            finished[seed, "pretrain"] = base
         for algo in ordered:
             if algo == "pretrained":
                 cells[algo].append({**base, "algo": "pretrained", "history": []})
                 continue
-            cell = out_dir / f"seed{seed}" / algo
-            if (cell / "metrics.json").is_file():
-                cells[algo].append(json.loads((cell / "metrics.json").read_text()))
-                continue
-            if algo in PEER_NAMES:
-                cells[algo].append(tune_peer(algo, spec, data, seed, device))
-                write_json(cell / "metrics.json", cells[algo][-1])
-                continue
-            budget = (cells["refit"][-1]["wall_time_s"] if algo == "continue" else None)
-            cells[algo].append(finetune(
-                spec, data, Path(base["checkpoint"]), algo, cell, seed=seed, device=device,
-                hyperparams=hyperparams.get(algo), env_kwargs=env_kwargs,
-                budget_seconds=budget, progress=progress))
+            cell = _cell_dir(out_dir, seed, algo)
+            if (result := finished[seed, algo]) is None:
+                if algo in PEER_NAMES:
+                    result = tune_peer(algo, spec, data, seed, device)
+                else:
+                    budget = (cells["refit"][-1]["wall_time_s"] if algo == "continue" else None)
+                    result = finetune(
+                        spec, data, Path(base["checkpoint"]), algo, cell, seed=seed,
+                        device=device, hyperparams=hyperparams.get(algo),
+                        env_kwargs=env_kwargs, budget_seconds=budget, progress=progress)
+                result = _record(cell, result, identities[seed, algo], device)
+            finished[seed, algo] = result
+            cells[algo].append(result)
     summary = summarise(cells)
     payload = {"env": spec.id, "seeds": list(seeds), "algos": ordered, "summary": summary,
                "cells": cells}
     write_json(out_dir / "results.json", payload)
     table = markdown_table(spec.id, summary, list(seeds), split_rows(cells))
+    table += cells_section(finished)
     with atomic_path(out_dir / "results.md") as tmp:
         tmp.write_text(table)
     plot(cells, summary, out_dir)
     return payload
 
 
+def _cell_dir(out_dir: Path, seed: int, algo: str) -> Path:
+    return out_dir / f"seed{seed}" / algo
+
+
+def cells_section(cells: dict[tuple[int, str], dict[str, Any]]) -> str:
+    """A "Cells" section: every cell (seed, folder) of the table, the first 12 hex digits of
+    its identity's digest, and the machine it ran on."""
+    lines = ["", "## Cells", "",
+             "| seed | cell | identity | cpu | capability | threads | torch | device |",
+             "|---|---|---|---|---|---|---|---|"]
+    for (seed, algo), result in cells.items():
+        where = result["machine"]
+        lines.append(f"| {seed} | {algo} | {_digest(result['identity'])[:12]} | " + " | ".join(
+            str(where[k]) for k in ("cpu", "cpu_capability", "threads", "torch", "device"))
+            + " |")
+    return "\n".join(lines) + "\n"
+
+
 def summarise(cells: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
-    """Mean and population std over seeds of every metric, per algorithm (and per target split
-    where every run has it)."""
+    """Mean and sample std (n - 1, :func:`sample_std`) over seeds of every metric, per
+    algorithm (and per target split where every run has it)."""
     summary: dict[str, Any] = {}
     for algo, runs in cells.items():
         entry: dict[str, Any] = {}
@@ -106,9 +269,9 @@ def summarise(cells: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
                 continue
             for key in metric_keys(cells):
                 values = [r[split][key] for r in runs]
-                entry[f"{split}/{key}"] = (statistics.mean(values), statistics.pstdev(values))
+                entry[f"{split}/{key}"] = (statistics.mean(values), sample_std(values))
         walls = [r.get("wall_time_s", 0.0) for r in runs]
-        entry["wall_time_s"] = (statistics.mean(walls), statistics.pstdev(walls))
+        entry["wall_time_s"] = (statistics.mean(walls), sample_std(walls))
         summary[algo] = entry
     return summary
 

@@ -1,0 +1,61 @@
+"""Bench cells carry their identity and machine; a cell is reused only under its identity."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+import refit_gym.training.bench as bench
+from refit_gym.mdp.gym_env import cached_dataset
+from refit_gym.specs import load_env_spec
+
+SYN = "ReFiT-Synthetic-v0"
+
+
+def test_cells_record_identity_and_are_reused_only_when_it_matches(tmp_path: Path,
+                                                                   monkeypatch) -> None:
+    spec, data = load_env_spec(SYN), cached_dataset(SYN, None)
+    bench.run_bench(spec, data, ["pop"], [1], tmp_path, progress=False)
+    report = tmp_path / "seed1" / "pop" / "metrics.json"
+    cell = json.loads(report.read_text())
+    assert cell["identity"] == {"algo": "pop", "seed": 1, "hyperparams": [{}],
+                                "spec": bench.spec_digest(spec),
+                                "data": bench.data_digest(data),
+                                "version": cell["identity"]["version"]}
+    assert set(cell["machine"]) == {"cpu", "cpu_capability", "threads", "torch", "device"}
+    table = (tmp_path / "results.md").read_text()
+    assert "## Cells" in table
+    assert f"| 1 | pop | {bench._digest(cell['identity'])[:12]} | {cell['machine']['cpu']} |" \
+        in table
+
+    def no_more_work(*args, **kwargs):
+        raise AssertionError("a finished cell was computed again")
+
+    monkeypatch.setattr(bench, "tune_peer", no_more_work)
+    again = bench.run_bench(spec, data, ["pop"], [1], tmp_path, progress=False)
+    assert again["cells"]["pop"][0]["test"] == cell["test"]  # reused, not recomputed
+
+    cell["identity"]["data"] = "0" * 64  # as if another dataset had filled it
+    report.write_text(json.dumps(cell))
+    with pytest.raises(bench.CellMismatch, match=r"seed1/pop was computed with data = ") as err:
+        bench.run_bench(spec, data, ["pop"], [1], tmp_path, progress=False)
+    assert "\n" not in str(err.value) and "new --out" in str(err.value)
+    del cell["identity"]
+    report.write_text(json.dumps(cell))
+    with pytest.raises(bench.CellMismatch, match="records no identity"):
+        bench.run_bench(spec, data, ["pop"], [1], tmp_path, progress=False)
+
+
+def test_a_changed_hyperparameter_is_named(tmp_path: Path) -> None:
+    identity = {"algo": "refit", "hyperparams": {"epochs": 1, "lr": 1e-4},
+                "env_kwargs": {}, "pretrain": {"max_epochs": 5}}
+    (tmp_path / "metrics.json").write_text(json.dumps({"identity": identity}))
+    assert bench.reuse_cell(tmp_path, identity) == {"identity": identity}
+    changed = {**identity, "hyperparams": {"epochs": 2, "lr": 1e-4}}  # --set refit.epochs=2
+    with pytest.raises(bench.CellMismatch, match="hyperparams.epochs = 1, this bench gives 2"):
+        bench.reuse_cell(tmp_path, changed)
+    with pytest.raises(bench.CellMismatch, match="env_kwargs.reward = "):
+        bench.reuse_cell(tmp_path, {**identity, "env_kwargs": {"reward": "ndcg"}})
+    assert bench.reuse_cell(tmp_path / "absent", identity) is None
