@@ -7,18 +7,22 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from refit_gym.data import InteractionData, SequenceData
-from refit_gym.specs import load_env_spec
+from refit_gym.data import InteractionData, SequenceData, make_sequential_synthetic
+from refit_gym.specs import PretrainConfig, load_env_spec
+from refit_gym.training.metrics import evaluate
 from refit_gym.training.peers import (
     DLAE,
     EASE,
     ItemKNN,
     Markov,
     MostPopular,
+    NextItemPopular,
     RP3beta,
+    SASRec,
     grid,
     tune_peer,
 )
+from refit_gym.training.selection import weights_digest
 
 
 @pytest.fixture
@@ -118,3 +122,57 @@ def test_tune_peer_selects_by_validation(small_data: InteractionData) -> None:
     assert set(result["test"]) == {"recall@10", "recall@20", "ndcg@10", "ndcg@20"}
     with pytest.raises(ValueError, match="not a collaborative-filtering peer"):
         tune_peer("markov", spec, small_data)
+
+
+@pytest.fixture(scope="module")
+def sessions() -> SequenceData:
+    return make_sequential_synthetic(n_items=40, n_communities=4, n_sessions=120, max_len=6,
+                                     seed=1)
+
+
+def test_sasrec_is_deterministic_on_one_thread_and_restores_its_best_epoch(
+        sessions: SequenceData) -> None:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        fits = [SASRec(hidden=16, max_epochs=5, patience=2, lr=3e-3).fit(sessions, 7)
+                for _ in range(2)]
+    finally:
+        torch.set_num_threads(threads)
+    first, second = fits
+    for name, tensor in first.state_dict().items():
+        assert torch.equal(tensor, second.state_dict()[name]), name  # bit for bit
+    selection = first.selection()
+    assert selection == second.selection()
+    curve = selection["curve"]
+    assert [p["epoch"] for p in curve] == list(range(1, len(curve) + 1))
+    assert selection["best_score"] == max(p["score"] for p in curve)
+    assert selection["best_epoch"] == next(p["epoch"] for p in curve
+                                           if p["score"] == selection["best_score"])
+    # The restored weights are the selected epoch's: their digest and their validation score.
+    assert weights_digest(first.state_dict()) == selection["weights_sha256"]
+    config = PretrainConfig(ks=(20,), eval_batch_size=4096, final_sampling_seeds=1)
+    assert evaluate(first, sessions, config)["valid"]["ndcg@20"] == selection["best_score"]
+    batch = sessions.batch("test", np.arange(5))
+    assert first.rank_scores(batch).shape == (5, sessions.n_items)
+
+
+def test_popularity_ties_are_judged_by_the_metrics_rule() -> None:
+    """Items with equal counts score equal (no id order decides): a target level with g - 1
+    other items at the top gets HR@1 = 1 / g, whichever id it has."""
+    pad = 5
+    histories = {s: np.full((4, 2), pad) for s in ("train", "valid", "test")}
+    targets = {"train": np.array([0, 3, 3, 1]), "valid": np.array([3, 1, 0, 4]),
+               "test": np.array([0, 3, 1, 2])}
+    data = SequenceData("toy", 5, histories, targets)
+    pop = NextItemPopular().fit(data, 0)
+    scores = pop.rank_scores(data.batch("test", np.arange(4)))
+    assert scores.shape == (4, 5) and scores[0].tolist() == [1.0, 1.0, 0.0, 2.0, 0.0]
+    metrics = evaluate(pop, data, PretrainConfig(ks=(1, 2), final_sampling_seeds=1))
+    # Valid targets 3 (alone on top), 1 and 0 (level, second place), 4 (level with 2 at 4th).
+    assert metrics["valid"]["hr@1"] == pytest.approx(1 / 4)
+    assert metrics["valid"]["hr@2"] == pytest.approx((1 + 0.5 + 0.5) / 4)
+    cf_pop = MostPopular().fit(InteractionData(
+        "t", sp.csr_matrix(np.array([[1, 1, 0], [1, 1, 0]], np.float32)),
+        sp.csr_matrix((2, 3), dtype=np.float32), sp.csr_matrix((2, 3), dtype=np.float32)), 0)
+    assert cf_pop.rank_scores({"history": torch.zeros(2, 3)}).tolist() == [[2.0, 2.0, 0.0]] * 2

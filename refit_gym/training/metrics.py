@@ -240,19 +240,20 @@ def evaluate_sequential(
 
 def evaluate(backbone: Ranker, data: Dataset, config: PretrainConfig, *,
              device: torch.device | str = "cpu", chain: GaussianDiffusion | None = None,
-             sampling_seeds: int | None = None,
+             sampling_seeds: int | None = None, splits: Sequence[str] = ("valid", "test"),
              progress: bool = False) -> dict[str, dict[str, float]]:
     """The backbone's own evaluation protocol for ``data`` (DESIGN 7), configured by a spec's
     [pretrain] section: ``chain`` is the reverse chain (default: the backbone's own T steps);
     a stochastic backbone is scored over ``sampling_seeds`` seeds 0, 1, ... (default:
-    ``final_sampling_seeds``)."""
+    ``final_sampling_seeds``). ``splits``: the sequential splits to score (a selection pass
+    needs only ``("valid",)``); CF always gives both, ranked from one chain."""
     if isinstance(data, InteractionData):
         return evaluate_cf(backbone, data, ks=config.ks, batch_size=config.eval_batch_size,
                            device=device, chain=chain, progress=progress)
     seeds = config.final_sampling_seeds if sampling_seeds is None else sampling_seeds
     return evaluate_sequential(backbone, data, ks=config.ks, batch_size=config.eval_batch_size,
                                device=device, chain=chain, sampling_seeds=range(seeds),
-                               progress=progress)
+                               splits=splits, progress=progress)
 
 
 def selection_chain(backbone: Backbone, config: PretrainConfig) -> GaussianDiffusion | None:

@@ -25,7 +25,6 @@ that may correlate with the targets. (An id offset in float32 also vanished for 
 from __future__ import annotations
 
 import itertools
-import math
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -42,6 +41,7 @@ from refit_gym.data import Dataset, InteractionData, SequenceData
 from refit_gym.data.sequences import last_history_items
 from refit_gym.specs import EnvSpec, PretrainConfig, load_agent_hyperparams
 from refit_gym.training.metrics import SELECTION_METRIC, evaluate
+from refit_gym.training.selection import Selector
 
 
 class Peer(ABC):
@@ -276,16 +276,19 @@ class Markov(Peer):
 
 class SASRec(Peer, nn.Module):
     """The self-attentive history encoder (DreamRec's) with item logits c E^T, trained with
-    cross-entropy over all items; epochs selected by validation NDCG@20, early stopped."""
+    cross-entropy over all items; epochs selected by validation NDCG@20 with the project's one
+    :class:`Selector` (``patience`` in epochs), its best weights restored."""
 
     name, sequential = "sasrec", True
 
     def __init__(self, hidden: int = 64, dropout: float = 0.1, lr: float = 1e-3,
                  batch_size: int = 256, max_epochs: int = 30, patience: int = 3) -> None:
         nn.Module.__init__(self)
-        if hidden < 1 or not 0 <= dropout < 1 or lr <= 0 or max_epochs < 1:
+        if hidden < 1 or not 0 <= dropout < 1 or lr <= 0 or max_epochs < 1 or patience < 1:
             raise ValueError("sasrec needs hidden >= 1, 0 <= dropout < 1, lr > 0, "
-                             "max_epochs >= 1")
+                             f"max_epochs >= 1, patience >= 1; got hidden={hidden}, "
+                             f"dropout={dropout}, lr={lr}, max_epochs={max_epochs}, "
+                             f"patience={patience}")
         self.hidden, self.dropout_p, self.lr = hidden, dropout, lr
         self.batch_size, self.max_epochs, self.patience = batch_size, max_epochs, patience
 
@@ -300,8 +303,10 @@ class SASRec(Peer, nn.Module):
         optimizer = torch.optim.Adam(self.parameters(), lr=self.lr)
         generator = torch.Generator().manual_seed(seed)
         selection = PretrainConfig(ks=(20,), eval_batch_size=4096, final_sampling_seeds=1)
-        best, best_state, since = -math.inf, None, 0
-        for _ in range(self.max_epochs):
+        self.selector = Selector(SELECTION_METRIC, patience=self.patience, start=1)
+        for epoch in range(1, self.max_epochs + 1):
+            if self.selector.should_stop(epoch):
+                break
             self.train()
             order = torch.randperm(data.n_train_rows, generator=generator).numpy()
             for start in range(0, data.n_train_rows, self.batch_size):
@@ -310,17 +315,15 @@ class SASRec(Peer, nn.Module):
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
-            score = evaluate(self, data, selection)["valid"][SELECTION_METRIC]
-            if score > best:
-                best, since = score, 0
-                best_state = {k: v.detach().clone() for k, v in self.state_dict().items()}
-            else:
-                since += 1
-                if since >= self.patience:
-                    break
-        self.load_state_dict(best_state)
+            self.selector.offer(epoch, evaluate(self, data, selection, splits=("valid",)),
+                                self.state_dict())
+        self.load_state_dict(self.selector.best_weights)
         self.eval()
         return self
+
+    def selection(self) -> dict[str, Any]:
+        """The epoch selection of the last :meth:`fit`: best epoch, curve, weights digest."""
+        return self.selector.summary()
 
     def _logits(self, batch: dict[str, Tensor]) -> Tensor:
         return self.encoder(batch["history"]) @ self.items.weight[: self.n_items].T
@@ -357,18 +360,20 @@ def tune_peer(algo: str, spec: EnvSpec, data: Dataset, seed: int = 1,
         raise ValueError(f"{algo!r} is not a {scenario} peer; choose from {known}")
     started = time.perf_counter()
     cls = PEERS[(algo, sequential)]
-    points, best = [], None
-    for params in grid(algo, spec.id):
+    points = grid(algo, spec.id)
+    selector, fits = Selector(SELECTION_METRIC), {}
+    for index, params in enumerate(points):
         try:
             peer = cls(**params)
         except TypeError as err:
             raise ValueError(f"agents/{algo}.toml [{spec.id}]: {err}") from err
         metrics = evaluate(peer.fit(data, seed), data, spec.pretrain, device=device,
                            sampling_seeds=1)
-        points.append({"params": params, "valid": metrics["valid"][SELECTION_METRIC]})
-        if best is None or metrics["valid"][SELECTION_METRIC] > best[1]["valid"][
-                SELECTION_METRIC]:
-            best = (params, metrics)
-    params, metrics = best
-    return {"env": spec.id, "algo": algo, "seed": seed, "params": params, "grid": points,
-            **metrics, "wall_time_s": time.perf_counter() - started, "history": []}
+        if selector.offer(index, metrics) and isinstance(peer, SASRec):
+            fits = {"selection": peer.selection()}  # the selected point's epochs
+    best = selector.best_epoch
+    return {"env": spec.id, "algo": algo, "seed": seed, "params": points[best],
+            "grid": [{"params": points[p["epoch"]], "valid": p["score"]}
+                     for p in selector.curve],
+            **selector.best_metrics, **fits, "wall_time_s": time.perf_counter() - started,
+            "history": []}
