@@ -59,6 +59,7 @@ import torch
 from common import cpu_model, write_result
 
 from refit_gym.backbones import load_backbone
+from refit_gym.data import atomic_path
 from refit_gym.mdp.gym_env import cached_dataset
 from refit_gym.specs import load_agent_hyperparams, load_env_spec
 from refit_gym.training.metrics import evaluate
@@ -261,8 +262,8 @@ def run_all(args: argparse.Namespace) -> None:
             return
         record = run_finetune(config, seed, args.checkpoints[seed - 1], args, deadline, budget)
         if record is not None:
-            with lock, records.open("a") as f:
-                f.write(json.dumps(record) + "\n")
+            with lock:
+                append_record(records, record)
             print(f"cf_batch_study: {config}, seed {seed}: valid ndcg@20 "
                   f"{record['history'][0]['valid ndcg@20']:.5f} -> "
                   f"{selected(record)['valid ndcg@20']:.5f} (epoch {record['best_epoch']})",
@@ -292,8 +293,23 @@ def run_all(args: argparse.Namespace) -> None:
         list(pool.map(lambda cs: job(*cs), [(c, s) for s in seeds for c in rows]))
 
 
+def append_record(records: Path, record: dict) -> None:
+    """Add ``record`` as the last line of ``records`` by writing the whole file anew and
+    renaming it into place: a kill leaves the old records or the new ones, never half a line."""
+    with atomic_path(records) as tmp:
+        tmp.write_text(records.read_text() + json.dumps(record) + "\n")
+
+
 def load(records: Path) -> list[dict]:
-    return [json.loads(line) for line in records.read_text().splitlines() if line.strip()]
+    runs = []
+    for number, line in enumerate(records.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                runs.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise SystemExit(f"cf_batch_study: {records} line {number} is not a JSON record "
+                                 f"({err}); remove or repair that line") from err
+    return runs
 
 
 def selected(record: dict) -> dict:
@@ -384,7 +400,8 @@ def report(args: argparse.Namespace) -> None:
     path = write_result(args.records.stem, f"The CF agent on {ENV_ID} with GPU-sized batches",
                         lines, folder=args.records.parent)
     if reading:  # the hand-written reading of an earlier report: kept, to be brought up to date
-        path.write_text(path.read_text() + "\n" + reading)
+        with atomic_path(path) as tmp:
+            tmp.write_text(path.read_text() + "\n" + reading)
 
 
 def main() -> None:

@@ -59,3 +59,29 @@ def test_a_probe_gives_another_cpu_the_picks_updates_at_its_measured_rate() -> N
     assert cf_batch_study.choose([*RUNS, probe]) == PICK
     assert cf_batch_study.continue_budget([*RUNS, probe], XEON) == Budget(PICK, 7800.0, XEON)
     assert cf_batch_study.continue_budget([*RUNS, {**probe, "device": XEON}], EPYC) is None
+
+
+def test_records_are_appended_whole_and_a_broken_line_is_named(tmp_path: Path,
+                                                               monkeypatch) -> None:
+    import json
+
+    import pytest
+
+    records = tmp_path / "runs.jsonl"
+    records.touch()
+    cf_batch_study.append_record(records, RUNS[0])
+    cf_batch_study.append_record(records, RUNS[1])
+    assert cf_batch_study.load(records) == RUNS[:2]
+
+    def killed(*args, **kwargs):  # the process dies while the new file is being written
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(json, "dumps", killed)
+    with pytest.raises(KeyboardInterrupt):
+        cf_batch_study.append_record(records, RUNS[2])
+    monkeypatch.undo()
+    assert cf_batch_study.load(records) == RUNS[:2]  # the old records, whole
+    assert list(tmp_path.iterdir()) == [records]  # no temporary file left behind
+    records.write_text(records.read_text() + '{"config": "half')
+    with pytest.raises(SystemExit, match="runs.jsonl line 3 is not a JSON record"):
+        cf_batch_study.load(records)

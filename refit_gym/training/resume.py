@@ -31,13 +31,17 @@ def save_state(path: Path, payload: dict[str, Any]) -> None:
             torch.save(payload, tmp)
 
 
-def load_state(path: Path, identity: dict[str, Any], run: str) -> dict[str, Any] | None:
+def load_state(path: Path, identity: dict[str, Any], run: str,
+               map_location: torch.device | str | None = "cpu") -> dict[str, Any] | None:
     """The state at ``path`` if it belongs to the run ``identity`` describes; None if there is
-    none. ``run`` names the kind of run in the errors (e.g. "fine-tuning")."""
+    none. ``run`` names the kind of run in the errors (e.g. "fine-tuning"). Tensors load onto
+    ``map_location`` (default the CPU, so a state written on a GPU resumes on a machine without
+    one; ``load_state_dict`` then copies them onto the model's device; None: where they were
+    saved)."""
     if not path.is_file():
         return None
     try:
-        payload = torch.load(path, weights_only=True)
+        payload = torch.load(path, weights_only=True, map_location=map_location)
     except Exception as err:
         raise CheckpointError(f"resume state {path} is corrupt ({err}); delete it to start the "
                               f"{run} over") from err
