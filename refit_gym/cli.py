@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import NoReturn
 
 from refit_gym.backbones import CheckpointError, load_backbone
-from refit_gym.data import DataError, load_dataset, write_json
+from refit_gym.data import DataError, Dataset, load_dataset, write_json
 from refit_gym.distributed import (
     DistributedError,
     current,
@@ -22,11 +24,50 @@ from refit_gym.distributed import (
     launched_by_torchrun,
     shutdown,
 )
-from refit_gym.mdp.gym_env import default_checkpoint
+from refit_gym.mdp.gym_env import EnvSettings, default_checkpoint
 from refit_gym.mdp.registration import register_spec
-from refit_gym.specs import EnvSpec, SpecError, load_env_spec
+from refit_gym.specs import EnvSpec, SpecError, check_agent_hyperparams, check_device, load_env_spec
 from refit_gym.training.finetune import ALGOS
 from refit_gym.training.metrics import evaluate, format_metrics_table
+from refit_gym.training.peers import PEER_NAMES
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with each error on one line (the usage is one ``--help`` away)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _positive(kind: type[int] | type[float]) -> Callable[[str], float]:
+    """An argparse type: a number of ``kind`` above 0 (and finite)."""
+    noun = "integer" if kind is int else "number"
+
+    def parse(text: str) -> float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an {noun}") from None
+        if not 0 < value < math.inf:
+            raise argparse.ArgumentTypeError(f"{text!r}: must be a positive {noun}")
+        return value
+
+    return parse
+
+
+def _seeds(text: str) -> list[int]:
+    try:
+        return [int(seed) for seed in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integer "
+                                         "seeds, e.g. 1,2,3") from None
+
+
+def _device(text: str) -> str:
+    try:
+        return check_device(text, None)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def _env_options(parser: argparse.ArgumentParser) -> None:
@@ -39,8 +80,9 @@ def _common(parser: argparse.ArgumentParser) -> None:
     _env_options(parser)
     parser.add_argument("--data-dir", default=None,
                         help="folder holding the datasets (default: $REFIT_DATA_DIR)")
-    parser.add_argument("--device", default="auto",
-                        help="torch device: auto (CUDA when available, else CPU), cpu, cuda")
+    parser.add_argument("--device", default="auto", type=_device,
+                        help="torch device: auto (CUDA when available, else CPU), cpu, cuda, "
+                        "cuda:N")
     parser.add_argument("--json", default=None, metavar="PATH",
                         help="also write the results as JSON to PATH")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -118,11 +160,20 @@ def _parse_sets(pairs: list[str]) -> dict[str, object]:
     return out
 
 
-def _env_kwargs(args: argparse.Namespace) -> dict[str, object]:
+def _env_kwargs(args: argparse.Namespace, spec: EnvSpec, data: Dataset) -> dict[str, object]:
+    """``--env-kwargs``, refused now (not after pretraining) if ``gym.make`` would refuse it."""
     try:
-        return json.loads(args.env_kwargs) if args.env_kwargs else {}
+        kwargs = json.loads(args.env_kwargs) if args.env_kwargs else {}
     except json.JSONDecodeError as err:
         raise SpecError(f"--env-kwargs is not valid JSON: {err}") from err
+    if not isinstance(kwargs, dict):
+        raise SpecError(f"--env-kwargs must be a JSON object of gym.make keywords, got "
+                        f"{args.env_kwargs!r}")
+    try:
+        EnvSettings.resolve(spec, {"device": args.device, **kwargs}).check_reward_params(data)
+    except (TypeError, ValueError) as err:
+        raise SpecError(f"--env-kwargs: {err}") from None
+    return kwargs
 
 
 def _run_options(parser: argparse.ArgumentParser, set_help: str) -> None:
@@ -135,11 +186,13 @@ def _run_options(parser: argparse.ArgumentParser, set_help: str) -> None:
 def cmd_finetune(args: argparse.Namespace) -> None:
     from refit_gym.training.finetune import finetune
 
+    hyperparams = _parse_sets(args.set)
+    check_agent_hyperparams(args.algo, hyperparams, f"--set for {args.algo}")
     spec, data = _load(args)
+    env_kwargs = _env_kwargs(args, spec, data)
     out = Path(args.out or f"runs/{spec.id}/{args.algo}-seed{args.seed}")
-    env_kwargs = _env_kwargs(args)
     payload = finetune(spec, data, args.checkpoint, args.algo, out, seed=args.seed,
-                       device=args.device, hyperparams=_parse_sets(args.set),
+                       device=args.device, hyperparams=hyperparams,
                        env_kwargs=env_kwargs, budget_seconds=args.budget_seconds,
                        progress=not args.quiet)
     if not current().is_main:
@@ -157,17 +210,18 @@ def cmd_finetune(args: argparse.Namespace) -> None:
 def cmd_bench(args: argparse.Namespace) -> None:
     from refit_gym.training.bench import run_bench
 
-    spec, data = _load(args)
     hyperparams: dict[str, dict] = {}
     for algo_key, value in _parse_sets(args.set).items():
         algo, dot, key = algo_key.partition(".")
         if not dot:
             raise SpecError(f"bench --set expects ALGO.KEY=VALUE, got {algo_key!r}")
         hyperparams.setdefault(algo, {})[key] = value
-    env_kwargs = _env_kwargs(args)
+    for algo, params in hyperparams.items():  # before any pretraining starts
+        check_agent_hyperparams(algo, params, f"--set {algo}.KEY")
+    spec, data = _load(args)
+    env_kwargs = _env_kwargs(args, spec, data)
     out = Path(args.out or f"runs/{spec.id}/bench")
-    payload = run_bench(spec, data, args.algos.split(","),
-                        [int(s) for s in args.seeds.split(",")], out, device=args.device,
+    payload = run_bench(spec, data, args.algos.split(","), args.seeds, out, device=args.device,
                         hyperparams=hyperparams, env_kwargs=env_kwargs,
                         pretrain_max_epochs=args.pretrain_max_epochs, progress=not args.quiet)
     print((out / "results.md").read_text())
@@ -185,7 +239,7 @@ def cmd_download(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="refit-gym", description=__doc__)
+    parser = _Parser(prog="refit-gym", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("pretrain", help="train the id's backbone with its own protocol")
@@ -193,7 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--out", default=None,
                    help="output folder (default runs/<env>/pretrain-seed<S>)")
-    p.add_argument("--max-epochs", type=int, default=None,
+    p.add_argument("--max-epochs", type=_positive(int), default=None,
                    help="cap on epochs (default: the spec's; early stopping still applies)")
     p.set_defaults(func=cmd_pretrain)
 
@@ -209,17 +263,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--out", default=None, help="output folder (default runs/<env>/<algo>-seed<S>)")
     _run_options(p, "override a hyperparameter of agents/<algo>.toml (repeatable)")
-    p.add_argument("--budget-seconds", type=float, default=None,
+    p.add_argument("--budget-seconds", type=_positive(float), default=None,
                    help="training wall time of --algo continue (match the RL run's)")
     p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("bench", help="compare algorithms over seeds: table, JSON, plots")
     _common(p)
-    p.add_argument("--algos", default="pretrained,continue,refit,ppo,a2c,trpo")
-    p.add_argument("--seeds", default="1,2,3")
+    p.add_argument("--algos", default="pretrained,continue,refit,ppo,a2c,trpo",
+                   help="comma-separated, of: pretrained (the backbone as pretrained), "
+                   f"{', '.join(ALGOS)} (fine-tuning; continue needs refit, whose wall time it "
+                   f"gets), {', '.join(PEER_NAMES)} (baselines tuned on validation); "
+                   "default %(default)s")
+    p.add_argument("--seeds", default="1,2,3", type=_seeds,
+                   help="comma-separated integer seeds; each pretrains its own backbone and "
+                   "runs every algorithm on it (default %(default)s)")
     p.add_argument("--out", default=None, help="output folder (default runs/<env>/bench)")
     _run_options(p, "ALGO.KEY=VALUE: override a hyperparameter of one algorithm (repeatable)")
-    p.add_argument("--pretrain-max-epochs", type=int, default=None)
+    p.add_argument("--pretrain-max-epochs", type=_positive(int), default=None,
+                   help="cap on pretraining epochs (default: the spec's)")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("download", help="fetch a dataset with pinned checksums")

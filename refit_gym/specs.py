@@ -9,14 +9,21 @@ as the ``refit_gym.envs`` package, so :func:`load_env_spec` reads them the same 
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
+import inspect
 import os
 import sys
+import types
+import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cache
 from importlib import resources
 from pathlib import Path
 from typing import Any
+
+import torch
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -181,6 +188,140 @@ def load_env_spec(env_id: str) -> EnvSpec:
 DEVICE_TYPES = frozenset({"cpu", "cuda", "mps", "xpu"})
 
 
+def check_device(device: str, setting: str | None = "device") -> str:
+    """``device`` unchanged if this machine can use it ("auto" always), else a ValueError
+    naming ``setting`` (None: the caller names it), the value and what is allowed."""
+    allowed = "auto (CUDA when available, else cpu), cpu, cuda or cuda:N"
+    named = f"{setting}: {device!r}" if setting else repr(device)
+    if device == "auto":
+        return device
+    try:
+        kind = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"{named} is not a torch device; use {allowed}") from None
+    if kind.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"{named}: no CUDA GPU is usable here (torch {torch.__version__}, "
+                             f"built with CUDA {torch.version.cuda}); use auto or cpu")
+        if kind.index is not None and kind.index >= count:
+            raise ValueError(f"{named}: this machine has {count} CUDA device(s), cuda:0 to "
+                             f"cuda:{count - 1}")
+    elif kind.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"{named}: MPS is not available here; use {allowed}")
+    elif kind.type not in ("cpu", "mps"):
+        raise ValueError(f"{named}: unsupported device type; use {allowed}")
+    return device
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    """Whether ``value`` (as TOML or JSON gives it) has the type ``hint`` names. A type this
+    check cannot judge passes: the constructor's own checks apply then."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, arg) for arg in args)
+    if origin is typing.Literal:
+        return value in args
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:  # bool is an int subclass, but True is no epoch count
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    if origin in (tuple, list):
+        return isinstance(value, (tuple, list)) and (
+            not args or all(_matches(v, args[0]) for v in value))
+    if hint is dict or origin is dict:
+        return isinstance(value, dict)
+    if origin is collections.abc.Callable:
+        return callable(value)
+    return True
+
+
+def _type_name(hint: Any) -> str:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(arg) for arg in typing.get_args(hint))
+    if hint is type(None):
+        return "None"
+    if typing.get_origin(hint) is collections.abc.Callable:
+        return "a callable"
+    return getattr(hint, "__name__", str(hint)) if typing.get_origin(hint) is None else str(hint)
+
+
+# The smallest value of settings whose smaller values run and do nothing (0 epochs, no users,
+# no parallel episodes) or fail late; every algorithm that has the setting shares its bound.
+LOWER_BOUNDS = {"epochs": 1, "users_per_batch": 1, "users_per_epoch": 0, "users_per_chunk": 0,
+                "n_envs": 1, "group_size": 1, "checkpoint_every": 1, "batch_size": 1,
+                "eval_every": 1, "n_steps": 1, "n_epochs": 1, "train_steps": 1}
+
+
+def check_settings(values: Mapping[str, Any], hints: Mapping[str, Any], where: str, *,
+                   closed: bool = True, minima: Mapping[str, int] | None = None) -> None:
+    """Refuse, in one line each, a key of ``values`` that ``hints`` (name -> type) lacks (when
+    ``closed``), a value of another type, and one below its lower bound (:data:`LOWER_BOUNDS`
+    updated by ``minima``). ``where`` names the settings, e.g. "refit --set"."""
+    if closed and (unknown := sorted(set(values) - set(hints))):
+        raise ValueError(f"{where}: unknown keys {unknown}; allowed: {sorted(hints)}")
+    bounds = {**LOWER_BOUNDS, **(minima or {})}
+    for key, value in values.items():
+        if key not in hints:
+            continue
+        if not _matches(value, hints[key]):
+            raise ValueError(f"{where}: {key} = {value!r} ({type(value).__name__}); {key} takes "
+                             f"{_type_name(hints[key])}")
+        if key in bounds and isinstance(value, int) and value < bounds[key]:
+            raise ValueError(f"{where}: {key} = {value!r}; {key} must be >= {bounds[key]}")
+
+
+def dataclass_hints(cls: type) -> dict[str, Any]:
+    """A dataclass's field types, resolved (``from __future__ import annotations`` leaves
+    strings)."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+# Arguments of an SB3 algorithm that the driver sets itself (refit_gym.rl.sb3_agents.make_model).
+SB3_DRIVER_SET = ("self", "policy", "env", "seed", "device", "verbose", "_init_setup_model")
+
+
+def agent_settings(algo: str) -> tuple[dict[str, Any], dict[str, int], bool] | None:
+    """What ``algo``'s hyperparameters may be: (name -> type, lower bounds beyond
+    :data:`LOWER_BOUNDS`, whether other names are refused); None for an algorithm without
+    tunable hyperparameters here (the pretrained start, the peers' grids)."""
+    # Imported here: the agents import the MDP, which imports this module.
+    from refit_gym.rl.refit_agent import ReFiTConfig
+    from refit_gym.rl.sb3_agents import DRIVER_KEYS, SB3_ALGOS
+    from refit_gym.training.finetune import CONTINUE_SETTINGS
+
+    if algo == "refit":  # its advantage is the reward minus the user's group mean: G >= 2
+        return dataclass_hints(ReFiTConfig), {"group_size": 2}, True
+    if algo == "continue":
+        hints = dataclass_hints(PretrainConfig)
+        return {key: hints[key] for key in CONTINUE_SETTINGS}, {}, True
+    if algo in SB3_ALGOS:
+        parameters = inspect.signature(SB3_ALGOS[algo].__init__).parameters
+        hints = {name: p.annotation for name, p in parameters.items()
+                 if name not in SB3_DRIVER_SET}
+        return {**hints, **dict.fromkeys(DRIVER_KEYS, int)}, {}, True
+    return None
+
+
+def check_agent_hyperparams(algo: str, params: Mapping[str, Any], where: str, *,
+                            closed: bool = True) -> None:
+    """Refuse ``params`` of ``algo`` that its agent does not have, of the wrong type, or below
+    a bound, in one line naming ``where`` they came from; algorithms without a schema pass."""
+    settings = agent_settings(algo)
+    if settings is not None:
+        hints, minima, refuses_others = settings
+        check_settings(params, hints, where, closed=closed and refuses_others, minima=minima)
+
+
 def load_agent_hyperparams(algo: str, env_id: str, device: str = "cpu") -> dict[str, Any]:
     """Hyperparameters of ``algo`` for ``env_id`` from agents/<algo>.toml ("default" fallback).
 
@@ -194,4 +335,7 @@ def load_agent_hyperparams(algo: str, env_id: str, device: str = "cpu") -> dict[
     env_id = env_id.removeprefix("refit_gym:")
     entry = dict(table.get(env_id, table.get("default", {})))
     by_device = {key: entry.pop(key) for key in DEVICE_TYPES & set(entry)}
-    return {**entry, **by_device.get(device.split(":")[0], {})}
+    params = {**entry, **by_device.get(device.split(":")[0], {})}
+    # Types and bounds now; unknown names are left to the agent's constructor, which names them.
+    check_agent_hyperparams(algo, params, f"agents/{algo}.toml for {env_id}", closed=False)
+    return params

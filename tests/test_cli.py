@@ -101,3 +101,69 @@ def test_progress_is_one_plain_line_per_epoch_when_stderr_is_not_a_terminal(tmp_
               "pre/denoiser.pt", "--budget-seconds", "2", "--out", "cont")
     assert "\r" not in err and "continue ReFiT-Synthetic-v0: epoch" in err
     assert "/2 s" in err  # the continue bar counts seconds of its 2-second budget
+
+
+SYN = "ReFiT-Synthetic-v0"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["pretrain", "--max-epochs", "0"], "argument --max-epochs: '0': must be a positive integer"),
+    (["pretrain", "--max-epochs", "-2"], "argument --max-epochs: '-2': must be a positive"),
+    (["pretrain", "--device", "gpu"], "argument --device: 'gpu' is not a torch device; use auto"),
+    (["finetune", "--algo", "continue", "--checkpoint", "x.pt", "--budget-seconds", "0"],
+     "argument --budget-seconds: '0': must be a positive number"),
+    (["bench", "--seeds", "1,x"],
+     "argument --seeds: '1,x' is not a comma-separated list of integer seeds, e.g. 1,2,3"),
+    (["bench", "--pretrain-max-epochs", "0"], "argument --pretrain-max-epochs: '0': must be"),
+])
+def test_bad_flags_are_refused_in_one_line(argv: list[str], message: str, capsys) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main([argv[0], "--env", SYN, *argv[1:]])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["finetune", "--algo", "refit", "--set", "kappa=abc"],
+     "--set for refit: kappa = 'abc' (str); kappa takes float"),
+    (["finetune", "--algo", "refit", "--set", "epochs=0"], "epochs = 0; epochs must be >= 1"),
+    (["finetune", "--algo", "refit", "--set", "epochs=1.5"], "epochs = 1.5 (float); epochs takes"),
+    (["finetune", "--algo", "refit", "--set", "group_size=1"], "group_size must be >= 2"),
+    (["finetune", "--algo", "refit", "--set", "kapa=3"],
+     "--set for refit: unknown keys ['kapa']; allowed: ['checkpoint_every', 'clip_range'"),
+    (["finetune", "--algo", "continue", "--budget-seconds", "5", "--set", "lr=fast"],
+     "--set for continue: lr = 'fast' (str); lr takes float"),
+    (["finetune", "--algo", "ppo", "--set", "n_envs=0"], "n_envs = 0; n_envs must be >= 1"),
+    (["finetune", "--algo", "ppo", "--env-kwargs", '{"steps": "5"}'],
+     "--env-kwargs: ReFiT-Synthetic-v0 keyword: steps = '5' (str); steps takes int or None"),
+    (["finetune", "--algo", "ppo", "--env-kwargs", '{"reward_params": {"k": 0}}'],
+     "--env-kwargs: reward_params k = 0: the ranking cut-off must be an integer in [1, 400]"),
+    (["finetune", "--algo", "ppo", "--env-kwargs", '["steps"]'],
+     "--env-kwargs must be a JSON object"),
+    (["bench", "--algos", "refit,ppo", "--set", "ppo.lr=3"],
+     "--set ppo.KEY: unknown keys ['lr']; allowed: ['batch_size'"),
+    (["bench", "--algos", "refit", "--set", "refit.kappa=abc"],
+     "--set refit.KEY: kappa = 'abc' (str); kappa takes float"),
+    (["bench", "--algos", "refit", "--env-kwargs", '{"steps": 0}'], "steps must be >= 1"),
+])
+def test_bad_settings_are_refused_before_any_work(argv: list[str], message: str,
+                                                  tmp_path: Path, capsys) -> None:
+    out = tmp_path / "out"
+    args = [argv[0], "--env", SYN, "--quiet", "--out", str(out), *argv[1:]]
+    if argv[0] == "finetune":  # not there: the setting is refused before the checkpoint is read
+        args += ["--checkpoint", str(tmp_path / "missing.pt")]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+    assert not out.exists()  # nothing pretrained, nothing written
+
+
+def test_bench_help_lists_the_algorithms_and_seeds(capsys) -> None:
+    with pytest.raises(SystemExit):
+        main(["bench", "--help"])
+    shown = " ".join(capsys.readouterr().out.split())
+    algos_help = shown.split("--algos ALGOS")[-1].split("--seeds SEEDS")[0]
+    for name in ("pretrained", "refit", "continue", "ppo", "a2c", "trpo", "pop", "sasrec"):
+        assert name in algos_help
+    assert "comma-separated integer seeds" in shown.split("--seeds SEEDS")[-1]

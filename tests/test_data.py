@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import json
+import os
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -7,12 +10,14 @@ import pytest
 
 from refit_gym.data import (
     DataError,
+    atomic_path,
     carve_validation,
     dense_rows,
     load_dataset,
     load_diffrec,
     load_lightgcn,
     load_movielens_ratings,
+    write_json,
 )
 from refit_gym.data.synthetic import make_synthetic
 from refit_gym.specs import load_env_spec
@@ -145,12 +150,20 @@ def test_movielens_ratings_preprocessing(tmp_path: Path) -> None:
 
 def test_load_dataset_errors_say_where_and_how(tmp_path: Path) -> None:
     spec = {k: v for k, v in load_env_spec("ReFiT-ML1M-v0").dataset.items() if k != "sha256"}
-    with pytest.raises(DataError, match=r"REFIT_DATA_DIR.*DiffRec"):
+    with pytest.raises(DataError, match=r"\(data of ReFiT-ML1M-v0\).*REFIT_DATA_DIR.*DiffRec"):
         load_dataset(spec, tmp_path)
+    with pytest.raises(DataError, match=r"run `refit-gym download --env ReFiT-Zhihu-v0`"):
+        load_dataset(load_env_spec("ReFiT-Zhihu-v0").dataset, tmp_path)
     write_diffrec(tmp_path / "ml-1m_clean", TRAIN, VALID, TEST)
     pinned = {**spec, "sha256": {"train_list.npy": "0" * 64}}
-    with pytest.raises(DataError, match="does not match the pinned"):
+    with pytest.raises(DataError, match="does not match the pinned") as error:
         load_dataset(pinned, tmp_path)
+    # gym.make and the CLI have no verify=False to offer; the message names none
+    assert "verify" not in str(error.value)
+    assert str(error.value).endswith("replace it with the published file.")
+    downloadable = {**pinned, "urls": {"train_list.npy": "https://example.org/train_list.npy"}}
+    with pytest.raises(DataError, match=r"\(`refit-gym download --env ReFiT-ML1M-v0` fetches"):
+        load_dataset(downloadable, tmp_path)
     assert load_dataset(pinned, tmp_path, verify=False).n_users == 3
     with pytest.raises(DataError, match="unknown dataset format"):
         load_dataset({"name": "x", "format": "parquet"}, tmp_path)
@@ -204,3 +217,40 @@ def test_ml1m_reference_split(ml1m) -> None:
     assert ml1m.valid.getnnz(axis=1).min() >= 1 and ml1m.test.getnnz(axis=1).min() >= 1
     # train_list.npy lists user 0's 30 training items as 0, 1, ..., 29 (first seen first).
     assert ml1m.train_order[0, :30].toarray().ravel().tolist() == list(range(1, 31))
+
+
+def test_written_files_are_as_readable_as_the_umask_says(tmp_path: Path) -> None:
+    previous = os.umask(0o022)
+    try:
+        write_json(tmp_path / "shared.json", {"a": 1})
+        with atomic_path(tmp_path / "shared.bin") as tmp:
+            tmp.write_bytes(b"weights")
+        os.umask(0o077)
+        write_json(tmp_path / "private.json", {"a": 1})
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE((tmp_path / "shared.json").stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "shared.bin").stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "private.json").stat().st_mode) == 0o600
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc to name an fd")
+def test_atomic_writes_reach_the_disk_before_the_rename(tmp_path: Path, monkeypatch) -> None:
+    events: list[tuple[str, str]] = []
+    fsync, replace = os.fsync, os.replace
+
+    def recording_fsync(fd: int) -> None:
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        fsync(fd)
+
+    def recording_replace(source, target) -> None:
+        events.append(("replace", str(source)))
+        replace(source, target)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    monkeypatch.setattr(os, "replace", recording_replace)
+    write_json(tmp_path / "result.json", {"a": 1})
+    renamed = [path for kind, path in events if kind == "replace"]
+    assert len(renamed) == 1 and ("fsync", renamed[0]) in events, events
+    assert events.index(("fsync", renamed[0])) < events.index(("replace", renamed[0]))
+    assert json.loads((tmp_path / "result.json").read_text()) == {"a": 1}

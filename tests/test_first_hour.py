@@ -3,15 +3,31 @@ and bad settings get one clear line before any work starts."""
 
 from __future__ import annotations
 
+import sys
+from importlib import resources
+from pathlib import Path
+
 import gymnasium as gym
 import numpy as np
 import pytest
+import torch
 from stable_baselines3 import PPO
 from stable_baselines3.common.monitor import Monitor
 from stable_baselines3.common.vec_env import VecMonitor
 
 import refit_gym  # noqa: F401  (registers the ids)
+from refit_gym import specs
+from refit_gym.backbones import CheckpointError, load_backbone
+from refit_gym.backbones.checkpoint import CHECKPOINT_FORMAT
+from refit_gym.cli import main
+from refit_gym.mdp.gym_env import ReFiTEnv, ReFiTVectorEnv
 from refit_gym.mdp.sb3_vec_env import ReFiTVecEnv
+from refit_gym.specs import agent_settings, check_agent_hyperparams, load_agent_hyperparams
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10 only
+    import tomli as tomllib
 
 SYN = "ReFiT-Synthetic-v0"
 STEPS = 10  # the synthetic id's chain length (envs/synthetic.toml [diffusion] steps)
@@ -71,3 +87,102 @@ def test_sb3_vec_monitor_over_the_batched_vec_env() -> None:
     assert [info["episode"]["l"] for info in infos] == [STEPS, STEPS]
     np.testing.assert_allclose([info["episode"]["r"] for info in infos], rewards, rtol=1e-5)
     assert all(isinstance(info["episode_id"], int) for info in infos)
+
+
+def test_reset_refuses_option_keys_it_would_ignore() -> None:
+    env = ReFiTEnv(SYN)
+    with pytest.raises(ValueError, match=r"unknown keys \['episodes'\]; allowed: \['episode'\]"):
+        env.reset(seed=0, options={"episodes": 3})
+    venv = ReFiTVectorEnv(2, SYN)
+    with pytest.raises(ValueError, match=r"unknown keys \['episode'\]; allowed: \['episodes'\]"):
+        venv.reset(seed=0, options={"episode": 3})
+    with pytest.raises(ValueError, match=r"one episode id per row, shape \(2,\), got shape \(3,\)"):
+        venv.reset(seed=0, options={"episodes": [1, 2, 3]})
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"steps": "5"}, r"steps = '5' \(str\); steps takes int or None"),
+    ({"steps": 0}, "steps = 0; steps must be >= 1"),
+    ({"holdout": 1}, r"holdout = 1 \(int\); holdout takes str"),
+    ({"checkpoint": "x.pt"}, r"\['checkpoint'\] applies to sequential ids only"),
+    ({"device": "gpu"}, "device: 'gpu' is not a torch device; use auto"),
+    ({"reward_params": {"k": 0}}, r"k = 0: the ranking cut-off must be an integer in \[1, 400\]"),
+    ({"reward_params": {"k": 401}}, r"k = 401: .* in \[1, 400\]"),
+    ({"reward_params": {"k": 2.5}}, r"k = 2.5: .* in \[1, 400\]"),
+])
+def test_make_refuses_bad_keywords_in_one_line(kwargs, message) -> None:
+    with pytest.raises(ValueError, match=message) as error:
+        gym.make(SYN, **kwargs)
+    assert "\n" not in str(error.value)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine can use CUDA")
+def test_cuda_without_a_usable_gpu_is_one_line(capsys) -> None:
+    with pytest.raises(ValueError, match="'cuda': no CUDA GPU is usable here"):
+        gym.make(SYN, device="cuda")
+    with pytest.raises(SystemExit):
+        main(["pretrain", "--env", SYN, "--device", "cuda"])
+    err = capsys.readouterr().err
+    assert "argument --device: 'cuda': no CUDA GPU is usable here" in err
+    assert err.count("\n") == 1
+
+
+def test_sequential_default_checkpoint_error_names_where_it_looked(tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(CheckpointError) as error:
+        gym.make("ReFiT-SeqSynthetic-v0")
+    looked = Path.cwd() / "runs" / "ReFiT-SeqSynthetic-v0" / "pretrain-seed1" / "denoiser.pt"
+    assert f"at {looked} (the default," in str(error.value)
+    assert "under the current directory" in str(error.value)
+
+
+@pytest.mark.parametrize("content", [
+    b"a text file\nnot a checkpoint\n", b"", b'{"json": 1}', np.random.default_rng(0).bytes(300),
+], ids=["text", "empty", "json", "random"])
+def test_a_file_that_is_no_checkpoint_raises_checkpoint_error(tmp_path, capsys, content) -> None:
+    path = tmp_path / "model.pt"
+    path.write_bytes(content)
+    with pytest.raises(CheckpointError, match="is corrupt or not a PyTorch file"):
+        load_backbone(path)
+    assert main(["evaluate", "--env", SYN, "--checkpoint", str(path), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "is corrupt or not a PyTorch file" in err and err.count("\n") == 1
+
+
+def test_a_torch_file_without_the_payload_keys_is_refused(tmp_path) -> None:
+    torch.save({"format": CHECKPOINT_FORMAT, "backbone": "diffrec"}, tmp_path / "part.pt")
+    with pytest.raises(CheckpointError, match="not a refit-gym backbone checkpoint.*'config'"):
+        load_backbone(tmp_path / "part.pt")
+
+
+def test_agent_tables_are_checked_when_read(tmp_path, monkeypatch) -> None:
+    (tmp_path / "refit.toml").write_text('["X-v0"]\nepochs = 0\n["Y-v0"]\nkappa = "wide"\n')
+    monkeypatch.setattr(specs.resources, "files", lambda package: tmp_path)
+    with pytest.raises(ValueError, match="agents/refit.toml for X-v0: epochs = 0; epochs must"):
+        load_agent_hyperparams("refit", "X-v0")
+    with pytest.raises(ValueError, match=r"Y-v0: kappa = 'wide' \(str\); kappa takes float"):
+        load_agent_hyperparams("refit", "Y-v0")
+
+
+def test_every_shipped_agent_table_passes_the_full_check() -> None:
+    checked = 0
+    for entry in resources.files("refit_gym.agents").iterdir():
+        if not entry.name.endswith(".toml"):
+            continue
+        algo = entry.name.removesuffix(".toml")
+        for env_id in tomllib.loads(entry.read_text()):
+            for device in ("cpu", "cuda"):
+                params = load_agent_hyperparams(algo, env_id, device)
+                check_agent_hyperparams(algo, params, f"{algo} {env_id}")  # unknown keys too
+                checked += agent_settings(algo) is not None
+    assert checked >= 4 * 2  # refit, ppo, a2c and trpo have tables
+
+
+def test_sb3_hyperparameters_are_the_constructors_arguments() -> None:
+    check_agent_hyperparams("ppo", {"learning_rate": 1e-4, "n_envs": 4, "group_size": 1}, "x")
+    with pytest.raises(ValueError, match=r"x: unknown keys \['lr'\]; allowed: .*'learning_rate'"):
+        check_agent_hyperparams("ppo", {"lr": 1e-4}, "x")
+    with pytest.raises(ValueError, match="x: n_envs = 0; n_envs must be >= 1"):
+        check_agent_hyperparams("a2c", {"n_envs": 0}, "x")
+    with pytest.raises(ValueError, match=r"x: normalize_advantage = 1 \(int\); .* takes bool"):
+        check_agent_hyperparams("ppo", {"normalize_advantage": 1}, "x")

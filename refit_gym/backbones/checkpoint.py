@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import pickle
+import struct
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,11 @@ from refit_gym.backbones.registry import BACKBONES, backbone_from_configs
 from refit_gym.data.fileio import atomic_path
 
 CHECKPOINT_FORMAT = "refit-gym/backbone-v1"
+PAYLOAD_KEYS = ("backbone", "config", "diffusion", "state_dict")
+# What torch.load raises on bytes that are no PyTorch file (a text file: KeyError; random bytes:
+# any of these), besides the unpickler's own refusals.
+UNREADABLE = (RuntimeError, pickle.UnpicklingError, EOFError, zipfile.BadZipFile, ValueError,
+              KeyError, IndexError, struct.error)
 
 
 class CheckpointError(ValueError):
@@ -54,15 +60,20 @@ def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
         )
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, pickle.UnpicklingError, EOFError, zipfile.BadZipFile, ValueError) as err:
+    except UNREADABLE as err:
+        first_line = (str(err).strip().splitlines() or [""])[0][:160]
         raise CheckpointError(
             f"checkpoint {path} is corrupt or not a PyTorch file ({type(err).__name__}: "
-            f"{str(err)[:200]}); delete it and re-run the command that wrote it"
+            f"{first_line}); pass a .pt written by `refit-gym pretrain` or `finetune`, or "
+            "delete it and re-run the command that wrote it"
         ) from err
-    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+    missing = ([] if not isinstance(payload, dict) else
+               [key for key in PAYLOAD_KEYS if key not in payload])
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT or missing:
         raise CheckpointError(
             f"{path} is not a refit-gym backbone checkpoint (expected format "
-            f"{CHECKPOINT_FORMAT!r}); pass a .pt written by `refit-gym pretrain` or `finetune`"
+            f"{CHECKPOINT_FORMAT!r} with keys {list(PAYLOAD_KEYS)}); pass a .pt written by "
+            "`refit-gym pretrain` or `finetune`"
         )
     if payload.get("backbone") not in BACKBONES:
         raise CheckpointError(f"{path}: unknown backbone {payload.get('backbone')!r}; known: "

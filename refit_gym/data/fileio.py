@@ -6,28 +6,53 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
+import secrets
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 
+def _new_file_beside(target: Path) -> Path:
+    """An empty file of a fresh name in ``target``'s folder, created with mode 0666 less the
+    umask, as ``open`` creates files (``tempfile.mkstemp`` makes them 0600: a checkpoint or a
+    result that colleagues on a shared server could not read)."""
+    for _ in range(100):
+        tmp = target.parent / f".{target.name}.{secrets.token_hex(6)}.part"
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        except FileExistsError:
+            continue
+        return tmp
+    raise FileExistsError(f"no free temporary name beside {target}")
+
+
+def _fsync(path: Path, flags: int = os.O_RDONLY) -> None:
+    fd = os.open(path, flags)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds.
 
-    The temporary file lives in the same directory so that the final ``os.replace`` is atomic.
-    On any exception the temporary file is removed and ``path`` is left as it was.
+    The temporary file lives in the same directory so that the final ``os.replace`` is atomic,
+    and its bytes reach the disk before the rename, so that a crash leaves the old file or the
+    whole new one. It is created as ``open`` creates files (0666 less the umask). On any
+    exception the temporary file is removed and ``path`` is left as it was.
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    tmp = _new_file_beside(target)
     try:
         yield tmp
+        _fsync(tmp)
         os.replace(tmp, target)
+        if hasattr(os, "O_DIRECTORY"):  # the rename itself, on systems that can sync a folder
+            _fsync(target.parent, os.O_RDONLY | os.O_DIRECTORY)
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -58,15 +83,16 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def verify_checksums(directory: Path, expected: Mapping[str, str]) -> None:
-    """Compare each file's sha256 with its pinned value; a mismatch names the file and the fix."""
+def verify_checksums(directory: Path, expected: Mapping[str, str],
+                     fix: str = "replace it with the published file") -> None:
+    """Compare each file's sha256 with its pinned value; a mismatch names the file and ``fix``
+    (what the caller can do: only options every caller of the path that raises has)."""
     for filename, want in expected.items():
         got = sha256_of(directory / filename)
         if got != want:
             raise DataError(
                 f"{directory / filename}: sha256 {got} does not match the pinned {want}. The file "
-                "is not the published version (corrupt, truncated or a different split): replace "
-                "it with the original, or load it with verify=False to use it anyway."
+                f"is not the published version (corrupt, truncated or a different split): {fix}."
             )
 
 

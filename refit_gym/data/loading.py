@@ -35,14 +35,22 @@ def dataset_files(dataset: Mapping[str, Any]) -> list[str]:
     return FILES.get(dataset["format"], [])
 
 
+def _env_ids(name: str) -> list[str]:
+    """The registered ids whose dataset is ``name``, for messages that say what to run."""
+    from refit_gym.specs import known_specs  # imported here: the specs import this module
+
+    return sorted(spec.id for spec in known_specs().values() if spec.dataset["name"] == name)
+
+
 def load_dataset(
     dataset: Mapping[str, Any], data_dir: str | os.PathLike[str] | None = None, verify: bool = True
 ) -> Dataset:
     """Load the dataset a spec's ``[dataset]`` section describes: from ``data_dir/<name>`` when
     a data folder is given, else from the section's ``path``, else from the default data folder.
 
-    ``verify`` checks pinned sha256 sums (pickles are always checked: they are never unpickled
-    unverified). A missing file says where it was looked for and how to obtain it.
+    ``verify`` checks pinned sha256 sums (``verify=False`` reads files that differ from the
+    published ones; pickles are always checked: they are never unpickled unverified). A missing
+    file says where it was looked for, which ids use the dataset and how to obtain it.
     """
     fmt = dataset["format"]
     if fmt not in FORMATS:
@@ -54,14 +62,19 @@ def load_dataset(
         directory = Path(dataset["path"])
     else:
         directory = Path(data_dir or default_data_dir()) / dataset["name"]
+    ids = _env_ids(dataset["name"])
+    download = f"`refit-gym download --env {ids[0] if ids else 'ID'}`"
     missing = [f for f in dataset_files(dataset) if not (directory / f).is_file()]
     if missing:
-        how = ("run `refit-gym download --env <id>` to fetch it (checksummed)"
+        how = (f"run {download} to fetch it (checksummed)"
                if dataset.get("urls") else dataset.get("obtain", "place the files there"))
+        used_by = f" (data of {', '.join(ids)})" if ids else ""
         raise DataError(
-            f"dataset {dataset['name']!r} not found: missing {missing} in {directory}. Set "
-            f"REFIT_DATA_DIR to the folder that holds {dataset['name']}/, or {how}."
+            f"dataset {dataset['name']!r}{used_by} not found: missing {missing} in {directory}. "
+            f"Set REFIT_DATA_DIR to the folder that holds {dataset['name']}/, or {how}."
         )
+    fix = "replace it with the published file" + (
+        f" ({download} fetches it)" if dataset.get("urls") else "")
     sha256 = dataset.get("sha256", {})
     cache = default_cache_dir() / "datasets"
     if fmt == "dreamrec":
@@ -71,7 +84,7 @@ def load_dataset(
                              sha256.get("dataset.pkl") if verify else None,
                              dataset["name"].replace("/", "-"), cache_dir=cache, **options)
     if verify and sha256:
-        verify_checksums(directory, sha256)
+        verify_checksums(directory, sha256, fix)
     if fmt == "diffrec":
         return load_diffrec(directory, dataset["name"])
     return load_lightgcn(directory, dataset["name"], **options)

@@ -26,10 +26,17 @@ from refit_gym.distributed import resolve_device
 from refit_gym.mdp.core import ACTION_BOUND, DenoisingMDP
 from refit_gym.mdp.episodes import EpisodeSource, InteractionEpisodes, SequenceEpisodes
 from refit_gym.mdp.rewards import Reward, make_reward
-from refit_gym.specs import EnvSpec, load_env_spec
+from refit_gym.specs import (
+    EnvSpec,
+    check_device,
+    check_settings,
+    dataclass_hints,
+    load_env_spec,
+)
 
 USER_SAMPLING = ("uniform", "sequential")
 CF_ONLY = ("holdout_fraction", "holdout", "sampling_steps")
+SEQUENTIAL_ONLY = ("checkpoint",)
 
 
 @dataclass(frozen=True)
@@ -55,12 +62,17 @@ class EnvSettings:
         if unknown:
             raise TypeError(f"{spec.id}: unknown keyword arguments {unknown}; "
                             f"allowed: {sorted(allowed)}")
+        if isinstance(overrides.get("device"), torch.device):
+            overrides = {**overrides, "device": str(overrides["device"])}
+        check_settings(overrides, dataclass_hints(cls), f"{spec.id} keyword",
+                       minima={"steps": 1, "sampling_steps": 0})
         base = {k: v for k, v in spec.env.items() if k in allowed}
         if "reward" in overrides and overrides["reward"] != base.get("reward"):
             base.pop("reward_params", None)  # the spec's parameters belong to its own reward
         params = {**base.get("reward_params", {}), **overrides.get("reward_params", {})}
         settings = cls(**{**base, **overrides, "reward_params": params})
-        settings = dataclasses.replace(settings, device=resolve_device(settings.device))
+        device = resolve_device(check_device(settings.device, f"{spec.id} device"))
+        settings = dataclasses.replace(settings, device=device)
         if settings.user_sampling not in USER_SAMPLING:
             raise ValueError(f"user_sampling must be one of {USER_SAMPLING}, "
                              f"got {settings.user_sampling!r}")
@@ -69,6 +81,10 @@ class EnvSettings:
             if misplaced:
                 raise ValueError(f"{spec.id}: {misplaced} apply to collaborative-filtering ids "
                                  "only (a sequential episode's target is its next item)")
+        elif misplaced := [k for k in SEQUENTIAL_ONLY if getattr(settings, k) != getattr(cls, k)]:
+            raise ValueError(f"{spec.id}: {misplaced} applies to sequential ids only (their "
+                             "reward scores x_0 with a pretrained model's item table; a "
+                             "collaborative-filtering id's reward needs none)")
         return settings
 
     def chain(self, spec: EnvSpec) -> GaussianDiffusion:
@@ -80,17 +96,30 @@ class EnvSettings:
         else the default output of ``refit-gym pretrain``); CF ids: None."""
         if isinstance(data, InteractionData):
             return None
-        path = Path(self.checkpoint or default_checkpoint(spec.id))
+        path = Path(self.checkpoint or default_checkpoint(spec.id)).absolute()
         if not path.is_file():
+            where = ("the path given as checkpoint" if self.checkpoint else
+                     f"the default, {default_checkpoint(spec.id)} under the current directory")
             raise CheckpointError(
                 f"{spec.id} scores final states with a pretrained model's item embeddings, and "
-                f"no checkpoint was found at {path}: run `refit-gym pretrain --env {spec.id}` "
-                "(it writes there), or pass gym.make(..., checkpoint=PATH)")
+                f"no checkpoint was found at {path} ({where}): run `refit-gym pretrain --env "
+                f"{spec.id}` in that directory (it writes there), or pass "
+                "gym.make(..., checkpoint=PATH)")
         backbone, _ = load_backbone(path, data.n_items)
         return backbone.item_table().detach().to(self.device)
 
+    def check_reward_params(self, data: Dataset) -> None:
+        """Refuse reward parameters that only ``data`` can judge: a cut-off ``k`` outside
+        [1, n_items]."""
+        k = self.reward_params.get("k")
+        if k is not None and not (isinstance(k, int) and not isinstance(k, bool)
+                                  and 1 <= k <= data.n_items):
+            raise ValueError(f"reward_params k = {k!r}: the ranking cut-off must be an integer "
+                             f"in [1, {data.n_items}] (the dataset's items)")
+
     def build_reward(self, data: Dataset, item_embeddings: Tensor | None = None) -> Reward:
         """The reward these settings name, over ``data``'s training split."""
+        self.check_reward_params(data)
         return make_reward(self.reward, self.reward_params, data, self.device,
                            default_cache_dir(), item_embeddings)
 
@@ -109,7 +138,8 @@ class EnvSettings:
 
 
 def default_checkpoint(env_id: str, seed: int = 1) -> Path:
-    """Where ``refit-gym pretrain --env ID --seed S`` writes its backbone by default."""
+    """Where ``refit-gym pretrain --env ID --seed S`` writes its backbone by default: a path
+    relative to the current directory (the sequential ids look there unless given one)."""
     return Path("runs") / env_id / f"pretrain-seed{seed}" / "denoiser.pt"
 
 
