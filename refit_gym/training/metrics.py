@@ -73,30 +73,37 @@ def ranking_metrics(scores: Tensor, targets: Tensor, ks: Sequence[int]) -> dict[
     """Per-user metrics. scores (B, n) with masked items at -inf; targets (B, n) in {0, 1}.
 
     Returns ``{"recall@K": (B,), "ndcg@K": (B,)}`` for each K in ``ks``: the expected values
-    under a random order of tied items (module docstring). Cost O(B n (log K + K)), no sort.
+    under a random order of tied items (module docstring). One top-k and two passes over
+    (B, n); the rest runs over the relevant items only.
     """
     k_max = min(max(ks), scores.shape[1])
     top = scores.topk(k_max, dim=1).values  # (B, k_max), descending
-    # Items strictly above each item, exact below k_max (an item under the k_max-th score has
-    # all k_max above it, and counts nothing at any K <= k_max).
-    above = k_max - torch.searchsorted(top.flip(1).contiguous(), scores, right=True)
-    # An item with fewer than k_max above scores exactly top[:, above]: its tie group's size is
-    # that value's count over the whole row.
-    counts = torch.stack([(scores == top[:, i : i + 1]).sum(1) for i in range(k_max)], dim=1)
-    tied = counts.gather(1, above.clamp(max=k_max - 1))
-    relevant = targets.gt(0)
-    n_truth = relevant.sum(1)
+    boundary = top[:, -1:]
+    # Tie-group size of each top value: a value above the k_max-th score has all its equals in
+    # the top; the k_max-th score's equals are counted over the whole row.
+    within = (top.unsqueeze(2) == top.unsqueeze(1)).count_nonzero(2)
+    at_boundary = (scores == boundary).count_nonzero(1).unsqueeze(1)
+    counts = torch.where(top == boundary, at_boundary, within)
+    rows, items = targets.gt(0).nonzero(as_tuple=True)  # the relevant items, (R,) each
+    relevant_scores = scores[rows, items].unsqueeze(1)
+    # Items strictly above each relevant one, exact below k_max (one under the k_max-th score
+    # has all k_max above it and counts nothing at any K <= k_max); then it scores exactly
+    # top[row, above], whose group size is its tie count.
+    above = k_max - torch.searchsorted(top.flip(1)[rows], relevant_scores, right=True).squeeze(1)
+    tied = counts[rows, above.clamp(max=k_max - 1)]
+    n_truth = torch.bincount(rows, minlength=scores.shape[0])
     ideal = _discount_sums(k_max, scores.device)
     has_truth = n_truth > 0
+    zeros = torch.zeros(scores.shape[0], dtype=torch.float64, device=scores.device)
     out: dict[str, Tensor] = {}
     for k in ks:
         k_eff = min(k, k_max)
         hit, gain = tie_expectations(above, tied, k_eff)
-        recall = torch.where(relevant, hit, 0.0).sum(1) / n_truth.clamp(min=1)
-        dcg = torch.where(relevant, gain, 0.0).sum(1)
+        recall = zeros.index_add(0, rows, hit) / n_truth.clamp(min=1)
+        dcg = zeros.index_add(0, rows, gain)
         idcg = ideal[n_truth.clamp(min=1, max=k_eff)]
-        out[f"recall@{k}"] = torch.where(has_truth, recall, torch.zeros_like(recall))
-        out[f"ndcg@{k}"] = torch.where(has_truth, dcg / idcg, torch.zeros_like(dcg))
+        out[f"recall@{k}"] = torch.where(has_truth, recall, zeros)
+        out[f"ndcg@{k}"] = torch.where(has_truth, dcg / idcg, zeros)
     return out
 
 
@@ -179,8 +186,8 @@ def next_item_metrics(scores: Tensor, targets: Tensor, ks: Sequence[int]) -> dic
     are the expected hit and discount of that place. O(B n), no sort.
     """
     target_scores = scores.gather(1, targets.unsqueeze(1))
-    above = (scores > target_scores).sum(1)
-    tied = (scores == target_scores).sum(1)
+    above = (scores > target_scores).count_nonzero(1)
+    tied = (scores == target_scores).count_nonzero(1)
     out: dict[str, Tensor] = {}
     for k in ks:
         out[f"hr@{k}"], out[f"ndcg@{k}"] = tie_expectations(above, tied, k)
