@@ -3,6 +3,8 @@ and bad settings get one clear line before any work starts."""
 
 from __future__ import annotations
 
+import io
+import re
 import sys
 from importlib import resources
 from pathlib import Path
@@ -20,6 +22,7 @@ from refit_gym import specs
 from refit_gym.backbones import CheckpointError, load_backbone
 from refit_gym.backbones.checkpoint import CHECKPOINT_FORMAT
 from refit_gym.cli import main
+from refit_gym.data.progress import Progress, announce
 from refit_gym.mdp.gym_env import ReFiTEnv, ReFiTVectorEnv
 from refit_gym.mdp.sb3_vec_env import ReFiTVecEnv
 from refit_gym.specs import agent_settings, check_agent_hyperparams, load_agent_hyperparams
@@ -186,3 +189,35 @@ def test_sb3_hyperparameters_are_the_constructors_arguments() -> None:
         check_agent_hyperparams("a2c", {"n_envs": 0}, "x")
     with pytest.raises(ValueError, match=r"x: normalize_advantage = 1 \(int\); .* takes bool"):
         check_agent_hyperparams("ppo", {"normalize_advantage": 1}, "x")
+
+
+class _Terminal(io.StringIO):
+    """Standard error as a terminal: Progress draws a live bar on it."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+def test_epoch_lines_stay_on_screen_above_a_live_bar(monkeypatch) -> None:
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    bar = Progress(3, "pretrain X", unit="epoch")
+    for epoch, loss in ((1, 0.5), (2, 0.25)):
+        bar.advance()
+        bar.epoch(f"epoch {epoch}", loss=loss, **{"valid recall@20": 0.123456789})
+    bar.close()
+    assert bar.bar is not None  # a live bar was drawn
+    # What stays on screen: each line's text after its last carriage return.
+    shown = [segment.split("\r")[-1] for segment in terminal.getvalue().split("\n")]
+    epoch_lines = [line for line in shown if re.fullmatch(
+        r"pretrain X: epoch \d \(\d/3 epoch, \d+ s\): loss [\d.]+, valid recall@20 0.12346",
+        line)]
+    assert [line.split(" (")[0] for line in epoch_lines] == ["pretrain X: epoch 1",
+                                                             "pretrain X: epoch 2"]
+
+
+def test_announce_prints_one_line_before_a_silent_step(monkeypatch) -> None:
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    announce("building the reward's factor cache")
+    assert terminal.getvalue() == "building the reward's factor cache\n"

@@ -1,5 +1,6 @@
 """Progress reporting that suits where it goes: a live bar on a terminal, and one plain line
-per epoch (no carriage-return redraws) when standard error is a file or a pipe."""
+per epoch either way (above the bar on a terminal, where it stays after the next epoch; no
+carriage-return redraws when standard error is a file or a pipe)."""
 
 from __future__ import annotations
 
@@ -31,16 +32,25 @@ class Progress:
             self._shown = round(self.done)
 
     def epoch(self, label: str, **numbers: float | str) -> None:
-        """Report the end of an epoch: on the bar's postfix, or as one plain line."""
+        """Report the end of an epoch as one line with its numbers: printed above a live bar
+        (which keeps moving below it), or on its own where there is no bar."""
+        if not self.enabled:
+            return
+        shown = ", ".join(f"{k} {v:.5g}" if isinstance(v, float) else f"{k} {v}"
+                          for k, v in numbers.items())
+        line = (f"{self.desc}: {label} ({self.done:.0f}/{self.total:.0f} {self.unit}, "
+                f"{time.monotonic() - self.started:.0f} s){': ' + shown if shown else ''}")
         if self.bar is not None:
-            self.bar.set_postfix(numbers)
-        elif self.enabled:
-            shown = ", ".join(f"{k} {v:.5g}" if isinstance(v, float) else f"{k} {v}"
-                              for k, v in numbers.items())
-            print(f"{self.desc}: {label} ({self.done:.0f}/{self.total:.0f} {self.unit}, "
-                  f"{time.monotonic() - self.started:.0f} s){': ' + shown if shown else ''}",
-                  file=sys.stderr, flush=True)
+            self.bar.write(line, file=sys.stderr)
+        else:
+            print(line, file=sys.stderr, flush=True)
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+def announce(message: str) -> None:
+    """One line on standard error before a step that is long and otherwise silent (a cache
+    built on first use), printed above any live bar."""
+    tqdm.write(message, file=sys.stderr)
