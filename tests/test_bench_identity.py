@@ -27,7 +27,7 @@ def test_cells_record_identity_and_are_reused_only_when_it_matches(tmp_path: Pat
     assert set(cell["machine"]) == {"cpu", "cpu_capability", "threads", "torch", "device"}
     table = (tmp_path / "results.md").read_text()
     assert "## Cells" in table
-    assert f"| 1 | pop | {bench._digest(cell['identity'])[:12]} | {cell['machine']['cpu']} |" \
+    assert f"| 1 | pop | {bench.digest(cell['identity'])[:12]} | {cell['machine']['cpu']} |" \
         in table
 
     def no_more_work(*args, **kwargs):

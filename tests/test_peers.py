@@ -7,6 +7,7 @@ import pytest
 import scipy.sparse as sp
 import torch
 
+from refit_gym.backbones import CheckpointError
 from refit_gym.data import InteractionData, SequenceData, make_sequential_synthetic
 from refit_gym.specs import PretrainConfig, load_env_spec
 from refit_gym.training.metrics import evaluate
@@ -176,3 +177,34 @@ def test_popularity_ties_are_judged_by_the_metrics_rule() -> None:
         "t", sp.csr_matrix(np.array([[1, 1, 0], [1, 1, 0]], np.float32)),
         sp.csr_matrix((2, 3), dtype=np.float32), sp.csr_matrix((2, 3), dtype=np.float32)), 0)
     assert cf_pop.rank_scores({"history": torch.zeros(2, 3)}).tolist() == [[2.0, 2.0, 0.0]] * 2
+
+
+def test_sasrec_resumes_after_a_kill_as_if_never_stopped(sessions: SequenceData, tmp_path,
+                                                         monkeypatch) -> None:
+    import refit_gym.training.peers as peers
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        whole = SASRec(hidden=16, max_epochs=4, patience=3, lr=3e-3).fit(sessions, 3)
+        saves, real_save = [], peers.save_state
+
+        def killed_after_two_epochs(path, payload):
+            real_save(path, payload)
+            saves.append(payload["epoch"])
+            if len(saves) == 2:
+                raise KeyboardInterrupt
+
+        monkeypatch.setattr(peers, "save_state", killed_after_two_epochs)
+        state = tmp_path / "sasrec_state0.pt"
+        with pytest.raises(KeyboardInterrupt):
+            SASRec(hidden=16, max_epochs=4, patience=3, lr=3e-3).fit(sessions, 3, state)
+        resumed = SASRec(hidden=16, max_epochs=4, patience=3, lr=3e-3).fit(sessions, 3, state)
+    finally:
+        torch.set_num_threads(threads)
+    assert saves == [1, 2, 3, 4]  # the resumed fit trained epochs 3 and 4 only
+    for name, tensor in whole.state_dict().items():
+        assert torch.equal(tensor, resumed.state_dict()[name]), name
+    assert resumed.selection() == whole.selection()
+    with pytest.raises(CheckpointError, match="different run's SASRec state"):
+        SASRec(hidden=16, max_epochs=4, patience=3, lr=1e-3).fit(sessions, 3, state)

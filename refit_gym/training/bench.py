@@ -18,24 +18,18 @@ trains it with its own loss for the wall time the ReFiT run of the same seed too
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import json
-import platform
 import statistics
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
-
-import numpy as np
-import scipy.sparse as sp
-import torch
 
 import refit_gym
 from refit_gym.data import Dataset, atomic_path, write_json
 from refit_gym.distributed import current
 from refit_gym.specs import EnvSpec, load_agent_hyperparams
 from refit_gym.training.finetune import ALGOS, finetune
+from refit_gym.training.identity import data_digest, digest, machine, spec_digest
 from refit_gym.training.metrics import sample_std
 from refit_gym.training.peers import PEER_NAMES, grid, tune_peer
 from refit_gym.training.pretrain import pretrain
@@ -54,60 +48,6 @@ def metric_keys(cells: dict[str, list[dict[str, Any]]]) -> list[str]:
 
 class CellMismatch(ValueError):
     """A finished cell was computed with another identity than this bench would give it."""
-
-
-def _digest(parts: Any) -> str:
-    """sha256 (hex) of JSON-able ``parts``, keys sorted."""
-    text = json.dumps(parts, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
-def spec_digest(spec: EnvSpec) -> str:
-    """sha256 of every field of ``spec`` (data, schedule, backbone, [pretrain], [env])."""
-    return _digest(dataclasses.asdict(spec))
-
-
-def data_digest(data: Dataset) -> str:
-    """sha256 of the dataset's contents: every array and sparse matrix of every split."""
-    digest = hashlib.sha256()
-
-    def feed(name: str, value: Any) -> None:
-        digest.update(name.encode())
-        if isinstance(value, dict):
-            for key in sorted(value):
-                feed(f"{name}.{key}", value[key])
-        elif sp.issparse(value):
-            csr = value.tocsr()
-            digest.update(repr(csr.shape).encode())
-            for part in (csr.indptr, csr.indices, csr.data):
-                feed(name, np.ascontiguousarray(part))
-        elif isinstance(value, np.ndarray):
-            digest.update(f"{value.dtype}{value.shape}".encode())
-            digest.update(np.ascontiguousarray(value).tobytes())
-        else:
-            digest.update(repr(value).encode())
-
-    for field in dataclasses.fields(data):
-        feed(field.name, getattr(data, field.name))
-    return digest.hexdigest()
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def machine(device: str) -> dict[str, Any]:
-    """Where a cell runs: what can change its floats but not what it computes."""
-    name = (torch.cuda.get_device_name(torch.device(device))
-            if torch.device(device).type == "cuda" else device)
-    return {"cpu": _cpu_model(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "threads": torch.get_num_threads(), "torch": torch.__version__, "device": name}
 
 
 def _first_difference(recorded: Any, wanted: Any, key: str = "") -> str | None:
@@ -218,7 +158,7 @@ def run_bench(
             cell = _cell_dir(out_dir, seed, algo)
             if (result := finished[seed, algo]) is None:
                 if algo in PEER_NAMES:
-                    result = tune_peer(algo, spec, data, seed, device)
+                    result = tune_peer(algo, spec, data, seed, device, out_dir=cell)
                 else:
                     budget = (cells["refit"][-1]["wall_time_s"] if algo == "continue" else None)
                     result = finetune(
@@ -252,7 +192,7 @@ def cells_section(cells: dict[tuple[int, str], dict[str, Any]]) -> str:
              "|---|---|---|---|---|---|---|---|"]
     for (seed, algo), result in cells.items():
         where = result["machine"]
-        lines.append(f"| {seed} | {algo} | {_digest(result['identity'])[:12]} | " + " | ".join(
+        lines.append(f"| {seed} | {algo} | {digest(result['identity'])[:12]} | " + " | ".join(
             str(where[k]) for k in ("cpu", "cpu_capability", "threads", "torch", "device"))
             + " |")
     return "\n".join(lines) + "\n"

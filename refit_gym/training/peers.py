@@ -40,7 +40,9 @@ from refit_gym.backbones.dreamrec import DreamRecConfig, HistoryEncoder
 from refit_gym.data import Dataset, InteractionData, SequenceData
 from refit_gym.data.sequences import last_history_items
 from refit_gym.specs import EnvSpec, PretrainConfig, load_agent_hyperparams
+from refit_gym.training.identity import data_digest
 from refit_gym.training.metrics import SELECTION_METRIC, evaluate
+from refit_gym.training.resume import load_state, save_state
 from refit_gym.training.selection import Selector
 
 
@@ -277,7 +279,8 @@ class Markov(Peer):
 class SASRec(Peer, nn.Module):
     """The self-attentive history encoder (DreamRec's) with item logits c E^T, trained with
     cross-entropy over all items; epochs selected by validation NDCG@20 with the project's one
-    :class:`Selector` (``patience`` in epochs), its best weights restored."""
+    :class:`Selector` (``patience`` in epochs), its best weights restored. Given a state file,
+    a killed fit resumes at its last finished epoch and ends as the uninterrupted one would."""
 
     name, sequential = "sasrec", True
 
@@ -292,7 +295,9 @@ class SASRec(Peer, nn.Module):
         self.hidden, self.dropout_p, self.lr = hidden, dropout, lr
         self.batch_size, self.max_epochs, self.patience = batch_size, max_epochs, patience
 
-    def fit(self, data: SequenceData, seed: int) -> SASRec:
+    def fit(self, data: SequenceData, seed: int, state_path: Path | None = None) -> SASRec:
+        """Train on ``data``'s training rows; ``state_path``: the resume state, written after
+        every epoch (model, optimizer, order generator, dropout RNG, selection)."""
         torch.manual_seed(seed)
         config = DreamRecConfig(n_items=data.n_items, max_len=data.max_len, hidden=self.hidden,
                                 dropout=self.dropout_p)
@@ -304,7 +309,20 @@ class SASRec(Peer, nn.Module):
         generator = torch.Generator().manual_seed(seed)
         selection = PretrainConfig(ks=(20,), eval_batch_size=4096, final_sampling_seeds=1)
         self.selector = Selector(SELECTION_METRIC, patience=self.patience, start=1)
-        for epoch in range(1, self.max_epochs + 1):
+        identity = {"peer": self.name, "seed": seed, "data": data_digest(data),
+                    "params": {"hidden": self.hidden, "dropout": self.dropout_p, "lr": self.lr,
+                               "batch_size": self.batch_size, "max_epochs": self.max_epochs,
+                               "patience": self.patience}}
+        first = 1
+        resumed = load_state(state_path, identity, "SASRec") if state_path else None
+        if resumed is not None:
+            self.load_state_dict(resumed["model"])
+            optimizer.load_state_dict(resumed["optimizer"])
+            generator.set_state(resumed["generator"])
+            torch.set_rng_state(resumed["random"])
+            self.selector = Selector.from_state(resumed["selector"])
+            first = resumed["epoch"] + 1
+        for epoch in range(first, self.max_epochs + 1):
             if self.selector.should_stop(epoch):
                 break
             self.train()
@@ -317,6 +335,11 @@ class SASRec(Peer, nn.Module):
                 optimizer.step()
             self.selector.offer(epoch, evaluate(self, data, selection, splits=("valid",)),
                                 self.state_dict())
+            if state_path is not None:
+                save_state(state_path, {
+                    "identity": identity, "epoch": epoch, "model": self.state_dict(),
+                    "optimizer": optimizer.state_dict(), "generator": generator.get_state(),
+                    "random": torch.get_rng_state(), "selector": self.selector.state_dict()})
         self.load_state_dict(self.selector.best_weights)
         self.eval()
         return self
@@ -349,10 +372,11 @@ def grid(algo: str, env_id: str) -> list[dict[str, Any]]:
 
 
 def tune_peer(algo: str, spec: EnvSpec, data: Dataset, seed: int = 1,
-              device: str = "cpu") -> dict[str, Any]:
+              device: str = "cpu", out_dir: Path | None = None) -> dict[str, Any]:
     """Fit ``algo`` at every grid point, keep the best by validation NDCG@20, and return its
     metrics (test reported, never used; sequential: also split by seen/unseen targets) with
-    the whole grid's validation scores."""
+    the whole grid's validation scores. ``out_dir``: where a trained peer (SASRec) keeps the
+    resume state of each grid point (``sasrec_state<i>.pt``)."""
     sequential = isinstance(data, SequenceData)
     if (algo, sequential) not in PEERS:
         scenario = "sequential" if sequential else "collaborative-filtering"
@@ -367,8 +391,11 @@ def tune_peer(algo: str, spec: EnvSpec, data: Dataset, seed: int = 1,
             peer = cls(**params)
         except TypeError as err:
             raise ValueError(f"agents/{algo}.toml [{spec.id}]: {err}") from err
-        metrics = evaluate(peer.fit(data, seed), data, spec.pretrain, device=device,
-                           sampling_seeds=1)
+        if isinstance(peer, SASRec) and out_dir is not None:
+            peer.fit(data, seed, Path(out_dir) / f"sasrec_state{index}.pt")
+        else:
+            peer.fit(data, seed)
+        metrics = evaluate(peer, data, spec.pretrain, device=device, sampling_seeds=1)
         if selector.offer(index, metrics) and isinstance(peer, SASRec):
             fits = {"selection": peer.selection()}  # the selected point's epochs
     best = selector.best_epoch

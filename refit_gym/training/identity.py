@@ -1,0 +1,72 @@
+"""What identifies a run's inputs (digests of a spec and of a dataset's contents) and the
+machine a run ran on: recorded by bench cells and checked by resumable peers."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import platform
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+from refit_gym.data import Dataset
+from refit_gym.specs import EnvSpec
+
+
+def digest(parts: Any) -> str:
+    """sha256 (hex) of JSON-able ``parts``, keys sorted."""
+    text = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def spec_digest(spec: EnvSpec) -> str:
+    """sha256 of every field of ``spec`` (data, schedule, backbone, [pretrain], [env])."""
+    return digest(dataclasses.asdict(spec))
+
+
+def data_digest(data: Dataset) -> str:
+    """sha256 of the dataset's contents: every array and sparse matrix of every split."""
+    state = hashlib.sha256()
+
+    def feed(name: str, value: Any) -> None:
+        state.update(name.encode())
+        if isinstance(value, dict):
+            for key in sorted(value):
+                feed(f"{name}.{key}", value[key])
+        elif sp.issparse(value):
+            csr = value.tocsr()
+            state.update(repr(csr.shape).encode())
+            for part in (csr.indptr, csr.indices, csr.data):
+                feed(name, np.ascontiguousarray(part))
+        elif isinstance(value, np.ndarray):
+            state.update(f"{value.dtype}{value.shape}".encode())
+            state.update(np.ascontiguousarray(value).tobytes())
+        else:
+            state.update(repr(value).encode())
+
+    for field in dataclasses.fields(data):
+        feed(field.name, getattr(data, field.name))
+    return state.hexdigest()
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine(device: str) -> dict[str, Any]:
+    """Where a cell runs: what can change its floats but not what it computes."""
+    name = (torch.cuda.get_device_name(torch.device(device))
+            if torch.device(device).type == "cuda" else device)
+    return {"cpu": _cpu_model(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "threads": torch.get_num_threads(), "torch": torch.__version__, "device": name}
