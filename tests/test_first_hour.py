@@ -108,6 +108,7 @@ def test_reset_refuses_option_keys_it_would_ignore() -> None:
     ({"steps": 0}, "steps = 0; steps must be >= 1"),
     ({"holdout": 1}, r"holdout = 1 \(int\); holdout takes str"),
     ({"checkpoint": "x.pt"}, r"\['checkpoint'\] applies to sequential ids only"),
+    ({"data_dir": "/data"}, r"data_dir applies to ids with data files; .* generated"),
     ({"device": "gpu"}, "device: 'gpu' is not a torch device; use auto"),
     ({"reward_params": {"k": 0}}, r"k = 0: the ranking cut-off must be an integer in \[1, 400\]"),
     ({"reward_params": {"k": 401}}, r"k = 401: .* in \[1, 400\]"),

@@ -21,6 +21,7 @@ from torch import Tensor
 
 from refit_gym.backbones import CheckpointError, load_backbone
 from refit_gym.data import Dataset, InteractionData, default_cache_dir, load_dataset
+from refit_gym.data.loading import GENERATED
 from refit_gym.diffusion import GaussianDiffusion
 from refit_gym.distributed import resolve_device
 from refit_gym.mdp.core import ACTION_BOUND, DenoisingMDP
@@ -85,6 +86,9 @@ class EnvSettings:
             raise ValueError(f"{spec.id}: {misplaced} applies to sequential ids only (their "
                              "reward scores x_0 with a pretrained model's item table; a "
                              "collaborative-filtering id's reward needs none)")
+        if settings.data_dir is not None and spec.dataset["format"] in GENERATED:
+            raise ValueError(f"{spec.id}: data_dir applies to ids with data files; this id's "
+                             f"dataset is generated ({spec.dataset['format']!r})")
         return settings
 
     def chain(self, spec: EnvSpec) -> GaussianDiffusion:
