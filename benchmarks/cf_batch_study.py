@@ -62,7 +62,7 @@ from refit_gym.backbones import load_backbone
 from refit_gym.data import atomic_path
 from refit_gym.mdp.gym_env import cached_dataset
 from refit_gym.specs import load_agent_hyperparams, load_env_spec
-from refit_gym.training.metrics import evaluate
+from refit_gym.training.metrics import evaluate, sample_std
 
 ENV_ID = "ReFiT-ML1M-v0"
 # cf_levers_ReFiT-ML1M-v0.md's validation-chosen lever; every row below adds to it.
@@ -328,9 +328,10 @@ def choose(runs: list[dict]) -> str | None:
 
 
 def spread(values: list[float]) -> str:
+    """Mean ± sample std (n - 1), the project's one convention; a single value alone."""
     if len(values) < 2:
         return f"{values[0]:.4f}"
-    return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
+    return f"{statistics.mean(values):.4f} ± {sample_std(values):.4f}"
 
 
 def seconds_by_device(runs: list[dict]) -> str:
