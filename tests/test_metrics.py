@@ -159,6 +159,8 @@ def test_ties_never_favour_the_target() -> None:
     targets[1, 7] = 1
     cf = ranking_metrics(torch.zeros(2, n), targets, ks=(k,))
     assert cf[f"recall@{k}"].tolist() == np_approx([k / n] * 2)
+    empty = ranking_metrics(torch.zeros(2, n), torch.zeros(2, n), ks=(k,))
+    assert empty[f"recall@{k}"].tolist() == [0.0, 0.0]  # no ground truth: counts 0
     ideal = [sum(1 / math.log2(p + 2) for p in range(m)) for m in (2, 1)]
     assert cf[f"ndcg@{k}"].tolist() == np_approx([2 * expected_ndcg / ideal[0],
                                                   expected_ndcg / ideal[1]])

@@ -92,6 +92,15 @@ def ranking_metrics(scores: Tensor, targets: Tensor, ks: Sequence[int]) -> dict[
     above = k_max - torch.searchsorted(top.flip(1)[rows], relevant_scores, right=True).squeeze(1)
     tied = counts[rows, above.clamp(max=k_max - 1)]
     n_truth = torch.bincount(rows, minlength=scores.shape[0])
+    # Each relevant item's slot in a (B, most relevant items) table: row sums in a fixed order
+    # (an index_add would sum in the order a GPU's atomics land).
+    slot = torch.arange(len(rows), device=rows.device) - (n_truth.cumsum(0) - n_truth)[rows]
+    table = torch.zeros(scores.shape[0], max(int(n_truth.max()), 1) if len(rows) else 1,
+                        dtype=torch.float64, device=scores.device)
+
+    def row_sums(values: Tensor) -> Tensor:
+        return table.index_put((rows, slot), values).sum(1)
+
     ideal = _discount_sums(k_max, scores.device)
     has_truth = n_truth > 0
     zeros = torch.zeros(scores.shape[0], dtype=torch.float64, device=scores.device)
@@ -99,8 +108,8 @@ def ranking_metrics(scores: Tensor, targets: Tensor, ks: Sequence[int]) -> dict[
     for k in ks:
         k_eff = min(k, k_max)
         hit, gain = tie_expectations(above, tied, k_eff)
-        recall = zeros.index_add(0, rows, hit) / n_truth.clamp(min=1)
-        dcg = zeros.index_add(0, rows, gain)
+        recall = row_sums(hit) / n_truth.clamp(min=1)
+        dcg = row_sums(gain)
         idcg = ideal[n_truth.clamp(min=1, max=k_eff)]
         out[f"recall@{k}"] = torch.where(has_truth, recall, zeros)
         out[f"ndcg@{k}"] = torch.where(has_truth, dcg / idcg, zeros)
