@@ -290,36 +290,37 @@ def dataclass_hints(cls: type) -> dict[str, Any]:
 SB3_DRIVER_SET = ("self", "policy", "env", "seed", "device", "verbose", "_init_setup_model")
 
 
-def agent_settings(algo: str) -> tuple[dict[str, Any], dict[str, int], bool] | None:
+def agent_settings(algo: str) -> tuple[dict[str, Any], dict[str, int]] | None:
     """What ``algo``'s hyperparameters may be: (name -> type, lower bounds beyond
-    :data:`LOWER_BOUNDS`, whether other names are refused); None for an algorithm without
-    tunable hyperparameters here (the pretrained start, the peers' grids)."""
+    :data:`LOWER_BOUNDS`); None for an algorithm without tunable hyperparameters here (the
+    pretrained start, the peers' grids)."""
     # Imported here: the agents import the MDP, which imports this module.
     from refit_gym.rl.refit_agent import ReFiTConfig
     from refit_gym.rl.sb3_agents import DRIVER_KEYS, SB3_ALGOS
     from refit_gym.training.finetune import CONTINUE_SETTINGS
 
     if algo == "refit":  # its advantage is the reward minus the user's group mean: G >= 2
-        return dataclass_hints(ReFiTConfig), {"group_size": 2}, True
+        return dataclass_hints(ReFiTConfig), {"group_size": 2}
     if algo == "continue":
         hints = dataclass_hints(PretrainConfig)
-        return {key: hints[key] for key in CONTINUE_SETTINGS}, {}, True
+        return {key: hints[key] for key in CONTINUE_SETTINGS}, {}
     if algo in SB3_ALGOS:
         parameters = inspect.signature(SB3_ALGOS[algo].__init__).parameters
         hints = {name: p.annotation for name, p in parameters.items()
                  if name not in SB3_DRIVER_SET}
-        return {**hints, **dict.fromkeys(DRIVER_KEYS, int)}, {}, True
+        return {**hints, **dict.fromkeys(DRIVER_KEYS, int)}, {}
     return None
 
 
 def check_agent_hyperparams(algo: str, params: Mapping[str, Any], where: str, *,
                             closed: bool = True) -> None:
-    """Refuse ``params`` of ``algo`` that its agent does not have, of the wrong type, or below
-    a bound, in one line naming ``where`` they came from; algorithms without a schema pass."""
+    """Refuse ``params`` of ``algo`` that its agent does not have (when ``closed``), of the
+    wrong type, or below a bound, in one line naming ``where`` they came from; algorithms
+    without a schema pass."""
     settings = agent_settings(algo)
     if settings is not None:
-        hints, minima, refuses_others = settings
-        check_settings(params, hints, where, closed=closed and refuses_others, minima=minima)
+        hints, minima = settings
+        check_settings(params, hints, where, closed=closed, minima=minima)
 
 
 def load_agent_hyperparams(algo: str, env_id: str, device: str = "cpu") -> dict[str, Any]:
