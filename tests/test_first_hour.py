@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 from stable_baselines3 import PPO
+from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.monitor import Monitor
 from stable_baselines3.common.vec_env import VecMonitor
 
@@ -45,6 +46,19 @@ def test_plain_sb3_ppo_learns_on_gym_make(wrap) -> None:
     episodes = list(model.ep_info_buffer)
     assert len(episodes) == 40 // STEPS
     assert all(ep["l"] == STEPS and 0.0 <= ep["r"] <= 1.0 for ep in episodes)
+
+
+# SB3 first asks for render_mode="rgb_array", which Gymnasium warns about and the env refuses
+# with a TypeError; SB3 then makes it without.
+@pytest.mark.filterwarnings("ignore:.*render_mode='rgb_array':UserWarning")
+def test_sb3_make_vec_env_by_id_as_rl_zoo3_builds_envs() -> None:
+    """rl-zoo3 builds its training envs with SB3's make_vec_env from the id string (the module
+    prefix imports the package), each gym.make'd env under a Monitor."""
+    venv = make_vec_env(f"refit_gym:{SYN}", n_envs=2, seed=0)
+    model = PPO("MultiInputPolicy", venv, n_steps=10, batch_size=20, n_epochs=1, seed=0,
+                device="cpu")
+    model.learn(40)
+    assert [ep["l"] for ep in model.ep_info_buffer] == [STEPS] * 4
 
 
 def test_record_episode_statistics_wraps_the_env() -> None:
