@@ -294,13 +294,13 @@ def agent_settings(algo: str) -> tuple[dict[str, Any], dict[str, int]] | None:
     """What ``algo``'s hyperparameters may be: (name -> type, lower bounds beyond
     :data:`LOWER_BOUNDS`); None for an algorithm without tunable hyperparameters here (the
     pretrained start, the peers' grids)."""
-    # Imported here: the agents import the MDP, which imports this module.
-    from refit_gym.rl.refit_agent import ReFiTConfig
+    # Imported here: the algorithms import the MDP, which imports this module.
     from refit_gym.rl.sb3_agents import DRIVER_KEYS, SB3_ALGOS
-    from refit_gym.training.finetune import CONTINUE_SETTINGS
+    from refit_gym.training.algorithms import BUILDERS, CONTINUE_SETTINGS
 
-    if algo == "refit":  # its advantage is the reward minus the user's group mean: G >= 2
-        return dataclass_hints(ReFiTConfig), {"group_size": 2}
+    config_class = getattr(BUILDERS.get(algo), "config_class", None)
+    if config_class is not None:  # ReFiT and its kin (DDPO): advantages centred on the user's
+        return dataclass_hints(config_class), {"group_size": 2}  # group need G >= 2
     if algo == "continue":
         hints = dataclass_hints(PretrainConfig)
         return {key: hints[key] for key in CONTINUE_SETTINGS}, {}
