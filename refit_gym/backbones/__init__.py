@@ -1,10 +1,11 @@
 """The backbone layer: diffusion recommenders behind one interface (:class:`Backbone`).
 
-DiffRec (collaborative filtering: the state is a user's interaction vector) and DreamRec
+DiffRec (collaborative filtering: the state is a user's interaction vector), DreamRec and ADRec
 (sequential: the state is the next item's embedding, conditioned on the history), their
-checkpoints, and the registry that rebuilds either from a spec or a checkpoint.
+checkpoints, and the registry that rebuilds any of them from a spec or a checkpoint.
 """
 
+from refit_gym.backbones.adrec import ADRec, ADRecConfig
 from refit_gym.backbones.base import Backbone, Batch
 from refit_gym.backbones.checkpoint import (
     CheckpointError,
@@ -17,7 +18,7 @@ from refit_gym.backbones.diffrec import DiffRec, DiffRecConfig, timestep_embeddi
 from refit_gym.backbones.dreamrec import DreamRec, DreamRecConfig, HistoryEncoder
 from refit_gym.backbones.registry import BACKBONES, backbone_config, backbone_from_configs
 
-__all__ = ["BACKBONES", "Backbone", "Batch", "CheckpointError", "DiffRec", "DiffRecConfig",
-           "DreamRec", "DreamRecConfig", "HistoryEncoder", "backbone_config", "backbone_configs",
-           "backbone_from_configs", "load_backbone", "read_checkpoint", "save_backbone",
-           "timestep_embedding"]
+__all__ = ["BACKBONES", "ADRec", "ADRecConfig", "Backbone", "Batch", "CheckpointError",
+           "DiffRec", "DiffRecConfig", "DreamRec", "DreamRecConfig", "HistoryEncoder",
+           "backbone_config", "backbone_configs", "backbone_from_configs", "load_backbone",
+           "read_checkpoint", "save_backbone", "timestep_embedding"]

@@ -5,12 +5,14 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from refit_gym.backbones.adrec import ADRec, ADRecConfig
 from refit_gym.backbones.base import Backbone
 from refit_gym.backbones.diffrec import DiffRec, DiffRecConfig
 from refit_gym.backbones.dreamrec import DreamRec, DreamRecConfig
 from refit_gym.diffusion import DiffusionConfig
 
 BACKBONES: dict[str, tuple[type[Backbone], type]] = {
+    ADRec.name: (ADRec, ADRecConfig),
     DiffRec.name: (DiffRec, DiffRecConfig),
     DreamRec.name: (DreamRec, DreamRecConfig),
 }

@@ -7,6 +7,7 @@ from refit_gym.diffusion.gaussian import (
     gaussian_log_prob,
 )
 from refit_gym.diffusion.schedules import (
+    REVERSE_VARIANCES,
     SCHEDULES,
     DiffusionConfig,
     make_betas,
@@ -14,5 +15,6 @@ from refit_gym.diffusion.schedules import (
     spaced_timesteps,
 )
 
-__all__ = ["SCHEDULES", "DiffusionConfig", "GaussianDiffusion", "classifier_free_guidance",
-           "gaussian_log_prob", "make_betas", "respace_betas", "spaced_timesteps"]
+__all__ = ["REVERSE_VARIANCES", "SCHEDULES", "DiffusionConfig", "GaussianDiffusion",
+           "classifier_free_guidance", "gaussian_log_prob", "make_betas", "respace_betas",
+           "spaced_timesteps"]

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from refit_gym.diffusion.schedules import (
+    REVERSE_VARIANCES,
     DiffusionConfig,
     make_betas,
     respace_betas,
@@ -32,6 +33,9 @@ class GaussianDiffusion:
 
     def __init__(self, config: DiffusionConfig, device: torch.device | str = "cpu",
                  respaced_steps: int | None = None) -> None:
+        if config.reverse_variance not in REVERSE_VARIANCES:
+            raise ValueError(f"unknown reverse_variance {config.reverse_variance!r}; choose one "
+                             f"of {REVERSE_VARIANCES}")
         self.config = config
         self.device = torch.device(device)
         betas_np = make_betas(config)
@@ -55,6 +59,10 @@ class GaussianDiffusion:
         self.posterior_variance_clipped = torch.cat(
             [self.posterior_variance[1:2], self.posterior_variance[1:]]
         ) if self.steps > 1 else betas.clone()
+        # DDPM's "fixed large" alternative: beta_t, with the same stand-in at the last step.
+        self.reverse_variance = (
+            self.posterior_variance_clipped if config.reverse_variance == "posterior"
+            else torch.cat([self.posterior_variance_clipped[:1], betas[1:]]))
         self.posterior_mean_coef1 = betas * abar_prev.sqrt() / (1.0 - abar)
         self.posterior_mean_coef2 = (1.0 - abar_prev) * alphas.sqrt() / (1.0 - abar)
 
@@ -87,8 +95,9 @@ class GaussianDiffusion:
         ) * x_t
 
     def reverse_std(self, t: Tensor) -> Tensor:
-        """sigma_t, the fixed posterior std of the reverse step at ``t`` (float64, shape (B,))."""
-        return self.posterior_variance_clipped[t].sqrt()
+        """sigma_t, the fixed std of the reverse step at ``t`` (float64, shape (B,)): the
+        posterior's, or sqrt(beta_t) under ``reverse_variance = "beta"``."""
+        return self.reverse_variance[t].sqrt()
 
     def snr(self, t: Tensor) -> Tensor:
         abar = self.alphas_cumprod[t]

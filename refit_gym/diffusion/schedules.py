@@ -14,6 +14,9 @@ from dataclasses import dataclass
 import numpy as np
 
 SCHEDULES = ("linear-var", "linear", "cosine", "exp")
+# The fixed variance of a reverse step: DDPM's "fixed small" posterior variance (DiffRec,
+# DreamRec) or its "fixed large" beta_t (DiffuRec, ADRec), each clipped at the last step.
+REVERSE_VARIANCES = ("posterior", "beta")
 
 
 @dataclass(frozen=True)
@@ -31,6 +34,7 @@ class DiffusionConfig:
     beta_start: float = 1e-4
     beta_end: float = 0.02
     max_beta: float = 0.999
+    reverse_variance: str = "posterior"  # one of REVERSE_VARIANCES
 
 
 def linear_var_betas(config: DiffusionConfig) -> np.ndarray:

@@ -6,7 +6,9 @@ uniformly), compute the backbone's own loss, divide by the sampling probability.
 ``eval_every`` epochs evaluate on validation; keep the checkpoint with the best validation
 ``selection_metric``; stop after ``patience`` epochs without improvement. A stochastic backbone
 is selected on a cheaper respaced chain and its selected checkpoint is then evaluated with its
-own full sampler over several sampling seeds. ``pretrain_state.pt`` holds everything needed to
+own full sampler over several sampling seeds. A backbone trained in stages (ADRec) says which
+rows an epoch passes over, sets its stage before each epoch, and is evaluated and selected from
+its last stage on. ``pretrain_state.pt`` holds everything needed to
 resume after each epoch: rerunning the same command after an interruption or a kill continues.
 
 Under ``torchrun`` every rank shuffles alike, trains on its share of each batch with its own
@@ -126,9 +128,13 @@ def train_epoch(
     dist = current()
     noise = generator if noise is None else noise
     params = [p for p in backbone.parameters() if p.requires_grad]
-    order = torch.randperm(data.n_train_rows, generator=generator).numpy()
+    subset = backbone.training_rows(data)
+    n_rows = data.n_train_rows if subset is None else len(subset)
+    order = torch.randperm(n_rows, generator=generator).numpy()
+    if subset is not None:
+        order = subset[order]
     total, n_batches = 0.0, 0
-    for start in range(0, data.n_train_rows, config.batch_size):
+    for start in range(0, n_rows, config.batch_size):
         rows = order[start : start + config.batch_size]
         mine = np.asarray(dist.share(rows))
         batch = data.train_batch(mine, device)
@@ -220,17 +226,18 @@ def pretrain(
     started = time.perf_counter() - elapsed
     bar = Progress(max_epochs, f"pretrain {spec.id}", unit="epoch", initial=epoch,
                    enabled=progress and dist.is_main)
-    first = epoch + 1
+    first, selectable = epoch + 1, backbone.selection_start
     for epoch in range(first, max_epochs + 1):
-        if epoch - best["epoch"] >= config.patience:
+        if epoch - max(best["epoch"], selectable - 1) >= config.patience:
             epoch -= 1
             break
+        backbone.begin_pretrain_epoch(epoch)
         loss = train_epoch(backbone, data, optimizer, sampler, config, generator, device,
                            noise)
         bar.advance()
         shown = {f"best valid {metric}": best["score"]} if best["epoch"] else {}
         bar.epoch(f"epoch {epoch}", loss=loss, **shown)
-        if epoch % config.eval_every == 0 or epoch == max_epochs:
+        if epoch >= selectable and (epoch % config.eval_every == 0 or epoch == max_epochs):
             metrics = evaluate(backbone, data, config, device=device,
                                chain=selection_chain(backbone, config),
                                sampling_seeds=config.selection_sampling_seeds)

@@ -1,0 +1,312 @@
+"""ADRec (KDD 2025, Nemo-1024/ADRec): token-level diffusion over a causal Transformer.
+
+A causal Transformer *encoder* reads the history's item embeddings (no positional embeddings:
+order comes from the causal mask) into a representation r_j per position. A causal Transformer
+*decoder* predicts x_0 at every position from r_j + lambda (x_t,j + emb(t_j)): in training every
+position j diffuses its own target E[s_{j+1}] with its own t_j; the loss is (cross-entropy of
+x0_hat E^T against the target + MSE of x0_hat to E[target]) / 2, averaged over target tokens.
+At inference only the last position is noisy: the earlier ones hold their known clean targets at
+t = 0, and the reverse chain (DDPM's fixed-large variance, 32 steps) runs on the last token, whose
+final state is scored by inner product with E. Training runs in three stages, by epoch:
+cross-entropy on r_j E^T (item-embedding pretraining), the diffusion loss with E frozen
+(warm-up), then everything.
+
+Read to reproduce, not copied. Where this differs from ADRec's code (each documented in the
+project's README): stage 1 trains the history encoder itself, which then stays (ADRec trains a
+separate SASRec and keeps only its item table); E stays exactly frozen in the warm-up (ADRec's
+weight decay shrinks it through a zero gradient); histories are right-padded and padding is never
+attended or scored (ADRec's left padding is attended by real tokens and is a class of its
+softmax); AdamW with a constant learning rate (ADRec: Adam with L2 1e-5, cosine over 500 epochs).
+
+``state_scale`` is lambda: ADRec's 0.001 leaves the chain almost no say over the outcome (see
+:mod:`refit_gym.training.chain_influence`); the project's own variant raises it.
+
+Inference runs the decoder on the last token only, attending to keys and values of the earlier
+positions cached once per row by :meth:`ADRec.encode`: exact (the decoder is causal), and about
+L times cheaper per step than a full pass.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from refit_gym.backbones.base import Backbone, Batch
+from refit_gym.data import Dataset, SequenceData
+from refit_gym.diffusion import DiffusionConfig, GaussianDiffusion
+
+STAGES = ("embeddings", "warmup", "full")
+
+
+@dataclass(frozen=True)
+class ADRecConfig:
+    n_items: int  # item ids 0..n_items-1; n_items itself pads histories
+    max_len: int = 50
+    hidden: int = 128
+    num_heads: int = 4
+    ff_hidden: int = 512
+    encoder_blocks: int = 2
+    decoder_blocks: int = 2
+    dropout: float = 0.1  # attention, feed-forward and residual dropout
+    embedding_dropout: float = 0.3  # on the history's item embeddings
+    state_scale: float = 0.001  # lambda of r + lambda (x_t + emb(t)); ADRec's fixed 0.001
+    embedding_std: float = 0.1  # N(0, std) initial item table (ADRec's SASRec init)
+    embedding_epochs: int = 20  # stage 1: cross-entropy on the encoder's output only
+    warmup_epochs: int = 5  # stage 2: the diffusion loss with the item table frozen
+
+    def stage(self, epoch: int) -> str:
+        """The training stage of pretraining epoch ``epoch`` (1-based)."""
+        if epoch <= self.embedding_epochs:
+            return "embeddings"
+        return "warmup" if epoch <= self.embedding_epochs + self.warmup_epochs else "full"
+
+
+def timestep_embedding(t: Tensor, dim: int) -> Tensor:
+    """ADRec's (DiffuRec's) sinusoidal embedding of float timesteps: (...,) -> (..., dim),
+    [cos | sin] halves, max period 10000."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000) * torch.arange(half, device=t.device) / half)
+    args = t.float().unsqueeze(-1) * freqs
+    return torch.cat([args.cos(), args.sin()], dim=-1)
+
+
+class CausalBlock(nn.Module):
+    """A post-LN Transformer block with causal self-attention: LN(x + drop(attn(x))), then
+    LN(x + drop(ffn(x))), ffn = W2 drop(gelu_tanh(W1 x))."""
+
+    def __init__(self, config: ADRecConfig) -> None:
+        super().__init__()
+        d = config.hidden
+        self.heads, self.p = config.num_heads, config.dropout
+        self.qkv, self.out = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.ff_in, self.ff_out = nn.Linear(d, config.ff_hidden), nn.Linear(config.ff_hidden, d)
+        self.norm_attn, self.norm_ff = nn.LayerNorm(d, eps=1e-12), nn.LayerNorm(d, eps=1e-12)
+        for layer in (self.qkv, self.out, self.ff_in, self.ff_out):
+            nn.init.xavier_normal_(layer.weight)
+        self.drop = nn.Dropout(config.dropout)
+
+    def _heads(self, x: Tensor) -> Tensor:
+        """(B, L, d) -> (B, heads, L, d / heads)."""
+        b, length, d = x.shape
+        return x.view(b, length, self.heads, d // self.heads).transpose(1, 2)
+
+    def _merge(self, x: Tensor) -> Tensor:
+        b, _, length, _ = x.shape
+        return x.transpose(1, 2).reshape(b, length, -1)
+
+    def _finish(self, x: Tensor, attended: Tensor) -> Tensor:
+        x = self.norm_attn(x + self.drop(self.out(attended)))
+        ff = self.ff_out(self.drop(F.gelu(self.ff_in(x), approximate="tanh")))
+        return self.norm_ff(x + self.drop(ff))
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """x (B, L, d) -> (output (B, L, d), keys, values (B, heads, L, d / heads)).
+
+        Right padding needs no key mask under a causal one: a real token never sees a later
+        (padding) position."""
+        q, k, v = (self._heads(part) for part in self.qkv(x).chunk(3, dim=-1))
+        attended = F.scaled_dot_product_attention(
+            q, k, v, is_causal=True, dropout_p=self.p if self.training else 0.0)
+        return self._finish(x, self._merge(attended)), k, v
+
+    def last_token(self, x: Tensor, keys: Tensor, values: Tensor, visible: Tensor) -> Tensor:
+        """One token x (B, d) after the cached positions: keys, values (B, heads, L, d / heads)
+        of which ``visible`` (B, L) bool are earlier than it -> its output (B, d)."""
+        q, k, v = (self._heads(part.unsqueeze(1)) for part in self.qkv(x).chunk(3, dim=-1))
+        mask = torch.cat([visible, visible.new_ones(len(x), 1)], dim=1)[:, None, None, :]
+        attended = F.scaled_dot_product_attention(
+            q, torch.cat([keys, k], 2), torch.cat([values, v], 2), attn_mask=mask,
+            dropout_p=self.p if self.training else 0.0)
+        return self._finish(x.unsqueeze(1), self._merge(attended)).squeeze(1)
+
+
+class ADRec(Backbone):
+    """Token-level diffusion of next-item embeddings; batches ``{"history", "target"}``."""
+
+    name: ClassVar[str] = "adrec"
+    stochastic_inference: ClassVar[bool] = True
+
+    def __init__(self, config: ADRecConfig, diffusion_config: DiffusionConfig) -> None:
+        super().__init__(config, diffusion_config)
+        d = config.hidden
+        if d % config.num_heads or d % 2:
+            raise ValueError(f"hidden ({d}) must be even and a multiple of num_heads "
+                             f"({config.num_heads})")
+        self.item_embeddings = nn.Embedding(config.n_items + 1, d)  # row n_items: padding
+        nn.init.normal_(self.item_embeddings.weight, 0.0, config.embedding_std)
+        self.input_dropout = nn.Dropout(config.embedding_dropout)
+        self.input_norm = nn.LayerNorm(d, eps=1e-12)
+        self.encoder = nn.ModuleList(CausalBlock(config) for _ in range(config.encoder_blocks))
+        self.decoder = nn.ModuleList(CausalBlock(config) for _ in range(config.decoder_blocks))
+        self.time_mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.SiLU(), nn.Linear(4 * d, d))
+        self.stage = "full"  # pretraining sets it per epoch (begin_pretrain_epoch)
+
+    # ------------------------------------------------------------------ interface facts
+
+    @property
+    def state_dim(self) -> int:
+        return self.config.hidden
+
+    @property
+    def n_items(self) -> int:
+        return self.config.n_items
+
+    @property
+    def condition_dim(self) -> int:
+        c = self.config
+        return c.hidden + c.max_len * (2 * c.decoder_blocks * c.hidden + 1)
+
+    def item_table(self) -> Tensor:
+        """E (n_items, d): the embeddings of the rankable items (padding excluded)."""
+        return self.item_embeddings.weight[: self.config.n_items]
+
+    def freeze_for_finetuning(self) -> ADRec:
+        """E stays as pretrained: the sequential environment scores x_0 E^T with it."""
+        self.item_embeddings.weight.requires_grad_(False)
+        return self
+
+    def scores(self, x0: Tensor) -> Tensor:
+        return x0 @ self.item_table().T
+
+    # ------------------------------------------------------------------ the networks
+
+    def encode_sequence(self, history: Tensor) -> Tensor:
+        """r (B, L, d): the causal encoder over the history's item embeddings."""
+        x = self.input_norm(self.input_dropout(self.item_embeddings(history)))
+        for block in self.encoder:
+            x, _, _ = block(x)
+        return x
+
+    def _time(self, t: Tensor) -> Tensor:
+        """emb(t) of network timesteps t (...,), rescaled to [0, 1000) as ADRec does."""
+        scaled = t.float() * (1000.0 / self.diffusion.steps)
+        return self.time_mlp(timestep_embedding(scaled, self.config.hidden))
+
+    def decoder_input(self, rep: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
+        """r + lambda (x_t + emb(t)): how the noisy state enters the decoder (any leading dims)."""
+        return rep + self.config.state_scale * (x_t + self._time(t))
+
+    def decode_sequence(self, rep: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
+        """x0_hat (B, L, d) at every position from r, x_t (B, L, d) and t (B, L)."""
+        x = self.decoder_input(rep, x_t, t)
+        for block in self.decoder:
+            x, _, _ = block(x)
+        return x
+
+    # ------------------------------------------------------------------ the reverse process
+
+    @staticmethod
+    def _last_positions(history: Tensor, pad: int) -> Tensor:
+        """(B,) index of each row's latest history item (0 for an empty history)."""
+        return ((history != pad).sum(1) - 1).clamp(min=0)
+
+    def encode(self, batch: Batch) -> Tensor:
+        """The per-row condition c (B, condition_dim), flat: [r at the last position (d) |
+        the decoder's keys and values of the earlier positions, per block (blocks, 2, L, d) |
+        which positions precede the last (L)]. The earlier positions carry their known clean
+        targets (the next history item) at t = 0, as ADRec's sampler feeds them."""
+        history = batch["history"]
+        b, length = history.shape
+        c, rows = self.config, torch.arange(len(history), device=history.device)
+        last = self._last_positions(history, c.n_items)
+        rep = self.encode_sequence(history)
+        known = self.item_embeddings(torch.roll(history, -1, dims=1))  # position j: s_{j+1}
+        x = self.decoder_input(rep, known, torch.zeros_like(history))
+        cache = []
+        for block in self.decoder:
+            x_next, k, v = block(x)
+            cache += [self._merge_heads(k), self._merge_heads(v)]
+            x = x_next
+        visible = torch.arange(length, device=history.device)[None] < last[:, None]
+        return torch.cat([rep[rows, last], torch.stack(cache, 1).reshape(b, -1),
+                          visible.to(rep.dtype)], dim=1)
+
+    @staticmethod
+    def _merge_heads(x: Tensor) -> Tensor:
+        """(B, heads, L, d / heads) -> (B, L, d)."""
+        return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], -1)
+
+    def _unpack(self, condition: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """:meth:`encode`'s flat c -> r_last (B, d), cache (B, blocks, 2, L, d), visible (B, L)."""
+        c, b = self.config, len(condition)
+        d, length, blocks = c.hidden, c.max_len, c.decoder_blocks
+        cache = condition[:, d : d + blocks * 2 * length * d].view(b, blocks, 2, length, d)
+        return condition[:, :d], cache, condition[:, -length:] > 0.5
+
+    def predict_x0(self, x_t: Tensor, t: Tensor, condition: Tensor | None) -> Tensor:
+        """x0_hat (B, d) of the last token at state x_t (B, d), network timesteps t (B,)."""
+        rep, cache, visible = self._unpack(condition)
+        x = self.decoder_input(rep, x_t, t)
+        for i, block in enumerate(self.decoder):
+            keys, values = (block._heads(part) for part in cache[:, i].unbind(1))
+            x = block.last_token(x, keys, values, visible)
+        return x
+
+    def initial_state(self, batch: Batch, chain: GaussianDiffusion,
+                      generator: torch.Generator | None) -> Tensor:
+        rows, device = len(batch["history"]), self.item_embeddings.weight.device
+        return torch.randn((rows, self.config.hidden), generator=generator,
+                           device=device if generator is None else generator.device).to(device)
+
+    # ------------------------------------------------------------------ training
+
+    def training_rows(self, data: Dataset) -> np.ndarray | None:
+        """Every position of a sequence is a target at once: an epoch passes over each training
+        sequence's last prefix only (the others are inside it)."""
+        return data.sequence_end_rows() if isinstance(data, SequenceData) else None
+
+    def begin_pretrain_epoch(self, epoch: int) -> None:
+        """Set the stage of pretraining epoch ``epoch``: E trains except in the warm-up."""
+        self.stage = self.config.stage(epoch)
+        self.item_embeddings.weight.requires_grad_(self.stage != "warmup")
+
+    @property
+    def selection_start(self) -> int:
+        """The first pretraining epoch whose model may be selected: the full stage's first."""
+        return self.config.embedding_epochs + self.config.warmup_epochs + 1
+
+    def training_loss(self, batch: Batch, t: Tensor, generator: torch.Generator) -> Tensor:
+        """Per-row loss (B,) over every target token of each row's sequence (the history
+        shifted by one, then the row's target), normalised so that the batch mean is the mean
+        over the batch's tokens. ``t`` (B,) is the timestep of each row's last token; the
+        other tokens draw their own from ``generator``."""
+        history, target = batch["history"], batch["target"]
+        pad, (b, length) = self.config.n_items, history.shape
+        device = history.device
+        last = self._last_positions(history, pad)
+        rows = torch.arange(b, device=device)
+        targets = torch.roll(history, -1, dims=1)
+        targets[rows, last] = target
+        real = torch.arange(length, device=device)[None] <= last[:, None]  # (B, L) targets
+        owner = rows.repeat_interleave(real.sum(1))  # each target token's row, in order
+        rep = self.encode_sequence(history)
+        if self.stage == "embeddings":
+            ce = F.cross_entropy(self.scores(rep[real]), targets[real], reduction="none")
+            return self._token_mean(ce, owner, b)
+        steps = torch.randint(0, self.diffusion.steps, (b, length), generator=generator)
+        steps = steps.to(device)
+        steps[rows, last] = t
+        x0 = self.item_embeddings(targets)
+        noise = torch.randn(x0.shape, generator=generator).to(device)
+        x_t = self.diffusion.q_sample(x0.view(b * length, -1), steps.view(-1),
+                                      noise.view(b * length, -1)).view_as(x0)
+        predicted = self.decode_sequence(rep, x_t, steps)
+        ce = F.cross_entropy(self.scores(predicted[real]), targets[real], reduction="none")
+        # ADRec averages the cross-entropy over the batch's tokens, the MSE over each row's
+        # tokens (then rows); the two are given equal weight.
+        sq = (predicted[real] - x0[real]).pow(2).mean(-1)
+        mse = torch.zeros(b, device=device, dtype=sq.dtype).index_add(0, owner, sq)
+        return 0.5 * (self._token_mean(ce, owner, b) + mse / real.sum(1))
+
+    @staticmethod
+    def _token_mean(per_token: Tensor, owner: Tensor, rows: int) -> Tensor:
+        """Per-row sums of ``per_token`` (T,), scaled so that their mean over the ``rows``
+        rows is the mean over all T tokens -> (rows,)."""
+        summed = torch.zeros(rows, device=per_token.device, dtype=per_token.dtype)
+        return summed.index_add(0, owner, per_token) * (rows / max(len(per_token), 1))

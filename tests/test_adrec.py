@@ -1,0 +1,164 @@
+"""ADRec: shapes, the cached last-token decoder, its losses and stages, its sampler's exact
+per-step densities, and pretraining end to end on a tiny sequence set."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from refit_gym.backbones import ADRec, ADRecConfig, load_backbone
+from refit_gym.data.sequences import SequenceData, last_items, prefix_rows
+from refit_gym.diffusion import DiffusionConfig, GaussianDiffusion
+from refit_gym.rl.refit_agent import policy_step
+
+N, L, D = 25, 6, 16
+SCHEDULE = DiffusionConfig(steps=8, schedule="linear", beta_start=0.01, beta_end=0.3,
+                           reverse_variance="beta")
+
+
+def _model(**overrides) -> ADRec:
+    torch.manual_seed(0)
+    config = ADRecConfig(n_items=N, max_len=L, hidden=D, num_heads=2, ff_hidden=32,
+                         embedding_epochs=2, warmup_epochs=1, **overrides)
+    return ADRec(config, SCHEDULE).eval()
+
+
+HISTORY = torch.tensor([[3, 4, 5, N, N, N],  # right-padded, oldest first
+                        [1, 2, 3, 4, 5, 6],
+                        [7, N, N, N, N, N]])
+TARGET = torch.tensor([9, 10, 11])
+
+
+def test_shapes_and_scores_over_the_items_only() -> None:
+    model = _model()
+    batch = {"history": HISTORY, "target": TARGET}
+    condition = model.encode(batch)
+    assert condition.shape == (3, model.condition_dim)
+    x = torch.randn(3, D)
+    assert model.predict_x0(x, torch.tensor([0, 3, 7]), condition).shape == (3, D)
+    x0 = model.generate(batch, generator=torch.Generator().manual_seed(0))
+    assert x0.shape == (3, D)
+    scores = model.scores(x0)
+    assert scores.shape == (3, N)  # the padding row is not an item
+    torch.testing.assert_close(scores, x0 @ model.item_embeddings.weight[:N].T)
+
+
+def test_cached_last_token_equals_a_full_causal_pass() -> None:
+    # Inference decodes the last token against keys and values cached by encode(); a full
+    # pass over the sequence, earlier positions holding their next item at t = 0 and the last
+    # one the noisy state, must give the same x0.
+    model = _model(state_scale=0.5)  # a large lambda, so that x_t visibly matters
+    condition = model.encode({"history": HISTORY})
+    x_t, t = torch.randn(3, D), torch.tensor([1, 5, 7])
+    cached = model.predict_x0(x_t, t, condition)
+    rep = model.encode_sequence(HISTORY)
+    lengths = (HISTORY != N).sum(1)
+    for row in range(3):
+        last = int(lengths[row]) - 1
+        known = model.item_embeddings(torch.roll(HISTORY[row], -1))[None].clone()
+        known[0, last] = x_t[row]
+        steps = torch.zeros(1, L, dtype=torch.long)
+        steps[0, last] = t[row]
+        full = model.decode_sequence(rep[row : row + 1], known, steps)[0, last]
+        torch.testing.assert_close(cached[row], full, rtol=1e-5, atol=1e-5)
+    # ... and the state does reach the prediction.
+    assert not torch.allclose(cached, model.predict_x0(x_t + 1.0, t, condition))
+
+
+def test_stages_by_epoch_and_what_each_trains() -> None:
+    model = _model()
+    assert [model.config.stage(e) for e in range(1, 6)] == [
+        "embeddings", "embeddings", "warmup", "full", "full"]
+    assert model.selection_start == 4
+    model.begin_pretrain_epoch(3)
+    assert model.stage == "warmup" and not model.item_embeddings.weight.requires_grad
+    model.begin_pretrain_epoch(4)
+    assert model.stage == "full" and model.item_embeddings.weight.requires_grad
+
+
+def _loss(model: ADRec, stage: str, t: torch.Tensor) -> torch.Tensor:
+    model.stage = stage
+    return model.training_loss({"history": HISTORY, "target": TARGET}, t,
+                               torch.Generator().manual_seed(0))
+
+
+def test_embedding_stage_is_token_mean_cross_entropy_of_the_encoder() -> None:
+    model = _model()
+    loss = _loss(model, "embeddings", torch.zeros(3, dtype=torch.long))
+    rep = model.encode_sequence(HISTORY)
+    tokens = [(0, 0, 4), (0, 1, 5), (0, 2, 9), (2, 0, 11)]
+    tokens += [(1, j, int(HISTORY[1, j + 1])) for j in range(5)] + [(1, 5, 10)]
+    logits = torch.stack([model.scores(rep[r, j]) for r, j, _ in tokens])
+    expected = F.cross_entropy(logits, torch.tensor([y for *_, y in tokens]))
+    assert loss.shape == (3,)
+    torch.testing.assert_close(loss.mean(), expected)
+
+
+def test_diffusion_stage_loss_and_gradients() -> None:
+    model = _model().train()
+    for stage, reaches_table in (("warmup", False), ("full", True)):
+        model.zero_grad()
+        model.begin_pretrain_epoch(3 if stage == "warmup" else 4)
+        loss = _loss(model, stage, torch.tensor([0, 4, 7]))
+        assert loss.shape == (3,) and bool(torch.isfinite(loss).all())
+        loss.mean().backward()
+        assert model.decoder[0].qkv.weight.grad is not None
+        assert (model.item_embeddings.weight.grad is not None) == reaches_table
+    # CE + MSE over x0 per token: at least the MSE's share is positive.
+    assert float(_loss(model, "full", torch.zeros(3, dtype=torch.long)).detach().min()) > 0
+
+
+def test_fixed_large_variance_and_exact_step_log_probability() -> None:
+    chain = GaussianDiffusion(SCHEDULE)
+    t = torch.arange(1, 8)
+    torch.testing.assert_close(chain.reverse_std(t), chain.betas[t].sqrt())
+    model = _model()
+    condition = model.encode({"history": HISTORY})
+    x_t, steps = torch.randn(3, D), torch.tensor([7, 3, 0])
+    action, log_prob, mean = policy_step(model, x_t, steps, condition, kappa=1.0,
+                                         generator=torch.Generator().manual_seed(2))
+    std = chain.reverse_std(steps)
+    plain = torch.distributions.Normal(mean.double(), std[:, None]).log_prob(action.double())
+    torch.testing.assert_close(log_prob, plain.sum(-1))
+    # The last step's mean is the x0 prediction itself (ADRec returns it unchanged).
+    x0 = model.predict_x0(x_t, steps, condition)
+    torch.testing.assert_close(mean[2], x0[2])
+
+
+def test_sequence_end_rows_are_each_sequences_last_prefix() -> None:
+    sequences = [np.array([0, 1, 2, 3]), np.array([4, 5]), np.arange(6, 16)]
+    history, target = prefix_rows(sequences, 4, 20)
+    data = SequenceData("toy", 20, {"train": history, "valid": history[:1], "test": history[:1]},
+                        {"train": target, "valid": target[:1], "test": target[:1]})
+    ends = data.sequence_end_rows()
+    assert ends.tolist() == [2, 3, 12]
+    np.testing.assert_array_equal(target[ends], [3, 5, 15])
+    np.testing.assert_array_equal(history[ends], last_items(
+        [s[:-1] for s in sequences], 4, 20))
+
+
+def test_pretraining_end_to_end_selects_only_in_the_last_stage(tmp_path, monkeypatch) -> None:
+    from refit_gym.data import load_dataset
+    from refit_gym.specs import EnvSpec, load_env_spec
+    from refit_gym.training.pretrain import pretrain
+
+    base = load_env_spec("ReFiT-SeqSynthetic-v0")
+    spec = EnvSpec(
+        id="ADRec-SeqSynthetic-test", dataset={**base.dataset, "n_sessions": 300},
+        diffusion=SCHEDULE,
+        backbone={"type": "adrec", "max_len": 10, "hidden": 16, "num_heads": 2,
+                  "ff_hidden": 32, "embedding_epochs": 2, "warmup_epochs": 1},
+        pretrain=type(base.pretrain)(lr=1e-3, batch_size=64, importance_sampling=False,
+                                     eval_every=1, patience=5, max_epochs=5,
+                                     eval_batch_size=256, selection_metric="hr@20",
+                                     ks=(10, 20), final_sampling_seeds=2))
+    data = load_dataset(spec.dataset)
+    result = pretrain(spec, data, tmp_path / "run", seed=1, progress=False)
+    assert [h["epoch"] for h in result.history] == [4, 5]  # stages 1-2 are not evaluated
+    assert result.best_epoch in (4, 5)
+    model, _ = load_backbone(result.checkpoint, data.n_items)
+    assert isinstance(model, ADRec) and model.stage == "full"
+    assert 0 <= result.test["hr@20"] <= 1 and math.isfinite(result.test["ndcg@20"])
