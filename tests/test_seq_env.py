@@ -43,7 +43,7 @@ def test_episode_starts_from_noise_and_rewards_once(checkpoint: str) -> None:
     obs, info = env.reset(seed=3, options={"episode": 7})
     core = env.unwrapped.core
     np.testing.assert_array_equal(obs["history"], core.source.histories[7].numpy())
-    assert obs["t"] == 5 and info["episode"] == 7
+    assert obs["t"] == 5 and info["episode_id"] == 7
     assert abs(obs["x"].std() - 1.0) < 0.5  # x_K ~ N(0, I)
     rewards = []
     for step in range(5):
