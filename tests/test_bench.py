@@ -15,7 +15,8 @@ from refit_gym.specs import load_env_spec
 SYN = "ReFiT-Synthetic-v0"
 
 
-def test_bench_writes_table_json_plots_and_reuses_cells(tmp_path: Path, monkeypatch) -> None:
+def test_bench_writes_table_json_plots_and_reuses_cells(tmp_path: Path, monkeypatch,
+                                                        capsys) -> None:
     out = tmp_path / "bench"
     args = ["bench", "--env", SYN, "--algos", "pretrained,refit,continue,pop,ease",
             "--seeds", "1,2",
@@ -47,6 +48,11 @@ def test_bench_writes_table_json_plots_and_reuses_cells(tmp_path: Path, monkeypa
     monkeypatch.setattr(bench, "pretrain", no_more_training)
     monkeypatch.setattr(bench, "tune_peer", no_more_training)
     assert main(args) == 0  # everything reused
+    # A --set on the same folder is refused, naming the key, instead of reporting old cells.
+    assert main([*args[:-1], "refit.users_per_epoch=32"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert "seed1/refit was computed with hyperparams.users_per_epoch = 64, this bench gives " \
+        "32" in error and len(error.splitlines()) == 1
 
 
 def test_bench_rejects_bad_algorithm_lists(tmp_path: Path) -> None:
