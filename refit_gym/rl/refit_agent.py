@@ -91,6 +91,18 @@ def policy_step(
     return action, gaussian_log_prob(action, mean, std), mean
 
 
+def clipped_surrogate(log_prob: Tensor, old_log_prob: Tensor, advantages: Tensor,
+                      clip_range: float) -> tuple[Tensor, Tensor]:
+    """PPO's clipped importance-sampled objective per sample, and the ratio (both (B,)):
+    min(r A, clip(r, 1 - eps, 1 + eps) A) with r = pi_theta(a | s) / pi_old(a | s)."""
+    # Beyond e^20 the clipped objective is flat anyway; the clamp only keeps a far-moved
+    # policy (several updates per rollout) from overflowing to inf * 0 = NaN.
+    ratio = torch.exp((log_prob - old_log_prob).clamp(max=20.0))
+    surrogate = torch.minimum(ratio * advantages,
+                              ratio.clamp(1 - clip_range, 1 + clip_range) * advantages)
+    return surrogate, ratio
+
+
 def groups_identical(x: Tensor, group_size: int) -> bool:
     """Whether each consecutive group of ``group_size`` rows of ``x`` (U * G, d) is one row
     repeated (and a group has more than one row)."""
@@ -232,12 +244,8 @@ class ReFiTAgent:
         for x_t, t, action, old_log_prob in rollout.steps:
             _, log_prob, mean = policy_step(self.model, x_t, t, step_condition, cfg.kappa,
                                             action=action, chain=chain)
-            # Beyond e^20 the clipped objective is flat anyway; the clamp only keeps a
-            # far-moved policy (update_epochs > 1) from overflowing to inf * 0 = NaN.
-            ratio = torch.exp((log_prob - old_log_prob).clamp(max=20.0))
-            surrogate = torch.minimum(
-                ratio * advantages,
-                ratio.clamp(1 - cfg.clip_range, 1 + cfg.clip_range) * advantages)
+            surrogate, ratio = clipped_surrogate(log_prob, old_log_prob, advantages,
+                                                 cfg.clip_range)
             loss = -surrogate.sum()
             if cfg.kl_coef > 0:
                 with torch.no_grad():

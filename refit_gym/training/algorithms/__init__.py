@@ -12,11 +12,13 @@ from refit_gym.rl.algorithm import Algorithm
 from refit_gym.rl.sb3_agents import SB3_ALGOS
 from refit_gym.training.algorithms.base import Setup
 from refit_gym.training.algorithms.continue_training import CONTINUE_SETTINGS, Continue
+from refit_gym.training.algorithms.ddpo import DDPO
 from refit_gym.training.algorithms.refit import ReFiT
 from refit_gym.training.algorithms.sb3 import SB3Algorithm
 
 BUILDERS: dict[str, Callable[[Setup], Algorithm]] = {
     "refit": ReFiT,
+    "ddpo": DDPO,
     "continue": Continue,
     **{name: partial(SB3Algorithm, name) for name in SB3_ALGOS},
 }
@@ -30,5 +32,5 @@ def build(name: str, setup: Setup) -> Algorithm:
     return BUILDERS[name](setup)
 
 
-__all__ = ["ALGOS", "BUILDERS", "CONTINUE_SETTINGS", "Continue", "ReFiT", "SB3Algorithm",
+__all__ = ["ALGOS", "BUILDERS", "CONTINUE_SETTINGS", "DDPO", "Continue", "ReFiT", "SB3Algorithm",
            "Setup", "build"]

@@ -13,7 +13,13 @@ from torch import Tensor
 from refit_gym.distributed import Distributed, current
 from refit_gym.mdp.core import DenoisingMDP
 from refit_gym.rl.algorithm import EpochContext, EpochStats, Extent
-from refit_gym.rl.refit_agent import ReFiTAgent, ReFiTConfig, Rollout, user_batches
+from refit_gym.rl.refit_agent import (
+    BatchStats,
+    ReFiTAgent,
+    ReFiTConfig,
+    Rollout,
+    user_batches,
+)
 from refit_gym.training.algorithms.base import Setup
 from refit_gym.training.resume import seed_for
 
@@ -62,7 +68,7 @@ class ReFiT:
         while self.batch < len(batches):
             users = batches[self.batch].to(self.device)
             rollouts = self.rollouts(users)
-            stats = self.agent.update(rollouts, len(users) * cfg.group_size)
+            stats = self.update(rollouts, len(users) * cfg.group_size)
             self.rewards.append(stats.reward)
             self.batch += 1
             step = (self.epoch - 1) * self.per_epoch + self.batch
@@ -74,6 +80,10 @@ class ReFiT:
         rewards, self.rewards = self.rewards, []
         self.epoch, self.batch = self.epoch + 1, 0
         return EpochStats(rewards=rewards)
+
+    def update(self, rollouts: list[Rollout], rows: int) -> BatchStats:
+        """The agent's update from the batch's ``rollouts`` of ``rows`` trajectories."""
+        return self.agent.update(rollouts, rows)
 
     def rollouts(self, users: Tensor) -> list[Rollout]:
         """This rank's rollouts of the batch ``users``: each chunk seeded by its place in the

@@ -1,0 +1,127 @@
+"""DDPO: its clipped objective by hand, its update against ReFiT's, and a resumed run."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+
+from refit_gym.backbones import DiffRec, DiffRecConfig, load_backbone
+from refit_gym.mdp.gym_env import cached_dataset, make_core
+from refit_gym.rl.ddpo import DDPOAgent, DDPOConfig, Samples, ddpo_loss
+from refit_gym.rl.refit_agent import ReFiTAgent, ReFiTConfig
+from refit_gym.specs import load_agent_hyperparams, load_env_spec
+from refit_gym.training.finetune import finetune
+
+SYN = "ReFiT-Synthetic-v0"
+
+
+def test_ddpo_loss_is_the_hand_computed_clipped_objective() -> None:
+    ratios = torch.tensor([1.5, 0.5, 1.05, 0.9, 1.3], dtype=torch.float64)
+    advantages = torch.tensor([1.0, -1.0, 2.0, -0.5, 7.0], dtype=torch.float64)
+    old = torch.tensor([-3.0, 2.0, 0.5, -1.0, 4.0], dtype=torch.float64)
+    log_prob = (old + ratios.log()).requires_grad_()
+    loss, clipped = ddpo_loss(log_prob, old, advantages, clip_range=0.2, advantage_clip=5.0)
+    # Per sample min(r A, clip(r, 0.8, 1.2) A), the last advantage clipped from 7 to 5:
+    # min(1.5, 1.2), min(-0.5, -0.8), min(2.1, 2.1), min(-0.45, -0.45), min(6.5, 6.0).
+    by_hand = (1.2 - 0.8 + 2.1 - 0.45 + 6.0) / 5
+    assert loss.item() == pytest.approx(-by_hand, abs=1e-12)
+    assert clipped == 3  # |r - 1| > 0.2: 1.5, 0.5 and 1.3
+    loss.backward()
+    # d(-mean min(...)) / d log pi: -r A / 5 where the unclipped term is the minimum, else 0.
+    expected = torch.tensor([0.0, 0.0, -1.05 * 2.0, -0.9 * -0.5, 0.0], dtype=torch.float64) / 5
+    torch.testing.assert_close(log_prob.grad, expected, rtol=0, atol=1e-12)
+
+
+def _agents(core, **overrides):
+    torch.manual_seed(0)
+    model = DiffRec(DiffRecConfig(n_items=core.n_items, dims=(8,)), load_env_spec(SYN).diffusion)
+    settings = {"group_size": 4, "train_steps": 3, "kappa": 5.0, "lr": 1e-3, **overrides}
+    ddpo = DDPOAgent(model, copy.deepcopy(model), DDPOConfig(**settings))
+    refit = ReFiTAgent(copy.deepcopy(model), copy.deepcopy(model), ReFiTConfig(
+        **{k: v for k, v in settings.items() if k not in ("minibatches", "advantage_clip")}))
+    return ddpo, refit
+
+
+def test_one_pass_of_one_minibatch_is_refits_gradient() -> None:
+    """Over all samples at once, before any step, DDPO's loss is ReFiT's batch loss (the mean
+    of the per-step clipped terms), so the gradients agree."""
+    _, _, core = make_core(SYN, 12, reward="neg_mse")
+    ddpo, refit = _agents(core, advantage_clip=1e9)
+    rollout = ddpo.rollout(core, torch.tensor([3, 0, 7]), torch.Generator().manual_seed(1))
+    samples = Samples.of([rollout])
+    assert len(samples) == 12 * 3 and samples.row.tolist()[:13] == [*range(12), 0]
+    ddpo.optimizer.zero_grad()
+    loss, _ = ddpo.minibatch_loss(samples, torch.arange(len(samples)))
+    loss.backward()
+    refit.policy_gradient([rollout], 12)
+    # One forward over every step's samples sums in another order than one per step.
+    got = torch.cat([p.grad.flatten() for p in ddpo.model.parameters()])
+    want = torch.cat([p.grad.flatten() for p in refit.model.parameters()])
+    assert want.norm() > 0 and (got - want).norm() <= 1e-5 * want.norm()
+
+
+def test_update_steps_once_per_minibatch_and_sees_each_sample_once_a_pass() -> None:
+    _, _, core = make_core(SYN, 8, reward="neg_mse")
+    ddpo, _ = _agents(core, update_epochs=3, minibatches=4)
+    rollout = ddpo.rollout(core, torch.tensor([1, 2]), torch.Generator().manual_seed(1))
+    seen: list[torch.Tensor] = []
+    loss_of = ddpo.minibatch_loss
+    ddpo.minibatch_loss = lambda samples, indices: (seen.append(indices), loss_of(
+        samples, indices))[1]
+    before = [p.detach().clone() for p in ddpo.model.parameters()]
+    stats = ddpo.update([rollout], 8)
+    assert len(seen) == 3 * 4 and {len(i) for i in seen} == {6}  # 24 samples / 4
+    for epoch in range(3):
+        assert sorted(torch.cat(seen[4 * epoch: 4 * epoch + 4]).tolist()) == list(range(24))
+    assert stats.reward == pytest.approx(rollout.reward.mean().item())
+    assert 0 <= stats.clip_fraction <= 1
+    assert any(not torch.equal(a, p) for a, p in zip(before, ddpo.model.parameters()))
+
+
+def test_ddpo_settings_are_checked() -> None:
+    with pytest.raises(ValueError, match="ddpo kl_coef = 0.1"):
+        DDPOConfig(kl_coef=0.1)
+    with pytest.raises(ValueError, match="ddpo minibatches = 0"):
+        DDPOConfig(minibatches=0)
+    for env_id in (SYN, "ReFiT-ML1M-v0", "ReFiT-SeqSynthetic-v0"):
+        for device in ("cpu", "cuda"):  # every table builds, and samples as ReFiT's does
+            ddpo = load_agent_hyperparams("ddpo", env_id, device)
+            refit = load_agent_hyperparams("refit", env_id, device)
+            DDPOConfig(**ddpo)
+            shared = ("epochs", "users_per_epoch", "users_per_batch", "group_size", "kappa",
+                      "train_steps", "min_train_step", "explore_all_steps")
+            assert {k: ddpo.get(k) for k in shared} == {k: refit.get(k) for k in shared}
+
+
+def test_an_interrupted_ddpo_run_resumes_to_the_same_result(pretrained_synthetic: Path,
+                                                             tmp_path: Path,
+                                                             monkeypatch) -> None:
+    spec, data = load_env_spec(SYN), cached_dataset(SYN)
+    settings = {"epochs": 2, "users_per_epoch": 48, "users_per_batch": 16, "group_size": 4,
+                "checkpoint_every": 1, "update_epochs": 2, "minibatches": 2}
+    whole = finetune(spec, data, pretrained_synthetic, "ddpo", tmp_path / "whole", seed=3,
+                     hyperparams=settings, progress=False)
+    update, calls = DDPOAgent.update, []
+
+    def interrupted(self, *args):
+        calls.append(1)
+        if len(calls) == 5:  # the second batch of epoch 2
+            raise KeyboardInterrupt
+        return update(self, *args)
+
+    monkeypatch.setattr(DDPOAgent, "update", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(spec, data, pretrained_synthetic, "ddpo", tmp_path / "cut", seed=3,
+                 hyperparams=settings, progress=False)
+    monkeypatch.setattr(DDPOAgent, "update", update)
+    resumed = finetune(spec, data, pretrained_synthetic, "ddpo", tmp_path / "cut", seed=3,
+                       hyperparams=settings, progress=False)
+    assert resumed["algo"] == "ddpo" and len(resumed["history"]) == 3
+    strip = [{k: v for k, v in h.items() if k != "elapsed"} for h in whole["history"]]
+    assert [{k: v for k, v in h.items() if k != "elapsed"} for h in resumed["history"]] == strip
+    a, _ = load_backbone(tmp_path / "whole" / "finetuned.pt")
+    b, _ = load_backbone(tmp_path / "cut" / "finetuned.pt")
+    assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
