@@ -85,6 +85,31 @@ def test_each_algorithm_finetunes_through_the_cli(algo: str, pretrained: Path,
     assert (tmp_path / algo / "finetuned.pt").is_file()
 
 
+def test_a_resumed_run_refuses_a_zip_it_did_not_write(pretrained: Path, tmp_path) -> None:
+    """Issue 31 item 8: SB3 unpickles its .zip, so the run state records its sha256 and a
+    resumed (or rerun) run loads only that file."""
+    from refit_gym.backbones import CheckpointError
+    from refit_gym.mdp.gym_env import cached_dataset
+    from refit_gym.specs import load_env_spec
+    from refit_gym.training.finetune import finetune
+
+    spec, data = load_env_spec(SYN), cached_dataset(SYN)
+    settings = {"n_envs": 8, "n_steps": 10, "batch_size": 40, "epochs": 1, "users_per_epoch": 5}
+    first = finetune(spec, data, pretrained, "ppo", tmp_path, hyperparams=settings,
+                     progress=False)
+    again = finetune(spec, data, pretrained, "ppo", tmp_path, hyperparams=settings,
+                     progress=False)  # the zip it wrote: accepted
+    assert again["valid"] == first["valid"]
+    zip_path = tmp_path / "ppo.zip"
+    written = zip_path.read_bytes()
+    zip_path.write_bytes(written + b"\0")
+    with pytest.raises(CheckpointError, match="ppo.zip is not the SB3 model this run wrote"):
+        finetune(spec, data, pretrained, "ppo", tmp_path, hyperparams=settings, progress=False)
+    zip_path.unlink()
+    with pytest.raises(CheckpointError, match="ppo.zip is missing"):
+        finetune(spec, data, pretrained, "ppo", tmp_path, hyperparams=settings, progress=False)
+
+
 def test_unknown_sb3_argument_is_a_clear_error(pretrained: Path, tmp_path, capsys) -> None:
     assert main(["finetune", "--env", SYN, "--algo", "ppo", "--checkpoint", str(pretrained),
                  "--out", str(tmp_path / "bad"), "--quiet", "--set", "n_stepz=3"]) == 2

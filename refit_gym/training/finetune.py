@@ -43,7 +43,12 @@ from refit_gym.mdp.gym_env import EnvSettings
 from refit_gym.rl.algorithm import Algorithm, EpochContext
 from refit_gym.specs import EnvSpec, load_agent_hyperparams
 from refit_gym.training.algorithms import ALGOS, CONTINUE_SETTINGS, Setup, build
-from refit_gym.training.metrics import SELECTION_METRIC, eval_mode, evaluate
+from refit_gym.training.metrics import (
+    SELECTION_METRIC,
+    eval_mode,
+    evaluate,
+    evaluate_sequential,
+)
 from refit_gym.training.resume import load_state, save_state
 
 __all__ = ["ALGOS", "CONTINUE_SETTINGS", "FIXED_EPISODES", "RunState", "evaluate_tuned_chain",
@@ -52,6 +57,9 @@ __all__ = ["ALGOS", "CONTINUE_SETTINGS", "FIXED_EPISODES", "RunState", "evaluate
 FIXED_EPISODES = 256  # training episodes of the optimiser's own check
 # The layout of state.pt: a state of another layout belongs to another version of the driver.
 STATE_FORMAT = 2
+# Part of the start-model metrics cache's key: raise it when what fills the cache changes (the
+# evaluation's rules or output), so no stale number is paired with a fresh one.
+START_METRICS_FORMAT = 2
 
 
 class RunState:
@@ -134,7 +142,7 @@ def finetune(
     spec: EnvSpec, data: Dataset, checkpoint: str | Path, algo: str | Algorithm,
     out_dir: str | Path, *, seed: int = 1, device: str = "cpu",
     hyperparams: dict[str, Any] | None = None, env_kwargs: dict[str, Any] | None = None,
-    budget_seconds: float | None = None, progress: bool = True,
+    budget_seconds: float | None = None, progress: bool = True, test_curve: bool = False,
 ) -> dict[str, Any]:
     """Fine-tune ``checkpoint`` with ``algo``; returns (and writes) the metrics payload.
 
@@ -146,10 +154,11 @@ def finetune(
     trains with the backbone's own loss until ``budget_seconds`` of wall time have passed.
 
     Every epoch logs validation metrics on the chain the agents tune (``steps``) and the reward
-    of the backbone's own chain on a fixed set of training episodes (``fixed_reward``). A
-    stochastic backbone's start and selected models are then evaluated over
-    ``final_sampling_seeds`` sampling seeds both with its own full sampler (``valid``, ``test``)
-    and with the tuned chain (``tuned_chain``).
+    of the backbone's own chain on a fixed set of training episodes (``fixed_reward``). Test is
+    evaluated for the start and the selected model only (``test_curve``: on every selection
+    pass too, for a learning-curve report). A stochastic backbone's start and selected models
+    are evaluated over ``final_sampling_seeds`` sampling seeds both with its own full sampler
+    (``valid``, ``test``) and with the tuned chain (``tuned_chain``).
     """
     named = isinstance(algo, str)
     if named and algo not in ALGOS:
@@ -198,12 +207,15 @@ def finetune(
             writer.add_scalar(key, value, step)
 
     def evaluate_and_select() -> None:
-        metrics = evaluate(model, data, spec.pretrain, device=device, chain=chain,
-                           sampling_seeds=spec.pretrain.selection_sampling_seeds)
         epoch = state.epoch - 1
+        # A deterministic start's test comes from its pass; a stochastic one's from the final
+        # evaluation over several sampling seeds.
+        with_test = test_curve or (epoch == 0 and not model.stochastic_inference)
+        metrics = _selection_pass(model, data, spec, chain, device, with_test)
+        recorded = {k: v for k, v in metrics.items() if with_test or not k.startswith("test")}
         rewards = state.epoch_rewards
         fixed = fixed_episode_reward(model, check_core, check_episodes)
-        state.history.append({"epoch": epoch, "elapsed": state.elapsed, **metrics,
+        state.history.append({"epoch": epoch, "elapsed": state.elapsed, **recorded,
                               "train_reward": sum(rewards) / len(rewards) if rewards else None,
                               "fixed_reward": fixed})
         state.epoch_rewards = []
@@ -256,6 +268,10 @@ def finetune(
                                 _start_metrics(reference, Path(checkpoint), data, spec, chain,
                                                device))
         state.save(model)  # the finished run's evaluations survive an interruption
+    elif "test" not in best and not state.final:  # the selected model's test, once
+        state.final = {"best": evaluate(model, data, spec.pretrain, device=device, chain=chain),
+                       "start": {}}
+        state.save(model)
     if state.final:
         best, start = {**best, **state.final["best"]}, {**start, **state.final["start"]}
     if dist.is_main:
@@ -293,12 +309,27 @@ def evaluate_tuned_chain(model: Backbone, spec: EnvSpec, data: Dataset, *,
                     sampling_seeds=sampling_seeds)
 
 
+def _selection_pass(model: Backbone, data: Dataset, spec: EnvSpec, chain: GaussianDiffusion,
+                    device: str, with_test: bool) -> dict[str, Any]:
+    """A selection pass on the tuned chain over ``selection_sampling_seeds``: validation, and
+    test ``with_test``. A CF pass scores test from the same chain as validation (no second
+    chain), so its numbers come along; a sequential pass without test skips the test rows."""
+    config = spec.pretrain
+    if isinstance(data, SequenceData) and not with_test:
+        return evaluate_sequential(model, data, ks=config.ks, batch_size=config.eval_batch_size,
+                                   device=device, chain=chain, splits=("valid",),
+                                   sampling_seeds=range(config.selection_sampling_seeds))
+    return evaluate(model, data, config, device=device, chain=chain,
+                    sampling_seeds=config.selection_sampling_seeds)
+
+
 def _start_metrics(model: Backbone, checkpoint: Path, data: Dataset, spec: EnvSpec,
                    chain: GaussianDiffusion, device: str) -> dict[str, Any]:
     """:func:`_final_metrics` of the pretrained start, cached under the cache directory by
     checkpoint, spec and chain: every algorithm and seed of a comparison shares its start, and
     the seeded evaluation gives the same numbers each time."""
-    key = hashlib.sha256(json.dumps([sha256_of(checkpoint), spec.id, spec.dataset, chain.steps,
+    key = hashlib.sha256(json.dumps([START_METRICS_FORMAT, sha256_of(checkpoint), spec.id,
+                                     spec.dataset, chain.steps,
                                      dataclasses.asdict(spec.pretrain)], sort_keys=True,
                                     default=str).encode()).hexdigest()[:20]
     path = default_cache_dir() / "evaluations" / f"{key}.json"
