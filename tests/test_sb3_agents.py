@@ -154,3 +154,23 @@ def test_group_relative_ppo_raises_the_synthetic_reward(pretrained: Path, tmp_pa
     assert main(args) == 0
     rewards = [h["train_reward"] for h in json.loads(report.read_text())["history"][1:]]
     assert rewards[-1] > rewards[0] + 0.01, rewards  # NDCG@20 (measured 0.155 -> 0.178)
+
+
+def test_ml1m_gpu_tables_sample_as_refits_gpu_pick() -> None:
+    """Issue 30 item 3: on CUDA each SB3 algorithm samples ReFiT's trajectories per update (one
+    whole-episode rollout of n_envs episodes) and per run, with the group-relative reward."""
+    from refit_gym.mdp.gym_env import EnvSettings
+    from refit_gym.specs import load_agent_hyperparams, load_env_spec
+
+    ml1m = "ReFiT-ML1M-v0"
+    spec = load_env_spec(ml1m)
+    steps = EnvSettings.resolve(spec, {}).chain(spec).steps
+    refit = load_agent_hyperparams("refit", ml1m, "cuda")
+    for algo in ("ppo", "a2c", "trpo"):
+        params = load_agent_hyperparams(algo, ml1m, "cuda")
+        assert params["n_steps"] == steps  # one rollout = one episode per environment
+        assert params["n_envs"] == refit["users_per_batch"] * refit["group_size"], algo
+        assert params["group_size"] == refit["group_size"] > 1
+        assert params["epochs"] == refit["epochs"]
+        assert params["users_per_epoch"] == refit.get("users_per_epoch", 0)
+        assert load_agent_hyperparams(algo, ml1m)["n_envs"] == 64  # the CPU table stays
