@@ -162,3 +162,34 @@ def test_pretraining_end_to_end_selects_only_in_the_last_stage(tmp_path, monkeyp
     model, _ = load_backbone(result.checkpoint, data.n_items)
     assert isinstance(model, ADRec) and model.stage == "full"
     assert 0 <= result.test["hr@20"] <= 1 and math.isfinite(result.test["ndcg@20"])
+
+
+def test_length_groups_change_nothing_but_the_cost(monkeypatch) -> None:
+    # Rows run through the Transformers in groups trimmed to their width; with no groups
+    # (every row at full width) the decoding and the loss are the same (the condition differs
+    # only at positions after each row's last, which are never attended).
+    import refit_gym.backbones.adrec as adrec
+
+    torch.manual_seed(0)
+    model = ADRec(ADRecConfig(n_items=N, max_len=20, hidden=D, num_heads=2, ff_hidden=32,
+                              state_scale=0.5), SCHEDULE).eval()
+    generator = torch.Generator().manual_seed(3)
+    lengths = [1, 3, 8, 9, 16, 17, 20]
+    history = torch.full((len(lengths), 20), N)
+    for row, length in enumerate(lengths):
+        history[row, :length] = torch.randint(0, N, (length,), generator=generator)
+    batch = {"history": history, "target": torch.randint(0, N, (len(lengths),))}
+    assert [w for _, w in model._length_groups(history)] == [8, 16, 20]
+    x_t, t = torch.randn(len(lengths), D), torch.arange(len(lengths))
+
+    def outputs() -> tuple[torch.Tensor, torch.Tensor]:
+        condition = model.encode(batch)
+        model.stage = "full"
+        loss = model.training_loss(batch, t, torch.Generator().manual_seed(0))
+        return model.predict_x0(x_t, t, condition), loss
+
+    grouped = outputs()
+    monkeypatch.setattr(adrec, "GROUP_WIDTHS", ())
+    assert [w for _, w in model._length_groups(history)] == [20]
+    for got, expected in zip(grouped, outputs(), strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
