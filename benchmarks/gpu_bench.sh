@@ -1,0 +1,167 @@
+#!/usr/bin/env bash
+# The prepared device run of issue 30: on one GPU, ReFiT-ML1M-v0 seeds 1-3 pretrained on the
+# GPU, then pretrained, ReFiT, DDPO, PPO, A2C, TRPO and `continue` (ReFiT's training seconds)
+# for each seed with the id's cuda tables, the CF peers beside them, as many runs at once as
+# --jobs says, stopped cleanly at a deadline; then one bench table of what finished and a small
+# archive of the runs' metrics.
+#
+#   bash benchmarks/gpu_bench.sh [--smoke] [--deadline-seconds S] [--jobs N] [--out DIR]
+#
+# --deadline-seconds (default 540, 9 minutes, from the script's start): runs still going then
+#   get SIGINT (a killed run keeps its resumable state; rerunning the script with the same --out
+#   resumes them) and the table holds the algorithms that finished on every seed.
+# --jobs (default 4): runs at once (four pipelines shared one H200 well, gpu_runs_*_H200.md).
+# --out (default runs/gpu-bench/<env>): bench's folder; results.md is also copied to
+#   benchmarks/results/gpu_bench_<env>.md (not in --smoke), metrics.tar.gz is the archive.
+# --smoke: the same script end to end on ReFiT-Synthetic-v0 on the CPU, two seeds, tiny sizes
+#   (under two minutes on 2 cores; tests/test_gpu_bench.py runs it), nothing installed.
+#
+# Install: with the project importable in $PYTHON (default python3) nothing is installed; else,
+# on a machine without registries, carry wheels of gymnasium, stable-baselines3, sb3-contrib and
+# farama-notifications in $WHEELS and the script runs, as benchmarks/gpu_check.sh documents,
+#   pip install --no-index --no-deps --no-build-isolation $WHEELS/*.whl
+#   pip install --no-index --no-deps --no-build-isolation -e .
+# (editable: from the repository root a plain install is shadowed by the source folder).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+SMOKE=0 DEADLINE=540 JOBS=4 OUT=""
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --smoke) SMOKE=1 ;;
+    --deadline-seconds) DEADLINE=$2; shift ;;
+    --jobs) JOBS=$2; shift ;;
+    --out) OUT=$2; shift ;;
+    *) echo "gpu_bench: unknown option $1; use --smoke, --deadline-seconds S, --jobs N," \
+         "--out DIR" >&2; exit 2 ;;
+  esac
+  shift
+done
+for value in "$DEADLINE" "$JOBS"; do
+  if ! [[ "$value" =~ ^[1-9][0-9]*$ ]]; then
+    echo "gpu_bench: --deadline-seconds and --jobs take a positive integer, got $value" >&2
+    exit 2
+  fi
+done
+
+if ! "$PY" -c "import torch" 2>/dev/null; then
+  echo "gpu_bench: $PY cannot import torch; use a Python that has torch (PYTHON=...)" >&2
+  exit 1
+fi
+if ! "$PY" -c "import refit_gym, stable_baselines3, sb3_contrib" 2>/dev/null; then
+  if [ "$SMOKE" = 1 ] || [ -z "${WHEELS:-}" ]; then
+    echo "gpu_bench: the project is not importable in $PY; install it (pip install -e .) or" \
+         "set WHEELS to a folder of carried wheels" >&2
+    exit 1
+  fi
+  "$PY" -m pip install -q --no-index --no-deps --no-build-isolation "$WHEELS"/*.whl &&
+    "$PY" -m pip install -q --no-index --no-deps --no-build-isolation -e . || exit 1
+fi
+
+if [ "$SMOKE" = 1 ]; then
+  ENV=ReFiT-Synthetic-v0 DEVICE=cpu SEEDS="1 2" PEERS="pop,itemknn"
+  PRETRAIN=(--pretrain-max-epochs 3)
+  # Tiny runs: one epoch each, a few users (ALGO.KEY=VALUE, as bench --set takes them).
+  declare -A SETS=(
+    [refit]="refit.epochs=1 refit.users_per_epoch=64"
+    [ddpo]="ddpo.epochs=1 ddpo.users_per_epoch=32 ddpo.update_epochs=2 ddpo.minibatches=2"
+    [ppo]="ppo.epochs=1 ppo.n_envs=8 ppo.users_per_epoch=5 ppo.batch_size=40"
+    [a2c]="a2c.epochs=1 a2c.n_envs=8 a2c.users_per_epoch=5"
+    [trpo]="trpo.epochs=1 trpo.n_envs=8 trpo.users_per_epoch=5 trpo.batch_size=40"
+  )
+else
+  ENV=ReFiT-ML1M-v0 DEVICE=cuda SEEDS="1 2 3" PEERS="pop,itemknn,rp3beta,ease,dlae"
+  PRETRAIN=()
+  declare -A SETS=()  # the id's cuda tables as they are
+  if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+    echo "gpu_bench: no GPU found (torch.cuda.is_available() is False); --smoke runs the" \
+         "script on a CPU" >&2
+    exit 1
+  fi
+fi
+OUT=${OUT:-runs/gpu-bench/$ENV}
+# DDPO joins the table where bench knows it (its ORDER lists the algorithms it can draw).
+AGENTS="refit,continue ddpo ppo a2c trpo"
+if ! "$PY" -c "import sys; from refit_gym.training.bench import ORDER; sys.exit('ddpo' not in ORDER)"; then
+  echo "gpu_bench: this bench cannot tabulate ddpo yet; running without it"
+  AGENTS="refit,continue ppo a2c trpo"
+fi
+mkdir -p "$OUT"
+STARTED=$SECONDS
+
+# One bench over one seed and some algorithms, with the --set values of those algorithms;
+# given what is left of the deadline, then SIGINT (30 s later SIGKILL).
+run() {
+  local seeds=$1 algos=$2 left=$(( DEADLINE - (SECONDS - STARTED) ))
+  if [ "$left" -le 0 ]; then
+    echo "gpu_bench: deadline reached, not starting $algos for seeds $seeds"
+    return 0
+  fi
+  local sets=() algo item
+  for algo in ${algos//,/ }; do
+    for item in ${SETS[$algo]:-}; do sets+=(--set "$item"); done
+  done
+  local started=$SECONDS
+  timeout -s INT -k 30 "$left" "$PY" -c "import sys; from refit_gym.cli import main; sys.exit(main())" \
+    bench --env "$ENV" --device "$DEVICE" --seeds "$seeds" --algos "$algos" --out "$OUT" \
+    "${PRETRAIN[@]}" "${sets[@]}" --quiet > "$OUT/log-${seeds//,/_}-${algos//,/_}.txt" 2>&1
+  local rc=$?
+  echo "gpu_bench: seeds $seeds $algos: exit $rc after $(( SECONDS - started )) s"
+}
+
+# 1. The backbones, one per seed, side by side.
+for seed in $SEEDS; do run "$seed" pretrained & done
+wait
+# 2. Every (seed, algorithm group) as a job, at most $JOBS at once; `continue` runs after its
+#    seed's ReFiT in the same job (it gets ReFiT's training seconds).
+QUEUE=()
+for group in $AGENTS "$PEERS"; do
+  for seed in $SEEDS; do QUEUE+=("$seed $group"); done
+done
+for job in "${QUEUE[@]}"; do
+  while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do wait -n; done
+  # shellcheck disable=SC2086  # "seed algos"
+  run $job &
+done
+wait
+
+# 3. One table of what finished on every seed (the cells are reused, nothing is recomputed).
+done_seeds=() done_algos=()
+for seed in $SEEDS; do
+  [ -f "$OUT/seed$seed/pretrain/metrics.json" ] && done_seeds+=("$seed")
+done
+if [ ${#done_seeds[@]} -eq 0 ]; then
+  echo "gpu_bench: no backbone finished before the deadline; nothing to tabulate" >&2
+  exit 1
+fi
+for algo in ${AGENTS//,/ } ${PEERS//,/ }; do
+  finished=1
+  for seed in "${done_seeds[@]}"; do
+    [ -f "$OUT/seed$seed/$algo/metrics.json" ] || finished=0
+  done
+  [ "$finished" = 1 ] && done_algos+=("$algo")
+done
+# continue is tabulated beside the ReFiT runs whose seconds it got.
+if [[ " ${done_algos[*]} " == *" continue "* && " ${done_algos[*]} " != *" refit "* ]]; then
+  done_algos=("${done_algos[@]/continue}")
+fi
+table=$(IFS=,; echo "pretrained,${done_algos[*]}" | tr -s , | sed 's/,$//')
+seeds=$(IFS=,; echo "${done_seeds[*]}")
+sets=()
+for algo in ${table//,/ }; do
+  for item in ${SETS[$algo]:-}; do sets+=(--set "$item"); done
+done
+"$PY" -c "import sys; from refit_gym.cli import main; sys.exit(main())" bench --env "$ENV" \
+  --device "$DEVICE" --seeds "$seeds" --algos "$table" --out "$OUT" "${PRETRAIN[@]}" \
+  "${sets[@]}" --quiet > "$OUT/log-table.txt" 2>&1 || {
+  echo "gpu_bench: the table failed; see $OUT/log-table.txt" >&2
+  exit 1
+}
+# 4. The archive: every cell's metrics.json and the table, a few MiB at most.
+(cd "$OUT" && find . -name metrics.json -o -name 'results.*' -o -name 'log-*.txt' |
+  tar -czf metrics.tar.gz -T -)
+if [ "$SMOKE" = 0 ]; then
+  cp "$OUT/results.md" "benchmarks/results/gpu_bench_$ENV.md"
+fi
+echo "gpu_bench: $ENV seeds $seeds, $table in $OUT/results.md ($(( SECONDS - STARTED )) s);" \
+     "archive $OUT/metrics.tar.gz ($(du -k "$OUT/metrics.tar.gz" | cut -f1) KiB)"

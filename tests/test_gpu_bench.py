@@ -1,0 +1,52 @@
+"""benchmarks/gpu_bench.sh: its --smoke mode end to end on the CPU (issue 30 item 4), its
+deadline and its options."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_bench.sh"
+
+
+def _run(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(["bash", str(SCRIPT), *args], env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_smoke_mode_runs_every_algorithm_and_tabulates_them(tmp_path: Path) -> None:
+    from refit_gym.training.bench import ORDER
+
+    run = _run("--smoke", "--out", str(tmp_path))
+    assert run.returncode == 0, run.stdout + run.stderr
+    table = (tmp_path / "results.md").read_text()
+    assert table.startswith("# ReFiT-Synthetic-v0: mean ± std over seeds 1, 2")
+    algos = ["pretrained", "refit", "continue", "ppo", "a2c", "trpo", "pop", "itemknn"]
+    algos += ["ddpo"] if "ddpo" in ORDER else []
+    for algo in algos:
+        assert f"\n| {algo} | " in table, algo
+    with tarfile.open(tmp_path / "metrics.tar.gz") as archive:
+        names = set(archive.getnames())
+    assert {f"./seed{s}/{a}/metrics.json" for s in (1, 2) for a in ("pretrain", "refit",
+                                                                    "continue")} <= names
+    assert "./results.md" in names
+    assert not (SCRIPT.parents[0] / "results" / "gpu_bench_ReFiT-Synthetic-v0.md").exists()
+
+
+def test_runs_past_the_deadline_are_stopped_and_said_so(tmp_path: Path) -> None:
+    run = _run("--smoke", "--deadline-seconds", "1", "--out", str(tmp_path), timeout=120)
+    assert run.returncode == 1
+    assert "no backbone finished before the deadline" in run.stderr
+    assert "deadline reached, not starting" in run.stdout
+
+
+def test_a_bad_option_is_one_line(tmp_path: Path) -> None:
+    run = _run("--smoke", "--jobs", "0")
+    assert run.returncode == 2
+    assert run.stderr.strip() == ("gpu_bench: --deadline-seconds and --jobs take a positive "
+                                  "integer, got 0")
+    assert "unknown option --fast" in _run("--fast").stderr
