@@ -11,6 +11,7 @@ from refit_gym.specs import load_env_spec
 from refit_gym.training import metrics
 from refit_gym.training.finetune import finetune
 from refit_gym.training.metrics import evaluate
+from refit_gym.training.selection import weights_digest
 
 driver = importlib.import_module("refit_gym.training.finetune")
 SYN, SEQ = "ReFiT-Synthetic-v0", "ReFiT-SeqSynthetic-v0"
@@ -21,14 +22,13 @@ def test_sequential_selection_passes_score_validation_only(pretrained_seq_synthe
                                                            monkeypatch) -> None:
     monkeypatch.setenv("REFIT_CACHE_DIR", str(tmp_path / "cache"))  # the start is not cached
     calls: list[tuple[str, ...]] = []
-    for module in (metrics, driver):
-        original = module.evaluate_sequential
+    original = metrics.evaluate_sequential
 
-        def recorded(*args, original=original, **kwargs):
-            calls.append(tuple(kwargs.get("splits", ("valid", "test"))))
-            return original(*args, **kwargs)
+    def recorded(*args, **kwargs):
+        calls.append(tuple(kwargs.get("splits", ("valid", "test"))))
+        return original(*args, **kwargs)
 
-        monkeypatch.setattr(module, "evaluate_sequential", recorded)
+    monkeypatch.setattr(metrics, "evaluate_sequential", recorded)
     spec, data = load_env_spec(SEQ), cached_dataset(SEQ)
     result = finetune(spec, data, pretrained_seq_synthetic, "refit", tmp_path / "run",
                       hyperparams={"epochs": 2, "users_per_epoch": 256}, progress=False)
@@ -40,6 +40,9 @@ def test_sequential_selection_passes_score_validation_only(pretrained_seq_synthe
     assert len(with_test) == (2 if result["best_epoch"] == 0 else 4)
     assert all("test" not in h for h in result["history"])
     assert "test" in result and "test" in result["start"]
+    selection = result["selection"]
+    assert selection["best_epoch"] == result["best_epoch"]
+    assert selection["metric"] == "valid ndcg@20" and len(selection["weights_sha256"]) == 64
 
 
 def test_cf_history_holds_test_for_the_start_only_unless_asked(pretrained_synthetic: Path,
@@ -60,6 +63,7 @@ def test_cf_history_holds_test_for_the_start_only_unless_asked(pretrained_synthe
     tuned, _ = load_backbone(tmp_path / "a" / "finetuned.pt")
     chain = driver.EnvSettings.resolve(spec, {}).chain(spec)
     assert evaluate(tuned, data, spec.pretrain, chain=chain)["test"] == result["test"]
+    assert result["selection"]["weights_sha256"] == weights_digest(tuned.state_dict())
 
 
 def test_start_metrics_cache_key_carries_a_format_version(pretrained_synthetic: Path,

@@ -43,20 +43,16 @@ from refit_gym.mdp.gym_env import EnvSettings
 from refit_gym.rl.algorithm import Algorithm, EpochContext
 from refit_gym.specs import EnvSpec, load_agent_hyperparams
 from refit_gym.training.algorithms import ALGOS, CONTINUE_SETTINGS, Setup, build
-from refit_gym.training.metrics import (
-    SELECTION_METRIC,
-    eval_mode,
-    evaluate,
-    evaluate_sequential,
-)
+from refit_gym.training.metrics import SELECTION_METRIC, eval_mode, evaluate
 from refit_gym.training.resume import load_state, save_state
+from refit_gym.training.selection import Selector
 
 __all__ = ["ALGOS", "CONTINUE_SETTINGS", "FIXED_EPISODES", "RunState", "evaluate_tuned_chain",
            "finetune", "fixed_episode_reward"]
 
 FIXED_EPISODES = 256  # training episodes of the optimiser's own check
 # The layout of state.pt: a state of another layout belongs to another version of the driver.
-STATE_FORMAT = 2
+STATE_FORMAT = 3
 # Part of the start-model metrics cache's key: raise it when what fills the cache changes (the
 # evaluation's rules or output), so no stale number is paired with a fresh one.
 START_METRICS_FORMAT = 2
@@ -66,8 +62,8 @@ class RunState:
     """The resumable state of a fine-tuning run, saved atomically to ``out_dir/state.pt``."""
 
     # What a resumed run takes back (beside the policy's weights).
-    FIELDS = ("epoch", "elapsed", "communication", "history", "epoch_rewards", "best",
-              "best_weights", "finished", "final", "algorithm")
+    FIELDS = ("epoch", "elapsed", "communication", "history", "epoch_rewards", "selection",
+              "finished", "final", "algorithm")
 
     def __init__(self, path: Path, identity: dict[str, Any]) -> None:
         self.path, self.identity = path, identity
@@ -75,8 +71,7 @@ class RunState:
         self.communication = 0.0  # of elapsed, seconds in collectives (torchrun)
         self.history: list[dict[str, Any]] = []
         self.epoch_rewards: list[float] = []  # batch mean rewards since the last evaluation
-        self.best: dict[str, Any] = {}
-        self.best_weights: dict[str, torch.Tensor] = {}
+        self.selection: dict[str, Any] = {}  # the Selector's state (training.selection)
         self.finished = False
         self.final: dict[str, Any] = {}  # a stochastic backbone's full evaluations, once
         self.algorithm: dict[str, Any] = {}  # the algorithm's state_dict at the last save
@@ -201,6 +196,9 @@ def finetune(
     check_episodes = torch.randperm(data.n_train_rows, generator=torch.Generator().manual_seed(
         0))[:FIXED_EPISODES].to(device)
     check_core = DenoisingMDP(source, reward, len(check_episodes))
+    # By validation NDCG@20, strictly better wins (the earliest of equals: the start first).
+    selector = (Selector.from_state(state.selection) if state.selection
+                else Selector(SELECTION_METRIC))
 
     def log(key: str, value: float, step: int) -> None:
         if writer is not None:
@@ -222,10 +220,8 @@ def finetune(
         log("check/fixed_episode_reward", fixed, epoch)
         for key, value in metrics["valid"].items():
             log(f"valid/{key}", value, epoch)
-        if not state.best or metrics["valid"][SELECTION_METRIC] > state.best["valid"][
-                SELECTION_METRIC]:
-            state.best = {"epoch": epoch, **metrics}
-            state.best_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        selector.offer(epoch, metrics, model.state_dict())
+        state.selection = selector.state_dict()
 
     def save() -> None:
         state.algorithm = algo.state_dict()  # on every rank: it may gather the ranks' states
@@ -260,8 +256,8 @@ def finetune(
         state.finished = True
     if writer is not None:
         writer.close()
-    model.load_state_dict(state.best_weights)
-    best, start = state.best, state.history[0]
+    model.load_state_dict(selector.best_weights)
+    best, start = {"epoch": selector.best_epoch, **selector.best_metrics}, state.history[0]
     if model.stochastic_inference and not state.final:
         state.final = {"best": _final_metrics(model, data, spec, chain, device)}
         state.final["start"] = (state.final["best"] if best["epoch"] == 0 else
@@ -285,6 +281,7 @@ def finetune(
         "start": {k: start[k] for k in ("valid", "test", *extra) if k in start},
         "wall_time_s": state.elapsed, "communication_s": state.communication,
         "world_size": dist.world_size, "history": state.history,
+        "selection": {k: v for k, v in selector.summary().items() if k != "curve"},
         "config": identity["config"], "env_kwargs": identity["env_kwargs"],
     }
     if dist.is_main:
@@ -315,12 +312,9 @@ def _selection_pass(model: Backbone, data: Dataset, spec: EnvSpec, chain: Gaussi
     test ``with_test``. A CF pass scores test from the same chain as validation (no second
     chain), so its numbers come along; a sequential pass without test skips the test rows."""
     config = spec.pretrain
-    if isinstance(data, SequenceData) and not with_test:
-        return evaluate_sequential(model, data, ks=config.ks, batch_size=config.eval_batch_size,
-                                   device=device, chain=chain, splits=("valid",),
-                                   sampling_seeds=range(config.selection_sampling_seeds))
     return evaluate(model, data, config, device=device, chain=chain,
-                    sampling_seeds=config.selection_sampling_seeds)
+                    sampling_seeds=config.selection_sampling_seeds,
+                    splits=("valid", "test") if with_test else ("valid",))
 
 
 def _start_metrics(model: Backbone, checkpoint: Path, data: Dataset, spec: EnvSpec,
