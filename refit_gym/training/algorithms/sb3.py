@@ -66,9 +66,10 @@ class SB3Algorithm:
                          reset_num_timesteps=False)
         rewards, self.callback.rewards = self.callback.rewards, []
         self.epochs += 1
-        # SB3's own training values (losses, KL, clip fraction, ...) beside the driver's.
+        # SB3's own values of the epoch's last update ("train/loss", "train/approx_kl", ...),
+        # by epoch like the driver's validation curves.
         for key, value in self.model.logger.name_to_value.items():
-            ctx.log(f"train/{key}", value, self.epochs)
+            ctx.log(key, value, self.epochs)
         return EpochStats(rewards=rewards)
 
     def state_dict(self) -> dict[str, Any]:
