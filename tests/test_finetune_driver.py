@@ -4,7 +4,12 @@ start and the selected model (issue 31 item 9), and the start-model cache is ver
 from __future__ import annotations
 
 import importlib
+import itertools
+import types
 from pathlib import Path
+
+import pytest
+import torch
 
 from refit_gym.mdp.gym_env import cached_dataset
 from refit_gym.specs import load_env_spec
@@ -82,3 +87,76 @@ def test_start_metrics_cache_key_carries_a_format_version(pretrained_synthetic: 
     monkeypatch.setattr(driver, "START_METRICS_FORMAT", driver.START_METRICS_FORMAT + 1)
     assert start() == {"valid": {"n": 2}}  # a new format: not the stale number
     assert len(list((tmp_path / "evaluations").iterdir())) == 2
+
+
+def _fake_clock(monkeypatch) -> None:
+    """Every reading of the driver's clock 0.5 s after the last: each epoch counts 0.5 s."""
+    ticks = itertools.count()
+    monkeypatch.setattr(driver, "time", types.SimpleNamespace(
+        perf_counter=lambda: 0.5 * next(ticks)))
+
+
+def test_an_interrupted_continue_run_resumes_to_the_same_result(pretrained_synthetic: Path,
+                                                                tmp_path: Path,
+                                                                monkeypatch) -> None:
+    """continue is budgeted by training seconds; under a clock that gives each epoch 0.5 s,
+    a 2.4 s budget is 5 epochs, killed in the fourth and resumed."""
+    from refit_gym.training.algorithms import continue_training
+
+    spec, data = load_env_spec(SYN), cached_dataset(SYN)
+    _fake_clock(monkeypatch)
+    whole = finetune(spec, data, pretrained_synthetic, "continue", tmp_path / "whole",
+                     budget_seconds=2.4, hyperparams={"eval_every": 2}, progress=False)
+    assert [h["epoch"] for h in whole["history"]] == [0, 2, 4, 5]
+    train_epoch, calls = continue_training.train_epoch, []
+
+    def interrupted(*args):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return train_epoch(*args)
+
+    monkeypatch.setattr(continue_training, "train_epoch", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(spec, data, pretrained_synthetic, "continue", tmp_path / "cut",
+                 budget_seconds=2.4, hyperparams={"eval_every": 2}, progress=False)
+    monkeypatch.setattr(continue_training, "train_epoch", train_epoch)
+    resumed = finetune(spec, data, pretrained_synthetic, "continue", tmp_path / "cut",
+                       budget_seconds=2.4, hyperparams={"eval_every": 2}, progress=False)
+    assert resumed["history"] == whole["history"] and resumed["wall_time_s"] == 2.5
+    a = torch.load(tmp_path / "cut" / "state.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "whole" / "state.pt", weights_only=True)["model"]
+    assert all(torch.equal(a[key], b[key]) for key in a)
+
+
+def test_an_interrupted_sb3_run_resumes_from_its_last_epoch(pretrained_synthetic: Path,
+                                                            tmp_path: Path,
+                                                            monkeypatch) -> None:
+    """PPO killed in its second epoch resumes from the first (its .zip and run state) and
+    finishes. The epochs before the cut are the uninterrupted run's; the later ones need not
+    be: SB3 saves neither its environment's episode stream nor the random state."""
+    from refit_gym.rl.sb3_agents import SB3_ALGOS
+
+    spec, data = load_env_spec(SYN), cached_dataset(SYN)
+    settings = {"n_envs": 8, "n_steps": 10, "batch_size": 40, "epochs": 2, "users_per_epoch": 5}
+    whole = finetune(spec, data, pretrained_synthetic, "ppo", tmp_path / "whole",
+                     hyperparams=settings, progress=False)
+    learn, calls = SB3_ALGOS["ppo"].learn, []
+
+    def interrupted(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return learn(self, *args, **kwargs)
+
+    monkeypatch.setattr(SB3_ALGOS["ppo"], "learn", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(spec, data, pretrained_synthetic, "ppo", tmp_path / "cut", hyperparams=settings,
+                 progress=False)
+    monkeypatch.setattr(SB3_ALGOS["ppo"], "learn", learn)
+    resumed = finetune(spec, data, pretrained_synthetic, "ppo", tmp_path / "cut",
+                       hyperparams=settings, progress=False)
+    assert [h["epoch"] for h in resumed["history"]] == [0, 1, 2]
+    strip = [{k: v for k, v in h.items() if k != "elapsed"} for h in whole["history"][:2]]
+    assert [{k: v for k, v in h.items() if k != "elapsed"}
+            for h in resumed["history"][:2]] == strip
