@@ -48,7 +48,14 @@ def test_documented_reinforce_runs_under_the_driver(documented: dict, tmp_path: 
     tuned, _ = load_backbone(tmp_path / "runs" / "reinforce" / "finetuned.pt")
     spec, data = load_env_spec(SYN), cached_dataset(SYN)
     assert evaluate_tuned_chain(tuned, spec, data)["valid"] == pytest.approx(result["valid"])
-    assert list((tmp_path / "runs" / "reinforce" / "tensorboard").iterdir())
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "runs" / "reinforce" / "tensorboard"))
+    events.Reload()
+    steps = {tag: [e.step for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+    # Training and validation curves share one x-axis: the epoch (0: the start).
+    assert steps["valid/ndcg@20"] == [0, 1, 2, 3, 4]
+    assert steps["train/reward"] == steps["train/loss"] == [1, 2, 3, 4]
 
 
 def test_an_interrupted_own_agent_resumes_to_the_same_weights(documented: dict,

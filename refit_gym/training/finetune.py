@@ -217,6 +217,9 @@ def finetune(
                               "train_reward": sum(rewards) / len(rewards) if rewards else None,
                               "fixed_reward": fixed})
         state.epoch_rewards = []
+        # Every curve the driver logs is by epoch (0: the start), training and validation alike.
+        if rewards:
+            log("train/reward", state.history[-1]["train_reward"], epoch)
         log("check/fixed_episode_reward", fixed, epoch)
         for key, value in metrics["valid"].items():
             log(f"valid/{key}", value, epoch)

@@ -72,8 +72,8 @@ class ReFiT:
             self.rewards.append(stats.reward)
             self.batch += 1
             step = (self.epoch - 1) * self.per_epoch + self.batch
-            for key, value in dataclasses.asdict(stats).items():
-                ctx.log(f"train/{key}", value, step)
+            for key, value in dataclasses.asdict(stats).items():  # by batch; train/ is by epoch
+                ctx.log(f"batch/{key}", value, step)
             ctx.advance(1)
             if self.batch % cfg.checkpoint_every == 0 and self.batch < len(batches):
                 ctx.checkpoint()
