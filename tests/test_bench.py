@@ -67,6 +67,18 @@ def test_bench_rejects_bad_algorithm_lists(tmp_path: Path) -> None:
                             hyperparams={stray: {"epochs": 1}})
 
 
+def test_bench_orders_every_algorithm_it_accepts() -> None:
+    from refit_gym.training.finetune import ALGOS
+    from refit_gym.training.peers import PEER_NAMES
+
+    # Every name the validation accepts has a place in the table (ddpo crashed the sort).
+    assert set(bench.ORDER) == {"pretrained", *ALGOS, *PEER_NAMES}
+    assert bench.order_algos(["ddpo", "ppo", "refit", "pretrained"]) == [
+        "pretrained", "refit", "ddpo", "ppo"]
+    with pytest.raises(ValueError, match=r"unknown algorithms \['dqn'\]"):
+        bench.order_algos(["ddpo", "dqn"])
+
+
 def test_sequential_tables_split_test_by_target() -> None:
     def run(hr: float, seen: float, unseen: float) -> dict:
         metrics = {"hr@20": hr, "ndcg@20": hr / 2}

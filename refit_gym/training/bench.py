@@ -34,7 +34,7 @@ from refit_gym.training.metrics import sample_std
 from refit_gym.training.peers import PEER_NAMES, grid, tune_peer
 from refit_gym.training.pretrain import pretrain
 
-ORDER = ("pretrained", "refit", "ppo", "a2c", "trpo", "continue", *PEER_NAMES)
+ORDER = ("pretrained", "refit", "ddpo", "ppo", "a2c", "trpo", "continue", *PEER_NAMES)
 # Sequential ids split test by whether the row's target was ever a training target (DESIGN 13).
 TARGET_SPLITS = {"test_seen": "trained", "test_unseen": "never trained"}
 
@@ -102,24 +102,30 @@ def _record(cell: Path, result: dict[str, Any], identity: dict[str, Any],
     return result
 
 
-def run_bench(
-    spec: EnvSpec, data: Dataset, algos: Sequence[str], seeds: Sequence[int],
-    out_dir: str | Path, *, device: str = "cpu", hyperparams: dict[str, dict] | None = None,
-    env_kwargs: dict[str, Any] | None = None, pretrain_max_epochs: int | None = None,
-    progress: bool = True,
-) -> dict[str, Any]:
+def order_algos(algos: Sequence[str]) -> list[str]:
+    """``algos`` in the table's order (:data:`ORDER`), after checking each is one bench can
+    run: the pretrained backbone, a fine-tuning algorithm (:data:`ALGOS`) or a peer."""
     unknown = sorted(set(algos) - {"pretrained", *ALGOS, *PEER_NAMES})
     if unknown:
         raise ValueError(f"unknown algorithms {unknown}; choose from pretrained, {ALGOS} or "
                          f"the peers {PEER_NAMES}")
     if "continue" in algos and "refit" not in algos:
         raise ValueError("continue is budgeted by the refit run's wall time: include refit")
+    return sorted(algos, key=ORDER.index)
+
+
+def run_bench(
+    spec: EnvSpec, data: Dataset, algos: Sequence[str], seeds: Sequence[int],
+    out_dir: str | Path, *, device: str = "cpu", hyperparams: dict[str, dict] | None = None,
+    env_kwargs: dict[str, Any] | None = None, pretrain_max_epochs: int | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    ordered = order_algos(algos)
     out_dir, hyperparams = Path(out_dir), hyperparams or {}
     if stray := sorted(set(hyperparams) - (set(algos) - {"pretrained", *PEER_NAMES})):
         raise ValueError(f"--set names {stray}, which this bench does not fine-tune; --set "
                          "takes ALGO.KEY=VALUE for an algorithm in --algos (a peer's grid is "
                          "agents/<peer>.toml)")
-    ordered = sorted(algos, key=ORDER.index)
     common = {"spec": spec_digest(spec), "data": data_digest(data),
               "version": refit_gym.__version__}
     identities: dict[tuple[int, str], dict[str, Any]] = {}
