@@ -194,7 +194,7 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     payload = finetune(spec, data, args.checkpoint, args.algo, out, seed=args.seed,
                        device=args.device, hyperparams=hyperparams,
                        env_kwargs=env_kwargs, budget_seconds=args.budget_seconds,
-                       progress=not args.quiet)
+                       progress=not args.quiet, test_curve=args.test_curve)
     if not current().is_main:
         return
     print(f"{spec.id} finetune {args.algo} seed {args.seed}: selected epoch "
@@ -265,6 +265,9 @@ def build_parser() -> argparse.ArgumentParser:
     _run_options(p, "override a hyperparameter of agents/<algo>.toml (repeatable)")
     p.add_argument("--budget-seconds", type=_positive(float), default=None,
                    help="training wall time of --algo continue (match the RL run's)")
+    p.add_argument("--test-curve", action="store_true",
+                   help="evaluate test on every selection pass too (a learning curve in "
+                        "history); by default only the start and the selected model")
     p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("bench", help="compare algorithms over seeds: table, JSON, plots")

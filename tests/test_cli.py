@@ -167,3 +167,24 @@ def test_bench_help_lists_the_algorithms_and_seeds(capsys) -> None:
     for name in ("pretrained", "refit", "continue", "ppo", "a2c", "trpo", "pop", "sasrec"):
         assert name in algos_help
     assert "comma-separated integer seeds" in shown.split("--seeds SEEDS")[-1]
+
+
+@pytest.mark.parametrize("flag, expected", [([], False), (["--test-curve"], True)])
+def test_finetune_test_curve_flag_reaches_the_driver(flag: list[str], expected: bool,
+                                                     tmp_path: Path, monkeypatch) -> None:
+    import sys
+
+    # The package exports the function under the module's name: patch the module itself.
+    driver = sys.modules["refit_gym.training.finetune"]
+    seen: dict = {}
+
+    def fake_finetune(*args, **kwargs) -> dict:  # records the call instead of training
+        seen.update(kwargs)
+        metrics = {"ndcg@20": 0.0}
+        return {"best_epoch": 0, "wall_time_s": 0.0, "valid": metrics, "test": metrics,
+                "start": {"valid": metrics, "test": metrics}}
+
+    monkeypatch.setattr(driver, "finetune", fake_finetune)
+    assert main(["finetune", "--env", SYN, "--algo", "refit", "--checkpoint",
+                 str(tmp_path / "x.pt"), "--out", str(tmp_path / "out"), "--quiet", *flag]) == 0
+    assert seen["test_curve"] is expected
