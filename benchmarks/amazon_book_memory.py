@@ -50,7 +50,7 @@ def main() -> None:
             start = time.perf_counter()
             result = finetune(spec, data, checkpoint, "refit", Path(tmp) / "refit", seed=1,
                               hyperparams={"epochs": 1, "users_per_epoch": args.finetune_users},
-                              progress=False)
+                              progress=False, test_curve=True)  # the row reads epoch 1's test
             total = time.perf_counter() - start
         before, after = result["start"], result["history"][-1]
         finetune_rows = [

@@ -7,7 +7,8 @@ validation-chosen lever of cf_levers_ReFiT-ML1M-v0.md (exploration on the last 5
 kappa 30) over every training user (5,949) per epoch, with 8x larger batches, more trajectories per
 user and larger steps, on seeds 1-3 of the backbone, through the real CLI:
 
-    refit-gym finetune --env ReFiT-ML1M-v0 --algo refit --checkpoint CK --seed S --set ...
+    refit-gym finetune --env ReFiT-ML1M-v0 --algo refit --checkpoint CK --seed S --test-curve \\
+        --set ...
 
 Selection is by validation only: each run keeps its best epoch by validation NDCG@20 (the start
 included), and the configuration with the highest mean validation NDCG@20 over the seeds is the
@@ -193,7 +194,9 @@ def run_finetune(config: str, seed: int, checkpoint: Path, args: argparse.Namesp
                  *(a for k, v in settings.items() for a in ("--set", f"{k}={v}"))]
     command = [sys.executable, "-m", "refit_gym.cli", "finetune", "--env", ENV_ID, "--checkpoint",
                str(checkpoint), "--seed", str(seed), "--out", str(out), "--device", args.device,
-               "--quiet", *extra]
+               # Each record keeps test for every epoch of its history, as the committed ones
+               # do (the driver's default evaluates it for the start and the selected model).
+               "--quiet", "--test-curve", *extra]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     left = deadline - time.monotonic()
     if left < 30:

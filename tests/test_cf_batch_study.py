@@ -85,3 +85,35 @@ def test_records_are_appended_whole_and_a_broken_line_is_named(tmp_path: Path,
     records.write_text(records.read_text() + '{"config": "half')
     with pytest.raises(SystemExit, match="runs.jsonl line 3 is not a JSON record"):
         cf_batch_study.load(records)
+
+
+def test_a_run_records_test_on_every_epoch_of_its_history(tmp_path: Path,
+                                                           monkeypatch) -> None:
+    import argparse
+    import json
+    import subprocess
+    import time
+
+    from refit_gym.cli import build_parser
+
+    def fake_run(command: list[str], **kwargs) -> None:
+        """The driver's history: test on every epoch only under --test-curve."""
+        args = build_parser().parse_args(command[3:])  # the real CLI accepts the command
+        metrics = {m: 0.1 for m in cf_batch_study.METRICS}
+        history = [{"epoch": e, "elapsed": 10.0 * e, "fixed_reward": None, "valid": metrics,
+                    **({"test": metrics} if args.test_curve or e == 0 else {})}
+                   for e in range(3)]
+        Path(args.out).mkdir(parents=True)
+        (Path(args.out) / "metrics.json").write_text(
+            json.dumps({"best_epoch": 2, "history": history}))
+
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    args = argparse.Namespace(
+        work=tmp_path, users_per_epoch=None, max_epochs=2, probe_updates=2,
+        continue_eval_every=1, device="cpu", threads=1, device_name=XEON, parallel=1,
+        train_users=5949, digests=["abc"])
+    for config, budget in ((OTHER, None), (cf_batch_study.CONTINUE, Budget(PICK, 60.0, XEON))):
+        record = cf_batch_study.run_finetune(config, 1, tmp_path / "ck.pt", args,
+                                             time.monotonic() + 3600, budget)
+        assert [h["test ndcg@20"] for h in record["history"]] == [0.1, 0.1, 0.1]
+        assert cf_batch_study.selected(record)["test recall@20"] == 0.1
