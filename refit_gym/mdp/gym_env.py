@@ -158,7 +158,14 @@ def make_core(env_id: str, num_rows: int, *, data: Dataset | None = None,
     """The batched core of ``env_id`` with ``num_rows`` rows (the torch-native path).
 
     ``data``: the dataset when the caller has loaded it already (otherwise it is read from
-    ``data_dir``, once per process); only its training split is used.
+    ``data_dir``, once per process); only its training split is used. ``overrides``: the
+    keyword settings of :class:`EnvSettings` (reward, steps, device, ...).
+
+    Returns ``(spec, settings, core)``: the id's :class:`EnvSpec` as loaded, the
+    :class:`EnvSettings` resolved from its [env] section and ``overrides``, and the
+    :class:`DenoisingMDP` of ``num_rows`` episode rows on ``settings``' device (states
+    ``(num_rows, state_dim)``), its episodes from the training split and rewarded by the
+    settings' reward.
     """
     spec = load_env_spec(env_id)
     settings = EnvSettings.resolve(spec, overrides)
