@@ -16,6 +16,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from refit_gym.backbones.row_noise import RowNoise
 from refit_gym.diffusion import DiffusionConfig, GaussianDiffusion
 
 Batch = dict[str, Tensor]
@@ -128,9 +129,6 @@ class Backbone(nn.Module, ABC):
         split, and ``generator`` is given, x_K and z of each row come from its row block's
         generator under the seed ``generator.initial_seed()`` (:class:`RowNoise`), not from
         ``generator``'s stream: a row draws the same whatever batch it is evaluated in."""
-        # Imported here: this method is the only part of base.py this change may touch.
-        from refit_gym.backbones.row_noise import RowNoise
-
         chain = chain or self.diffusion
         condition = self.encode(batch)
         keyed = None
