@@ -184,3 +184,16 @@ def test_factor_cache_name_carries_its_format(problem, monkeypatch) -> None:
     assert name.startswith("svd-") and name.endswith("-r20.npz")
     monkeypatch.setattr(rewards, "FACTORS_FORMAT", rewards.FACTORS_FORMAT + 1)
     assert rewards.factors_cache_name(train, 20) != name
+
+
+def test_the_factorisation_is_announced_once_and_a_cache_hit_is_silent(problem, tmp_path,
+                                                                         capsys) -> None:
+    train = problem[0]
+    Propagator(train, hops=1, rank=20, cache_dir=tmp_path)
+    lines = capsys.readouterr().err.splitlines()
+    (path,) = tmp_path.glob("svd-*-r20.npz")
+    n_users, n_items = train.shape
+    assert lines == [f"reward: computing the rank-20 factors of the {n_users} x {n_items} "
+                     f"interaction graph once (cached in {path})"]
+    Propagator(train, hops=1, rank=20, cache_dir=tmp_path)  # read back: nothing to announce
+    assert capsys.readouterr().err == ""

@@ -32,6 +32,7 @@ from torch import Tensor
 
 from refit_gym.data import InteractionData, SequenceData
 from refit_gym.data.fileio import atomic_path
+from refit_gym.data.progress import announce
 
 
 def _sparse_tensor(matrix: sp.spmatrix, device: torch.device) -> Tensor:
@@ -113,6 +114,11 @@ def _cached_factors(train, user_deg, item_deg, rank, cache_dir) -> tuple[np.ndar
     if path is not None and path.is_file():
         with np.load(path) as cached:
             return cached["vectors"], cached["sq_values"]
+    n_users, n_items = train.shape
+    # A truncated SVD of a large graph takes minutes with nothing else on screen.
+    announce(f"reward: computing the rank-{rank} factors of the {n_users} x {n_items} "
+             "interaction graph " + (f"once (cached in {path})" if path is not None
+                                     else "(no cache directory: not kept)"))
     normalised = sp.diags(_inverse_power(user_deg, 0.5)) @ train @ sp.diags(
         _inverse_power(item_deg, 0.5))
     full = min(normalised.shape)
