@@ -27,6 +27,7 @@ from refit_gym.backbones import load_backbone
 from refit_gym.mdp.gym_env import make_core
 from refit_gym.rl import ReFiTAgent, ReFiTConfig
 from refit_gym.specs import load_agent_hyperparams
+from refit_gym.training.metrics import sample_std
 
 
 def flat_gradient(params: list[torch.nn.Parameter]) -> torch.Tensor:
@@ -95,7 +96,7 @@ def main() -> None:
             cosines.append(torch.nn.functional.cosine_similarity(estimate, true, 0).item())
             norms.append(estimate.norm().item())
         rows.append(f"| {min_step} | {len(rollout.steps)} | {np.mean(cosines):.3f} ± "
-                    f"{np.std(cosines):.3f} | {np.mean(norms):.3g} | {true.norm().item():.3g} "
+                    f"{sample_std(cosines):.3f} | {np.mean(norms):.3g} | {true.norm().item():.3g} "
                     f"| {reward:.4f} |")
         print(rows[-1], flush=True)
     write_result(

@@ -23,7 +23,7 @@ from refit_gym.backbones import load_backbone
 from refit_gym.cli import main as refit_gym
 from refit_gym.data import load_dataset
 from refit_gym.specs import load_env_spec
-from refit_gym.training.metrics import evaluate_sequential
+from refit_gym.training.metrics import evaluate_sequential, sample_std
 
 # Reference figures of the backbone's own code (../shared/data/README.md), in the table's units.
 REFERENCES = {
@@ -38,7 +38,8 @@ REFERENCES = {
 
 
 def mean_std(values: list[float]) -> str:
-    return f"{statistics.mean(values):.4f} ± {statistics.pstdev(values):.4f}"
+    """``mean ± std`` over seeds, the std the project's sample std (n - 1)."""
+    return f"{statistics.mean(values):.4f} ± {sample_std(values):.4f}"
 
 
 def main() -> None:
