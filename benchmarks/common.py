@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from refit_gym.data import atomic_path
 from refit_gym.mdp.gym_env import EnvSettings
 from refit_gym.specs import EnvSpec
 from refit_gym.training.pretrain import make_timestep_sampler
@@ -52,13 +53,13 @@ def best_of(fn: Callable[[], object], repeats: int) -> float:
 
 def write_result(name: str, title: str, lines: list[str], folder: Path = RESULTS) -> Path:
     """Write ``<folder>/<name>.md`` (default results/) with the exact command and the machine,
-    and echo it."""
+    atomically, and echo it."""
     command = "python " + " ".join([str(Path(sys.argv[0]).as_posix()), *sys.argv[1:]])
     text = "\n".join([f"# {title}", "", f"Command: `{command}`", "", f"Machine: {machine()}", "",
                       *lines, ""])
-    folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{name}.md"
-    path.write_text(text)
+    with atomic_path(path) as tmp:  # an interrupted run leaves the old result whole
+        tmp.write_text(text)
     print(text)
     return path
 
