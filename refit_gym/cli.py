@@ -197,9 +197,12 @@ def cmd_finetune(args: argparse.Namespace) -> None:
                        progress=not args.quiet, test_curve=args.test_curve)
     if not current().is_main:
         return
+    ran = (f"already finished in an earlier run ({payload['wall_time_s']:.0f} s of training "
+           "then; nothing trained now)" if payload["already_finished"] else
+           f"{payload['wall_time_s']:.0f} s of training")
     print(f"{spec.id} finetune {args.algo} seed {args.seed}: selected epoch "
-          f"{payload['best_epoch']} (0 = the pretrained start), {payload['wall_time_s']:.0f} s "
-          f"of training, checkpoint {out / 'finetuned.pt'}")
+          f"{payload['best_epoch']} (0 = the pretrained start), {ran}, checkpoint "
+          f"{out / 'finetuned.pt'}")
     print(format_metrics_table({"start valid": payload["start"]["valid"],
                                 "start test": payload["start"]["test"],
                                 "valid": payload["valid"], "test": payload["test"]}))

@@ -188,3 +188,19 @@ def test_finetune_test_curve_flag_reaches_the_driver(flag: list[str], expected: 
     assert main(["finetune", "--env", SYN, "--algo", "refit", "--checkpoint",
                  str(tmp_path / "x.pt"), "--out", str(tmp_path / "out"), "--quiet", *flag]) == 0
     assert seen["test_curve"] is expected
+
+
+def test_rerunning_a_finished_or_a_different_run_says_so_in_one_line(
+        pretrained_synthetic: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "refit"
+    argv = ["finetune", "--env", "ReFiT-Synthetic-v0", "--algo", "refit", "--checkpoint",
+            str(pretrained_synthetic), "--out", str(out), "--quiet", "--set", "epochs=1",
+            "--set", "users_per_epoch=32"]
+    assert main(argv) == 0
+    assert "s of training," in capsys.readouterr().out
+    assert main(argv) == 0
+    assert "already finished in an earlier run" in capsys.readouterr().out
+    assert main([*argv[:-2], "--set", "users_per_epoch=64"]) != 0
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1
+    assert "config.users_per_epoch = 32, this run gives 64" in error[0]

@@ -114,7 +114,8 @@ def test_pretraining_refuses_a_state_it_did_not_write(tmp_path: Path) -> None:
 
     spec, data = load_env_spec(SYN), cached_dataset(SYN, None)
     pretrain(spec, data, tmp_path, seed=1, max_epochs=1, progress=False)
-    with pytest.raises(CheckpointError, match="different run's pretraining state"):
+    with pytest.raises(CheckpointError,
+                       match=r"another pretraining run's state \(seed = 1, this run gives 2\)"):
         pretrain(spec, data, tmp_path, seed=2, max_epochs=1, progress=False)
     (tmp_path / "pretrain_state.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match="corrupt"):

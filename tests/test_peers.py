@@ -206,5 +206,5 @@ def test_sasrec_resumes_after_a_kill_as_if_never_stopped(sessions: SequenceData,
     for name, tensor in whole.state_dict().items():
         assert torch.equal(tensor, resumed.state_dict()[name]), name
     assert resumed.selection() == whole.selection()
-    with pytest.raises(CheckpointError, match="different run's SASRec state"):
+    with pytest.raises(CheckpointError, match="another SASRec run's state"):
         SASRec(hidden=16, max_epochs=4, patience=3, lr=1e-3).fit(sessions, 3, state)

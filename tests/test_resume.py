@@ -36,5 +36,5 @@ def test_a_gpu_written_state_resumes_on_the_cpu(tmp_path: Path) -> None:
     payload = load_state(path, identity, "fine-tuning")
     assert payload["model"]["w"].device.type == "cpu"
     assert payload["model"]["w"].tolist() == [0.0, 1.0, 2.0] and payload["epoch"] == 4
-    with pytest.raises(CheckpointError, match="different run's fine-tuning state"):
+    with pytest.raises(CheckpointError, match="another fine-tuning run's state"):
         load_state(path, {**identity, "seed": 2}, "fine-tuning")

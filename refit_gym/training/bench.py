@@ -29,7 +29,13 @@ from refit_gym.data import Dataset, atomic_path, write_json
 from refit_gym.distributed import current
 from refit_gym.specs import EnvSpec, load_agent_hyperparams
 from refit_gym.training.finetune import ALGOS, finetune
-from refit_gym.training.identity import data_digest, digest, machine, spec_digest
+from refit_gym.training.identity import (
+    data_digest,
+    describe_difference,
+    digest,
+    machine,
+    spec_digest,
+)
 from refit_gym.training.metrics import sample_std
 from refit_gym.training.peers import PEER_NAMES, grid, tune_peer
 from refit_gym.training.pretrain import pretrain
@@ -50,24 +56,6 @@ class CellMismatch(ValueError):
     """A finished cell was computed with another identity than this bench would give it."""
 
 
-def _first_difference(recorded: Any, wanted: Any, key: str = "") -> str | None:
-    """The dotted key of the first difference between two JSON-like values (None: equal)."""
-    if isinstance(recorded, dict) and isinstance(wanted, dict):
-        for name in sorted(set(recorded) | set(wanted)):
-            if name not in recorded or name not in wanted:
-                return f"{key}{name}"
-            if (found := _first_difference(recorded[name], wanted[name], f"{key}{name}.")):
-                return found
-        return None
-    return None if recorded == wanted else key.rstrip(".") or "identity"
-
-
-def _lookup(value: Any, dotted: str) -> Any:
-    for name in dotted.split("."):
-        value = value.get(name, "<absent>") if isinstance(value, dict) else "<absent>"
-    return value
-
-
 def reuse_cell(cell: Path, identity: dict[str, Any]) -> dict[str, Any] | None:
     """The finished cell's metrics if its recorded identity is ``identity``; None if the cell
     is not finished; :class:`CellMismatch` (one line naming the key) if it differs."""
@@ -81,13 +69,9 @@ def reuse_cell(cell: Path, identity: dict[str, Any]) -> dict[str, Any] | None:
     if recorded is None:
         raise CellMismatch(f"{cell} records no identity (written before bench recorded one); "
                            "use a new --out, or delete the cell to recompute it")
-    if (key := _first_difference(recorded, wanted)) is not None:
-        def short(value: Any) -> str:
-            text = json.dumps(value, sort_keys=True, default=str)
-            return text if len(text) <= 60 else text[:57] + "..."
-        raise CellMismatch(f"{cell} was computed with {key} = {short(_lookup(recorded, key))}, "
-                           f"this bench gives {short(_lookup(wanted, key))}; use a new --out, or "
-                           "delete the cell to recompute it")
+    if (difference := describe_difference(recorded, wanted)) is not None:
+        raise CellMismatch(f"{cell} was computed with {difference}; use a new --out, or delete "
+                           "the cell to recompute it")
     return result
 
 

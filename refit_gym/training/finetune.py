@@ -230,6 +230,7 @@ def finetune(
         state.algorithm = algo.state_dict()  # on every rank: it may gather the ranks' states
         state.save(model)
 
+    already_finished = state.finished  # a rerun of a finished run reports it, trains nothing
     if not state.finished:
         if not state.history:  # the starting model is epoch 0 of the selection
             evaluate_and_select()
@@ -257,6 +258,7 @@ def finetune(
                 save()
         bar.close()
         state.finished = True
+        save()  # a rerun of this run then knows it finished
     if writer is not None:
         writer.close()
     model.load_state_dict(selector.best_weights)
@@ -283,6 +285,7 @@ def finetune(
         **{k: best[k] for k in extra if k in best},
         "start": {k: start[k] for k in ("valid", "test", *extra) if k in start},
         "wall_time_s": state.elapsed, "communication_s": state.communication,
+        "already_finished": already_finished,
         "world_size": dist.world_size, "history": state.history,
         "selection": {k: v for k, v in selector.summary().items() if k != "curve"},
         "config": identity["config"], "env_kwargs": identity["env_kwargs"],

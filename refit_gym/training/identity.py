@@ -1,5 +1,6 @@
-"""What identifies a run's inputs (digests of a spec and of a dataset's contents) and the
-machine a run ran on: recorded by bench cells and checked by resumable peers."""
+"""What identifies a run's inputs (digests of a spec and of a dataset's contents), the machine a
+run ran on, and how two identities differ (one key, for a one-line refusal): recorded by bench
+cells and checked by every resumable run."""
 
 from __future__ import annotations
 
@@ -70,3 +71,37 @@ def machine(device: str) -> dict[str, Any]:
             if torch.device(device).type == "cuda" else device)
     return {"cpu": _cpu_model(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "threads": torch.get_num_threads(), "torch": torch.__version__, "device": name}
+
+
+def first_difference(recorded: Any, wanted: Any, key: str = "") -> str | None:
+    """The dotted key of the first difference between two JSON-like values (None: equal)."""
+    if isinstance(recorded, dict) and isinstance(wanted, dict):
+        for name in sorted(set(recorded) | set(wanted)):
+            if name not in recorded or name not in wanted:
+                return f"{key}{name}"
+            if (found := first_difference(recorded[name], wanted[name], f"{key}{name}.")):
+                return found
+        return None
+    return None if recorded == wanted else key.rstrip(".") or "identity"
+
+
+def _lookup(value: Any, dotted: str) -> Any:
+    for name in dotted.split("."):
+        value = value.get(name, "<absent>") if isinstance(value, dict) else "<absent>"
+    return value
+
+
+def describe_difference(recorded: dict[str, Any], wanted: dict[str, Any]) -> str | None:
+    """"KEY = RECORDED, this run gives WANTED" for the first differing key of two identities
+    (compared as JSON would hold them: tuples as lists), each value cut to 60 characters;
+    None when they are equal."""
+    recorded, wanted = (json.loads(json.dumps(v, default=str)) for v in (recorded, wanted))
+    key = first_difference(recorded, wanted)
+    if key is None:
+        return None
+
+    def short(value: Any) -> str:
+        text = json.dumps(value, sort_keys=True, default=str)
+        return text if len(text) <= 60 else text[:57] + "..."
+
+    return f"{key} = {short(_lookup(recorded, key))}, this run gives {short(_lookup(wanted, key))}"

@@ -15,6 +15,7 @@ from torch import Tensor
 from refit_gym.backbones import CheckpointError
 from refit_gym.data import atomic_path
 from refit_gym.distributed import Distributed, current
+from refit_gym.training.identity import describe_difference
 
 
 def seed_for(seed: int, *place: int) -> int:
@@ -45,10 +46,9 @@ def load_state(path: Path, identity: dict[str, Any], run: str,
     except Exception as err:
         raise CheckpointError(f"resume state {path} is corrupt ({err}); delete it to start the "
                               f"{run} over") from err
-    if payload["identity"] != identity:
-        raise CheckpointError(f"{path.parent} holds a different run's {run} state "
-                              f"({payload['identity']}); use another --out folder, or delete it "
-                              "to start over")
+    if (difference := describe_difference(payload["identity"], identity)) is not None:
+        raise CheckpointError(f"{path.parent} holds another {run} run's state ({difference}); "
+                              "use another --out folder, or delete it to start over")
     return payload
 
 
