@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -193,3 +194,50 @@ def test_length_groups_change_nothing_but_the_cost(monkeypatch) -> None:
     assert [w for _, w in model._length_groups(history)] == [20]
     for got, expected in zip(grouped, outputs(), strict=True):
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_staged_pretraining_interrupted_then_rerun_equals_an_uninterrupted_run(
+        tmp_path, monkeypatch) -> None:
+    # The stage follows the epoch, so a run stopped inside the warm-up resumes into the same
+    # stages and ends with the same weights; a cap that ends before the last stage is refused.
+    import importlib
+
+    # The module, not the function the package exports under the same name.
+    pretraining = importlib.import_module("refit_gym.training.pretrain")
+    from refit_gym.data import load_dataset
+    from refit_gym.specs import EnvSpec, load_env_spec
+    from refit_gym.training.pretrain import pretrain
+
+    base = load_env_spec("ReFiT-SeqSynthetic-v1")
+    spec = EnvSpec(
+        id="ADRec-resume-test", dataset={**base.dataset, "n_sessions": 200},
+        diffusion=SCHEDULE,
+        backbone={"type": "adrec", "max_len": 10, "hidden": 16, "num_heads": 2,
+                  "ff_hidden": 32, "embedding_epochs": 1, "warmup_epochs": 2},
+        pretrain=type(base.pretrain)(lr=1e-3, batch_size=64, importance_sampling=False,
+                                     eval_every=1, patience=5, max_epochs=5,
+                                     eval_batch_size=256, selection_metric="hr@20",
+                                     ks=(10, 20), final_sampling_seeds=1))
+    data = load_dataset(spec.dataset)
+    whole = pretrain(spec, data, tmp_path / "whole", seed=3, progress=False)
+    real_epoch, calls = pretraining.train_epoch, []
+
+    def killed_in_epoch_3(*args, **kwargs):  # epochs 1-2 saved; the warm-up is under way
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(pretraining, "train_epoch", killed_in_epoch_3)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain(spec, data, tmp_path / "cut", seed=3, progress=False)
+    monkeypatch.setattr(pretraining, "train_epoch", real_epoch)
+    again = pretrain(spec, data, tmp_path / "cut", seed=3, progress=False)
+    assert again.history == whole.history and again.test == whole.test
+    first, _ = load_backbone(whole.checkpoint, data.n_items)
+    second, _ = load_backbone(again.checkpoint, data.n_items)
+    for (name, a), (_, b) in zip(first.state_dict().items(), second.state_dict().items(),
+                                 strict=True):
+        assert torch.equal(a, b), name
+    with pytest.raises(ValueError, match=r"max_epochs \(3\) ends before .* epoch 4"):
+        pretrain(spec, data, tmp_path / "short", seed=3, max_epochs=3, progress=False)

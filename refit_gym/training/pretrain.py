@@ -227,6 +227,10 @@ def pretrain(
     bar = Progress(max_epochs, f"pretrain {spec.id}", unit="epoch", initial=epoch,
                    enabled=progress and dist.is_main)
     first, selectable = epoch + 1, backbone.selection_start
+    if max_epochs < selectable:
+        raise ValueError(f"max_epochs ({max_epochs}) ends before the model can be selected: "
+                         f"{spec.backbone_type}'s last training stage starts at epoch "
+                         f"{selectable}; allow at least {selectable} epochs")
     for epoch in range(first, max_epochs + 1):
         if epoch - max(best["epoch"], selectable - 1) >= config.patience:
             epoch -= 1
