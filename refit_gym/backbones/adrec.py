@@ -121,12 +121,18 @@ class CausalBlock(nn.Module):
 
     def last_token(self, x: Tensor, keys: Tensor, values: Tensor, visible: Tensor) -> Tensor:
         """One token x (B, d) after the cached positions: keys, values (B, heads, L, d / heads)
-        of which ``visible`` (B, L) bool are earlier than it -> its output (B, d)."""
+        of which ``visible`` (B, L) bool are earlier than it -> its output (B, d).
+
+        The cache is read in place (its attention weights beside the token's own), never
+        concatenated with the token: a copy of the cache per step would cost more than the
+        step. Inference only (no attention dropout)."""
         q, k, v = (self._heads(part.unsqueeze(1)) for part in self.qkv(x).chunk(3, dim=-1))
-        mask = torch.cat([visible, visible.new_ones(len(x), 1)], dim=1)[:, None, None, :]
-        attended = F.scaled_dot_product_attention(
-            q, torch.cat([keys, k], 2), torch.cat([values, v], 2), attn_mask=mask,
-            dropout_p=self.p if self.training else 0.0)
+        scale = q.shape[-1] ** -0.5
+        cached = (q @ keys.transpose(-1, -2) * scale).masked_fill(
+            ~visible[:, None, None, :], float("-inf"))  # (B, heads, 1, L)
+        own = (q * k).sum(-1, keepdim=True) * scale  # (B, heads, 1, 1)
+        weights = torch.cat([cached, own], -1).softmax(-1)
+        attended = weights[..., :-1] @ values + weights[..., -1:] * v
         return self._finish(x.unsqueeze(1), self._merge(attended)).squeeze(1)
 
 
@@ -150,6 +156,7 @@ class ADRec(Backbone):
         self.decoder = nn.ModuleList(CausalBlock(config) for _ in range(config.decoder_blocks))
         self.time_mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.SiLU(), nn.Linear(4 * d, d))
         self.stage = "full"  # pretraining sets it per epoch (begin_pretrain_epoch)
+        self._unpacked: tuple[Tensor, tuple] | None = None  # see _unpack
 
     # ------------------------------------------------------------------ interface facts
 
@@ -216,11 +223,10 @@ class ADRec(Backbone):
         which positions precede the last (L)]. The earlier positions carry their known clean
         targets (the next history item) at t = 0, as ADRec's sampler feeds them."""
         history = batch["history"]
-        b, length = history.shape
+        length = history.shape[1]
         c, d = self.config, self.config.hidden
         last = self._last_positions(history, c.n_items)
-        rep_last = history.new_zeros((b, d), dtype=self.item_embeddings.weight.dtype)
-        cache = rep_last.new_zeros((b, length, 2 * c.decoder_blocks, d))
+        parts, order = [], []
         for rows, width in self._length_groups(history):
             part = history[rows, :width]
             rep = self.encode_sequence(part)
@@ -230,12 +236,22 @@ class ADRec(Backbone):
             for block in self.decoder:
                 x, k, v = block(x)
                 kv += [self._merge_heads(k), self._merge_heads(v)]
-            rep_last = rep_last.index_put((rows,), rep[torch.arange(len(rows)), last[rows]])
-            padded = F.pad(torch.stack(kv, 2), (0, 0, 0, 0, 0, length - width))
-            cache = cache.index_put((rows,), padded)
-        visible = torch.arange(length, device=history.device)[None] < last[:, None]
-        cache = cache.view(b, length, c.decoder_blocks, 2, d).permute(0, 2, 3, 1, 4)
-        return torch.cat([rep_last, cache.reshape(b, -1), visible.to(rep_last.dtype)], dim=1)
+            cache = torch.stack(kv, 1).view(len(rows), c.decoder_blocks, 2, width, d)
+            visible = torch.arange(width, device=history.device)[None] < last[rows, None]
+            parts.append(torch.cat([
+                rep[torch.arange(len(rows)), last[rows]],
+                F.pad(cache, (0, 0, 0, length - width)).flatten(1),
+                F.pad(visible.to(rep.dtype), (0, length - width))], dim=1))
+            order.append(rows)
+        return torch.cat(parts)[torch.argsort(torch.cat(order))]
+
+    def _views(self, condition: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Views of :meth:`encode`'s flat c: r_last (B, d), cache (B, blocks, 2, L, d), the
+        visible-position flags (B, L) as floats."""
+        c, b = self.config, len(condition)
+        d, length, blocks = c.hidden, c.max_len, c.decoder_blocks
+        cache = condition[:, d : d + blocks * 2 * length * d].view(b, blocks, 2, length, d)
+        return condition[:, :d], cache, condition[:, -length:]
 
     def _length_groups(self, history: Tensor) -> list[tuple[Tensor, int]]:
         """The rows (G,) of ``history`` (B, L) in each group of :data:`GROUP_WIDTHS` (then L)
@@ -255,19 +271,25 @@ class ADRec(Backbone):
         """(B, heads, L, d / heads) -> (B, L, d)."""
         return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], -1)
 
-    def _unpack(self, condition: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """:meth:`encode`'s flat c -> r_last (B, d), cache (B, blocks, 2, L, d), visible (B, L)."""
-        c, b = self.config, len(condition)
-        d, length, blocks = c.hidden, c.max_len, c.decoder_blocks
-        cache = condition[:, d : d + blocks * 2 * length * d].view(b, blocks, 2, length, d)
-        return condition[:, :d], cache, condition[:, -length:] > 0.5
+    def _unpack(self, condition: Tensor) -> tuple[Tensor, list[tuple[Tensor, Tensor]], Tensor]:
+        """c -> r_last (B, d), each decoder block's (keys, values) (B, heads, L, d / heads)
+        contiguous, visible (B, L) bool. Kept for the condition last unpacked: a chain calls
+        :meth:`predict_x0` with the same c at every step, so the cache is laid out for the
+        attention once per episode, not once per step."""
+        if self._unpacked is not None and self._unpacked[0] is condition:
+            return self._unpacked[1]
+        rep, cache, visible = self._views(condition)
+        kv = [tuple(block._heads(cache[:, i, j]).contiguous() for j in (0, 1))
+              for i, block in enumerate(self.decoder)]
+        unpacked = (rep, kv, visible > 0.5)
+        self._unpacked = (condition, unpacked)
+        return unpacked
 
     def predict_x0(self, x_t: Tensor, t: Tensor, condition: Tensor | None) -> Tensor:
         """x0_hat (B, d) of the last token at state x_t (B, d), network timesteps t (B,)."""
-        rep, cache, visible = self._unpack(condition)
+        rep, kv, visible = self._unpack(condition)
         x = self.decoder_input(rep, x_t, t)
-        for i, block in enumerate(self.decoder):
-            keys, values = (block._heads(part) for part in cache[:, i].unbind(1))
+        for block, (keys, values) in zip(self.decoder, kv, strict=True):
             x = block.last_token(x, keys, values, visible)
         return x
 
