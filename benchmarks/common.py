@@ -15,20 +15,10 @@ import torch
 from refit_gym.data import atomic_path
 from refit_gym.mdp.gym_env import EnvSettings
 from refit_gym.specs import EnvSpec
+from refit_gym.training.identity import cpu_model
 from refit_gym.training.pretrain import make_timestep_sampler
 
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def cpu_model() -> str:
-    """The CPU's model name (/proc/cpuinfo), else what ``platform`` knows."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def machine() -> str:

@@ -141,21 +141,29 @@ def test_sequence_end_rows_are_each_sequences_last_prefix() -> None:
         [s[:-1] for s in sequences], 4, 20))
 
 
-def test_pretraining_end_to_end_selects_only_in_the_last_stage(tmp_path, monkeypatch) -> None:
-    from refit_gym.data import load_dataset
-    from refit_gym.specs import EnvSpec, load_env_spec
-    from refit_gym.training.pretrain import pretrain
+def _tiny_spec(sessions: int, embedding_epochs: int, warmup_epochs: int = 1,
+               final_sampling_seeds: int = 1):
+    """ADRec at toy size on a few of the embedded synthetic sessions, 5 epochs at most."""
+    from refit_gym.specs import EnvSpec, PretrainConfig, load_env_spec
 
-    base = load_env_spec("ReFiT-SeqSynthetic-v0")
-    spec = EnvSpec(
-        id="ADRec-SeqSynthetic-test", dataset={**base.dataset, "n_sessions": 300},
+    base = load_env_spec("ReFiT-SeqSynthetic-v1")
+    return EnvSpec(
+        id="ADRec-tiny-test", dataset={**base.dataset, "n_sessions": sessions},
         diffusion=SCHEDULE,
         backbone={"type": "adrec", "max_len": 10, "hidden": 16, "num_heads": 2,
-                  "ff_hidden": 32, "embedding_epochs": 2, "warmup_epochs": 1},
-        pretrain=type(base.pretrain)(lr=1e-3, batch_size=64, importance_sampling=False,
-                                     eval_every=1, patience=5, max_epochs=5,
-                                     eval_batch_size=256, selection_metric="hr@20",
-                                     ks=(10, 20), final_sampling_seeds=2))
+                  "ff_hidden": 32, "embedding_epochs": embedding_epochs,
+                  "warmup_epochs": warmup_epochs},
+        pretrain=PretrainConfig(lr=1e-3, batch_size=64, importance_sampling=False,
+                                eval_every=1, patience=5, max_epochs=5, eval_batch_size=256,
+                                selection_metric="hr@20", ks=(10, 20),
+                                final_sampling_seeds=final_sampling_seeds))
+
+
+def test_pretraining_end_to_end_selects_only_in_the_last_stage(tmp_path, monkeypatch) -> None:
+    from refit_gym.data import load_dataset
+    from refit_gym.training.pretrain import pretrain
+
+    spec = _tiny_spec(300, embedding_epochs=2, final_sampling_seeds=2)
     data = load_dataset(spec.dataset)
     result = pretrain(spec, data, tmp_path / "run", seed=1, progress=False)
     assert [h["epoch"] for h in result.history] == [4, 5]  # stages 1-2 are not evaluated
@@ -205,19 +213,9 @@ def test_staged_pretraining_interrupted_then_rerun_equals_an_uninterrupted_run(
     # The module, not the function the package exports under the same name.
     pretraining = importlib.import_module("refit_gym.training.pretrain")
     from refit_gym.data import load_dataset
-    from refit_gym.specs import EnvSpec, load_env_spec
     from refit_gym.training.pretrain import pretrain
 
-    base = load_env_spec("ReFiT-SeqSynthetic-v1")
-    spec = EnvSpec(
-        id="ADRec-resume-test", dataset={**base.dataset, "n_sessions": 200},
-        diffusion=SCHEDULE,
-        backbone={"type": "adrec", "max_len": 10, "hidden": 16, "num_heads": 2,
-                  "ff_hidden": 32, "embedding_epochs": 1, "warmup_epochs": 2},
-        pretrain=type(base.pretrain)(lr=1e-3, batch_size=64, importance_sampling=False,
-                                     eval_every=1, patience=5, max_epochs=5,
-                                     eval_batch_size=256, selection_metric="hr@20",
-                                     ks=(10, 20), final_sampling_seeds=1))
+    spec = _tiny_spec(200, embedding_epochs=1, warmup_epochs=2)
     data = load_dataset(spec.dataset)
     whole = pretrain(spec, data, tmp_path / "whole", seed=3, progress=False)
     real_epoch, calls = pretraining.train_epoch, []

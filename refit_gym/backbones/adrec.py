@@ -37,9 +37,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from refit_gym.backbones.base import Backbone, Batch
+from refit_gym.backbones.base import Batch
+from refit_gym.backbones.next_item import NextItemBackbone
 from refit_gym.data import Dataset, SequenceData
-from refit_gym.diffusion import DiffusionConfig, GaussianDiffusion
+from refit_gym.diffusion import DiffusionConfig
 
 STAGES = ("embeddings", "warmup", "full")
 # Rows are run through the Transformers in groups of similar length, each trimmed to the width
@@ -136,7 +137,7 @@ class CausalBlock(nn.Module):
         return self._finish(x.unsqueeze(1), self._merge(attended)).squeeze(1)
 
 
-class ADRec(Backbone):
+class ADRec(NextItemBackbone):
     """Token-level diffusion of next-item embeddings; batches ``{"history", "target"}``."""
 
     name: ClassVar[str] = "adrec"
@@ -161,29 +162,9 @@ class ADRec(Backbone):
     # ------------------------------------------------------------------ interface facts
 
     @property
-    def state_dim(self) -> int:
-        return self.config.hidden
-
-    @property
-    def n_items(self) -> int:
-        return self.config.n_items
-
-    @property
     def condition_dim(self) -> int:
         c = self.config
         return c.hidden + c.max_len * (2 * c.decoder_blocks * c.hidden + 1)
-
-    def item_table(self) -> Tensor:
-        """E (n_items, d): the embeddings of the rankable items (padding excluded)."""
-        return self.item_embeddings.weight[: self.config.n_items]
-
-    def freeze_for_finetuning(self) -> ADRec:
-        """E stays as pretrained: the sequential environment scores x_0 E^T with it."""
-        self.item_embeddings.weight.requires_grad_(False)
-        return self
-
-    def scores(self, x0: Tensor) -> Tensor:
-        return x0 @ self.item_table().T
 
     # ------------------------------------------------------------------ the networks
 
@@ -292,12 +273,6 @@ class ADRec(Backbone):
         for block, (keys, values) in zip(self.decoder, kv, strict=True):
             x = block.last_token(x, keys, values, visible)
         return x
-
-    def initial_state(self, batch: Batch, chain: GaussianDiffusion,
-                      generator: torch.Generator | None) -> Tensor:
-        rows, device = len(batch["history"]), self.item_embeddings.weight.device
-        return torch.randn((rows, self.config.hidden), generator=generator,
-                           device=device if generator is None else generator.device).to(device)
 
     # ------------------------------------------------------------------ training
 

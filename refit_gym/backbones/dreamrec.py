@@ -19,8 +19,9 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from refit_gym.backbones.base import Backbone, Batch
-from refit_gym.diffusion import DiffusionConfig, GaussianDiffusion, classifier_free_guidance
+from refit_gym.backbones.base import Batch
+from refit_gym.backbones.next_item import NextItemBackbone
+from refit_gym.diffusion import DiffusionConfig, classifier_free_guidance
 
 
 @dataclass(frozen=True)
@@ -90,7 +91,7 @@ class HistoryEncoder(nn.Module):
         return out[torch.arange(len(history), device=history.device), last]
 
 
-class DreamRec(Backbone):
+class DreamRec(NextItemBackbone):
     """Guided diffusion over next-item embeddings; batches ``{"history", "target"}``."""
 
     name: ClassVar[str] = "dreamrec"
@@ -110,25 +111,8 @@ class DreamRec(Backbone):
         self.denoiser = nn.Linear(3 * d, d)  # DreamRec's "mlp1" diffuser on [x_t, c, emb(t)]
 
     @property
-    def state_dim(self) -> int:
-        return self.config.hidden
-
-    @property
-    def n_items(self) -> int:
-        return self.config.n_items
-
-    @property
     def condition_dim(self) -> int:
         return self.config.hidden
-
-    def item_table(self) -> Tensor:
-        """E (n_items, d): the embeddings of the rankable items (padding excluded)."""
-        return self.item_embeddings.weight[: self.config.n_items]
-
-    def freeze_for_finetuning(self) -> DreamRec:
-        """E stays as pretrained: the sequential environment scores x_0 E^T with it."""
-        self.item_embeddings.weight.requires_grad_(False)
-        return self
 
     def denoise(self, x_t: Tensor, condition: Tensor, t: Tensor) -> Tensor:
         """f_theta(x_t, c, t) (B, d), unguided."""
@@ -147,13 +131,6 @@ class DreamRec(Backbone):
         x0_cond, x0_null = both.chunk(2)
         return classifier_free_guidance(x0_cond, x0_null, w)
 
-    def initial_state(self, batch: Batch, chain: GaussianDiffusion,
-                      generator: torch.Generator | None) -> Tensor:
-        rows = len(batch["history"])
-        device = self.null_condition.device
-        return torch.randn((rows, self.config.hidden), generator=generator,
-                           device=device if generator is None else generator.device).to(device)
-
     def training_loss(self, batch: Batch, t: Tensor, generator: torch.Generator) -> Tensor:
         """MSE (B,) of f(x_t, c or null, t) to E[target]; E is trained by it too."""
         x0 = self.item_embeddings(batch["target"])
@@ -166,5 +143,3 @@ class DreamRec(Backbone):
         predicted = self.denoise(self.diffusion.q_sample(x0, t, noise), condition, t)
         return (predicted - x0).pow(2).mean(-1)
 
-    def scores(self, x0: Tensor) -> Tensor:
-        return x0 @ self.item_table().T

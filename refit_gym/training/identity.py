@@ -55,7 +55,8 @@ def data_digest(data: Dataset) -> str:
     return state.hexdigest()
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), else what ``platform`` knows."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -69,7 +70,7 @@ def machine(device: str) -> dict[str, Any]:
     """Where a cell runs: what can change its floats but not what it computes."""
     name = (torch.cuda.get_device_name(torch.device(device))
             if torch.device(device).type == "cuda" else device)
-    return {"cpu": _cpu_model(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+    return {"cpu": cpu_model(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "threads": torch.get_num_threads(), "torch": torch.__version__, "device": name}
 
 

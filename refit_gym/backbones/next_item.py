@@ -1,0 +1,44 @@
+"""What the next-item backbones (DreamRec, ADRec) share: the state is an embedding of the item to
+recommend next, x_K ~ N(0, I), and a final state is scored against the item table E."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from refit_gym.backbones.base import Backbone, Batch
+from refit_gym.diffusion import GaussianDiffusion
+
+
+class NextItemBackbone(Backbone):
+    """A backbone over item-embedding states of size ``config.hidden`` whose ``item_embeddings``
+    table has ``config.n_items + 1`` rows, the last one padding histories."""
+
+    item_embeddings: nn.Embedding
+
+    @property
+    def state_dim(self) -> int:
+        return self.config.hidden
+
+    @property
+    def n_items(self) -> int:
+        return self.config.n_items
+
+    def item_table(self) -> Tensor:
+        """E (n_items, d): the embeddings of the rankable items (padding excluded)."""
+        return self.item_embeddings.weight[: self.config.n_items]
+
+    def freeze_for_finetuning(self) -> NextItemBackbone:
+        """E stays as pretrained: the sequential environment scores x_0 E^T with it."""
+        self.item_embeddings.weight.requires_grad_(False)
+        return self
+
+    def initial_state(self, batch: Batch, chain: GaussianDiffusion,
+                      generator: torch.Generator | None) -> Tensor:
+        """x_K ~ N(0, I) (B, d), drawn on the generator's device."""
+        rows, device = len(batch["history"]), self.item_embeddings.weight.device
+        return torch.randn((rows, self.config.hidden), generator=generator,
+                           device=device if generator is None else generator.device).to(device)
+
+    def scores(self, x0: Tensor) -> Tensor:
+        return x0 @ self.item_table().T
