@@ -4,19 +4,24 @@ A causal Transformer *encoder* reads the history's item embeddings (no positiona
 order comes from the causal mask) into a representation r_j per position. A causal Transformer
 *decoder* predicts x_0 at every position from r_j + lambda (x_t,j + emb(t_j)): in training every
 position j diffuses its own target E[s_{j+1}] with its own t_j; the loss is (cross-entropy of
-x0_hat E^T against the target + MSE of x0_hat to E[target]) / 2, averaged over target tokens.
+x0_hat E^T against the target, averaged over the batch's target tokens + MSE of x0_hat to
+E[target], averaged over each row's tokens, then rows) / 2.
 At inference only the last position is noisy: the earlier ones hold their known clean targets at
 t = 0, and the reverse chain (DDPM's fixed-large variance, 32 steps) runs on the last token, whose
 final state is scored by inner product with E. Training runs in three stages, by epoch:
 cross-entropy on r_j E^T (item-embedding pretraining), the diffusion loss with E frozen
 (warm-up), then everything.
 
-Read to reproduce, not copied. Where this differs from ADRec's code (each documented in the
-project's README): stage 1 trains the history encoder itself, which then stays (ADRec trains a
-separate SASRec and keeps only its item table); E stays exactly frozen in the warm-up (ADRec's
-weight decay shrinks it through a zero gradient); histories are right-padded and padding is never
-attended or scored (ADRec's left padding is attended by real tokens and is a class of its
-softmax); AdamW with a constant learning rate (ADRec: Adam with L2 1e-5, cosine over 500 epochs).
+Read to reproduce, not copied. Where this differs from ADRec's code: stage 1 trains this model's
+own history encoder, which then stays, for a fixed number of epochs (ADRec trains a separate
+SASRec, N(0, 0.1) init, LayerNorm before dropout, to early stopping, and keeps only its item
+table); E stays exactly frozen in the warm-up (ADRec's weight decay shrinks it through a zero
+gradient); histories are right-padded and padding is never attended or scored (ADRec's left
+padding is attended by real tokens and is a class of its softmax); the fused q/k/v projection
+gets one Xavier init over (3d, d), a smaller std than ADRec's three (d, d) ones; AdamW with a
+constant learning rate (ADRec: Adam with L2 1e-5, cosine over 500 epochs); selection by one
+validation metric with the project's patience rule (ADRec: any of six metrics improving, four
+evaluations); metrics averaged over rows (ADRec: over batches of 512).
 
 ``state_scale`` is lambda: ADRec's 0.001 leaves the chain almost no say over the outcome (see
 :mod:`refit_gym.training.chain_influence`); the project's own variant raises it.
@@ -157,7 +162,7 @@ class ADRec(NextItemBackbone):
         self.decoder = nn.ModuleList(CausalBlock(config) for _ in range(config.decoder_blocks))
         self.time_mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.SiLU(), nn.Linear(4 * d, d))
         self.stage = "full"  # pretraining sets it per epoch (begin_pretrain_epoch)
-        self._unpacked: tuple[Tensor, tuple] | None = None  # see _unpack
+        self._unpacked: tuple[Tensor, bool, tuple] | None = None  # see _unpack
 
     # ------------------------------------------------------------------ interface facts
 
@@ -206,6 +211,10 @@ class ADRec(NextItemBackbone):
         history = batch["history"]
         length = history.shape[1]
         c, d = self.config, self.config.hidden
+        if length != c.max_len:
+            raise ValueError(f"histories of {length} items, but this ADRec was built for "
+                             f"max_len = {c.max_len}: use data of its own environment id")
+        self._unpacked = None
         last = self._last_positions(history, c.n_items)
         parts, order = [], []
         for rows, width in self._length_groups(history):
@@ -216,7 +225,7 @@ class ADRec(NextItemBackbone):
             kv = []
             for block in self.decoder:
                 x, k, v = block(x)
-                kv += [self._merge_heads(k), self._merge_heads(v)]
+                kv += [block._merge(k), block._merge(v)]
             cache = torch.stack(kv, 1).view(len(rows), c.decoder_blocks, 2, width, d)
             visible = torch.arange(width, device=history.device)[None] < last[rows, None]
             parts.append(torch.cat([
@@ -247,23 +256,21 @@ class ADRec(NextItemBackbone):
             lower = width
         return groups
 
-    @staticmethod
-    def _merge_heads(x: Tensor) -> Tensor:
-        """(B, heads, L, d / heads) -> (B, L, d)."""
-        return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], -1)
-
     def _unpack(self, condition: Tensor) -> tuple[Tensor, list[tuple[Tensor, Tensor]], Tensor]:
         """c -> r_last (B, d), each decoder block's (keys, values) (B, heads, L, d / heads)
-        contiguous, visible (B, L) bool. Kept for the condition last unpacked: a chain calls
-        :meth:`predict_x0` with the same c at every step, so the cache is laid out for the
-        attention once per episode, not once per step."""
-        if self._unpacked is not None and self._unpacked[0] is condition:
-            return self._unpacked[1]
+        contiguous, visible (B, L) bool. Kept for the condition last unpacked (and the grad mode
+        it was unpacked under, so that a graph is never lost): a chain calls :meth:`predict_x0`
+        with the same c at every step, so the cache is laid out for the attention once per
+        episode, not once per step. :meth:`encode` drops it."""
+        key = (condition, torch.is_grad_enabled())
+        if self._unpacked is not None and self._unpacked[0] is key[0] and (
+                self._unpacked[1] == key[1]):
+            return self._unpacked[2]
         rep, cache, visible = self._views(condition)
         kv = [tuple(block._heads(cache[:, i, j]).contiguous() for j in (0, 1))
               for i, block in enumerate(self.decoder)]
         unpacked = (rep, kv, visible > 0.5)
-        self._unpacked = (condition, unpacked)
+        self._unpacked = (*key, unpacked)
         return unpacked
 
     def predict_x0(self, x_t: Tensor, t: Tensor, condition: Tensor | None) -> Tensor:

@@ -91,7 +91,8 @@ def chain_influence(backbone: Backbone, batch: dict[str, Tensor], chain: Gaussia
         raise ValueError(f"chain influence needs >= 2 rows and >= 2 trajectories each, got "
                          f"{rows} rows x {trajectories}")
     device = batch["target"].device
-    repeated = {k: v.repeat_interleave(trajectories, 0) for k, v in batch.items()}
+    # Row-keyed evaluation noise ("row") would give every trajectory of a row the same draws.
+    repeated = {k: v.repeat_interleave(trajectories, 0) for k, v in batch.items() if k != "row"}
     generator = torch.Generator(device).manual_seed(seed)
     with eval_mode(backbone):
         x0 = sample_final_states(backbone, repeated, chain, sampler, generator, kappa)
