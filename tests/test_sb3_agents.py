@@ -174,3 +174,22 @@ def test_ml1m_gpu_tables_sample_as_refits_gpu_pick() -> None:
         assert params["epochs"] == refit["epochs"]
         assert params["users_per_epoch"] == refit.get("users_per_epoch", 0)
         assert load_agent_hyperparams(algo, ml1m)["n_envs"] == 64  # the CPU table stays
+
+
+def test_the_critic_reads_adrecs_row_summary_not_its_cache(tmp_path) -> None:
+    # ADRec's condition carries its decoder's keys and values (tens of thousands of numbers on
+    # Beauty); the value head reads the last position's representation only.
+    from refit_gym.backbones import save_backbone
+    from refit_gym.specs import load_env_spec
+
+    env_id = "ReFiT-SeqSynthetic-v1"
+    spec = load_env_spec(env_id)
+    torch.manual_seed(0)
+    backbone = spec.build_backbone(300)
+    save_backbone(tmp_path / "adrec.pt", backbone, env_id, seed=0, epoch=0)
+    venv = ReFiTVecEnv(env_id, num_envs=4, seed=0, checkpoint=str(tmp_path / "adrec.pt"))
+    model = make_model("ppo", venv, backbone, {"n_steps": 32, "batch_size": 64}, seed=0,
+                       device="cpu")
+    width = model.policy.value_net[0].in_features
+    assert width == backbone.state_dim + 33 + backbone.config.hidden < backbone.condition_dim
+    model.learn(64)  # two episodes of the 32-step chain per environment

@@ -171,6 +171,14 @@ class ADRec(NextItemBackbone):
         c = self.config
         return c.hidden + c.max_len * (2 * c.decoder_blocks * c.hidden + 1)
 
+    @property
+    def value_feature_dim(self) -> int:
+        return self.config.hidden
+
+    def value_features(self, condition: Tensor | None) -> Tensor | None:
+        """r at the last position (B, d): the row's summary, not the cache beside it."""
+        return None if condition is None else condition[:, : self.config.hidden]
+
     # ------------------------------------------------------------------ the networks
 
     def encode_sequence(self, history: Tensor) -> Tensor:

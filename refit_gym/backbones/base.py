@@ -55,6 +55,16 @@ class Backbone(nn.Module, ABC):
         """Width of :meth:`encode`'s output; 0 for an unconditional backbone."""
         return 0
 
+    @property
+    def value_feature_dim(self) -> int:
+        """Width of :meth:`value_features`' output."""
+        return self.condition_dim
+
+    def value_features(self, condition: Tensor | None) -> Tensor | None:
+        """What a critic (the SB3 agents' value head) reads of a condition c: all of it, unless
+        c holds more than a summary of the row (ADRec's carries its decoder's cache)."""
+        return condition
+
     def item_table(self) -> Tensor | None:
         """E (n_items, d) when final states are scored against item embeddings, else None."""
         return None

@@ -112,7 +112,7 @@ class DiffusionActorCriticPolicy(ActorCriticPolicy):
         self.backbone: Backbone = backbone_from_configs(self.backbone_configs)
         self.backbone.freeze_for_finetuning()
         steps = self.chain_steps or self.backbone.diffusion.steps
-        width = self.backbone.state_dim + steps + 1 + self.backbone.condition_dim
+        width = self.backbone.state_dim + steps + 1 + self.backbone.value_feature_dim
         # "value" in the names: TRPO leaves such parameters out of its KL Hessian.
         self.value_net = nn.Sequential(nn.Linear(width, self.value_hidden), nn.Tanh(),
                                        nn.Linear(self.value_hidden, 1))
@@ -162,7 +162,8 @@ class DiffusionActorCriticPolicy(ActorCriticPolicy):
         return self.action_dist.proba_distribution(mean, std)
 
     def _value(self, x: Tensor, t_onehot: Tensor, condition: Tensor | None) -> Tensor:
-        parts = [x, t_onehot] if condition is None else [x, t_onehot, condition.detach()]
+        features = self.backbone.value_features(condition)
+        parts = [x, t_onehot] if features is None else [x, t_onehot, features.detach()]
         return self.value_net(torch.cat(parts, dim=-1))
 
     def forward(self, obs: dict[str, Tensor], deterministic: bool = False):
