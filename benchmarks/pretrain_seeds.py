@@ -1,7 +1,7 @@
 """Pretrain an id's backbone over seeds with `refit-gym pretrain`; tabulate the selected models.
 
 A seed whose run folder already holds ``metrics.json`` is reused, not retrained. For a
-stochastic backbone (DreamRec) the table gives the spread over sampling seeds, test split by
+stochastic backbone (DreamRec, ADRec) the table gives the spread over sampling seeds, test split by
 whether the target was ever a training target, and the same models under respaced K-step chains.
 
     REFIT_DATA_DIR=../shared/data python benchmarks/pretrain_seeds.py --env ReFiT-ML1M-v0 \
@@ -19,7 +19,7 @@ from pathlib import Path
 
 from common import write_result
 
-from refit_gym.backbones import load_backbone
+from refit_gym.backbones import BACKBONES, load_backbone
 from refit_gym.cli import main as refit_gym
 from refit_gym.data import load_dataset
 from refit_gym.specs import load_env_spec
@@ -35,6 +35,11 @@ REFERENCES = {
     "ReFiT-Beauty-v0": "DiffuRec's Table 2 as transcribed by a third party (not verified): "
                        "hr@10 / ndcg@10 DiffuRec 0.0791 / 0.0475, SASRec 0.0626 / 0.0323.",
 }
+REFERENCES["ReFiT-Beauty-v1"] = (
+    REFERENCES["ReFiT-Beauty-v0"] + " On this split with this project's metric code, SASRec "
+    "over seeds 1-3 (bench_ReFiT-Beauty-v0.md): test hr@10 0.0649 ± 0.0005, ndcg@10 0.0317 ± "
+    "0.0006, hr@20 0.0942 ± 0.0005, ndcg@20 0.0391 ± 0.0005 (population std); DreamRec (v0) "
+    "test hr@10 0.0008.")
 
 
 def mean_std(values: list[float]) -> str:
@@ -52,7 +57,8 @@ def main() -> None:
     args = parser.parse_args()
     spec = load_env_spec(args.env)
     config = spec.pretrain
-    names = ("hr", "ndcg") if spec.backbone_type == "dreamrec" else ("recall", "ndcg")
+    sampled = BACKBONES[spec.backbone_type][0].stochastic_inference  # the next-item backbones
+    names = ("hr", "ndcg") if sampled else ("recall", "ndcg")
     keys = [f"{n}@{k}" for n in names for k in config.ks]
     seeds = [int(s) for s in args.seeds.split(",")]
     results, rows, outs = [], [], []
@@ -79,15 +85,18 @@ def main() -> None:
         "|---" * (len(keys) + 4) + "|", *rows,
         "| mean ± std over seeds | | " + " | ".join(mean_std([r["test"][k] for r in results])
                                                  for k in keys) + " | | |", ""]
-    if spec.backbone_type == "dreamrec":
+    if sampled:
         steps = spec.diffusion.steps
+        guidance = (f", guidance w = {spec.backbone['guidance']}" if "guidance" in spec.backbone
+                    else "")
+        chain = (f"a respaced {config.selection_steps}-step chain" if config.selection_steps
+                 else f"the backbone's own {steps}-step sampler")
         lines += [
             f"Sequential protocol: every row, all items ranked, nothing masked. Selection passes "
-            f"ran a respaced {config.selection_steps}-step chain, "
-            f"{config.selection_sampling_seeds} sampling seed; the selected model is evaluated "
-            f"with DreamRec's own sampler (all {steps} steps, guidance "
-            f"w = {spec.backbone['guidance']}) over {config.final_sampling_seeds} sampling "
-            "seeds, whose spread (std of the per-seed means) is below.", "",
+            f"ran {chain}, {config.selection_sampling_seeds} sampling seed; the selected model "
+            f"is evaluated with {spec.backbone_type}'s own sampler (all {steps} steps{guidance}) "
+            f"over {config.final_sampling_seeds} sampling seeds, whose spread (sample std of "
+            "the per-seed means) is below.", "",
             "| seed | sampling std of test " + " | ".join(keys) + " |",
             "|---" * (len(keys) + 1) + "|",
             *(f"| {s} | " + " | ".join(f"{r['test_std'][k]:.4f}" for k in keys) + " |"
