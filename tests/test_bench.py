@@ -100,3 +100,12 @@ def test_sequential_tables_split_test_by_target() -> None:
           for a, runs in cells.items()}
     assert "targets" not in bench.markdown_table("X-v0", bench.summarise(cf), [1, 2],
                                                  bench.split_rows(cf))
+
+
+def test_one_seed_prints_no_spread() -> None:
+    metrics = {"hr@20": 0.25, "ndcg@20": 0.125}
+    cells = {"pretrained": [{"valid": metrics, "test": metrics, "wall_time_s": 3.0}]}
+    table = bench.markdown_table("X-v0", bench.summarise(cells), [7])
+    assert "± " not in table.split("\n", 1)[1]
+    assert table.startswith("# X-v0: seed 7")
+    assert "| pretrained | 0.2500 | 0.1250 | 0.2500 | 0.1250 | 3 |" in table

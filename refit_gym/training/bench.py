@@ -216,7 +216,14 @@ def markdown_table(env_id: str, summary: dict[str, Any], seeds: list[int],
                    rows: dict[str, int] | None = None) -> str:
     """The valid/test table, then (given each target split's ``rows``) test by target split."""
     columns = [k for k in next(iter(summary.values())) if k.split("/")[0] in ("valid", "test")]
-    lines = [f"# {env_id}: mean ± std over seeds {', '.join(map(str, seeds))}", "",
+    spread = len(seeds) > 1  # one seed has no spread to print
+
+    def cell(mean_std: tuple[float, float], digits: int = 4) -> str:
+        return f"{mean_std[0]:.{digits}f}" + (f" ± {mean_std[1]:.{digits}f}" if spread else "")
+
+    title = (f"mean ± std over seeds {', '.join(map(str, seeds))}" if spread
+             else f"seed {seeds[0]}")
+    lines = [f"# {env_id}: {title}", "",
              "Fine-tuned models are selected by validation NDCG@20 (the pretrained start is a "
              "candidate), peers by validation NDCG@20 over their agents/<peer>.toml grid; test "
              "is reported, never used. Wall time: pretraining for `pretrained`, training time "
@@ -224,9 +231,8 @@ def markdown_table(env_id: str, summary: dict[str, Any], seeds: list[int],
              "| algo | " + " | ".join(columns) + " | wall s |",
              "|---" * (len(columns) + 2) + "|"]
     for algo, entry in summary.items():
-        cells = [f"{entry[c][0]:.4f} ± {entry[c][1]:.4f}" for c in columns]
-        wall = entry["wall_time_s"]
-        lines.append(f"| {algo} | " + " | ".join(cells) + f" | {wall[0]:.0f} ± {wall[1]:.0f} |")
+        cells = [cell(entry[c]) for c in columns]
+        lines.append(f"| {algo} | " + " | ".join(cells) + f" | {cell(entry['wall_time_s'], 0)} |")
     if rows:
         keys = [c.removeprefix("test/") for c in columns if c.startswith("test/")]
         lines += ["", "Test by whether the row's target was ever a training target:", "",
@@ -236,7 +242,7 @@ def markdown_table(env_id: str, summary: dict[str, Any], seeds: list[int],
             for split, label in TARGET_SPLITS.items():
                 if f"{split}/{keys[0]}" in entry:
                     lines.append(f"| {algo} | {label} | {rows[split]:,} | " + " | ".join(
-                        "{:.4f} ± {:.4f}".format(*entry[f"{split}/{k}"]) for k in keys) + " |")
+                        cell(entry[f"{split}/{k}"]) for k in keys) + " |")
     return "\n".join(lines) + "\n"
 
 
