@@ -51,7 +51,7 @@ def test_bench_writes_table_json_plots_and_reuses_cells(tmp_path: Path, monkeypa
     # A --set on the same folder is refused, naming the key, instead of reporting old cells.
     assert main([*args[:-1], "refit.users_per_epoch=32"]) == 2
     error = capsys.readouterr().err.strip()
-    assert "seed1/refit was computed with hyperparams.users_per_epoch = 64, this bench gives " \
+    assert "seed1/refit was computed with hyperparams.users_per_epoch = 64, this run gives " \
         "32" in error and len(error.splitlines()) == 1
 
 

@@ -54,7 +54,7 @@ def test_a_changed_hyperparameter_is_named(tmp_path: Path) -> None:
     (tmp_path / "metrics.json").write_text(json.dumps({"identity": identity}))
     assert bench.reuse_cell(tmp_path, identity) == {"identity": identity}
     changed = {**identity, "hyperparams": {"epochs": 2, "lr": 1e-4}}  # --set refit.epochs=2
-    with pytest.raises(bench.CellMismatch, match="hyperparams.epochs = 1, this bench gives 2"):
+    with pytest.raises(bench.CellMismatch, match="hyperparams.epochs = 1, this run gives 2"):
         bench.reuse_cell(tmp_path, changed)
     with pytest.raises(bench.CellMismatch, match="env_kwargs.reward = "):
         bench.reuse_cell(tmp_path, {**identity, "env_kwargs": {"reward": "ndcg"}})

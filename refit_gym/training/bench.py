@@ -249,8 +249,8 @@ def markdown_table(env_id: str, summary: dict[str, Any], seeds: list[int],
 def plot(cells: dict[str, list[dict[str, Any]]], summary: dict[str, Any],
          out_dir: Path) -> None:
     """Learning curves against training seconds (train reward, the fixed-episode reward of the
-    optimiser's own check, validation NDCG@20) and the final test metrics: ``summary``'s mean ± std over
-    seeds, one point an algorithm."""
+    optimiser's own check, validation NDCG@20) and the final test metrics: ``summary``'s
+    mean ± std over seeds, one point an algorithm."""
     import matplotlib
 
     matplotlib.use("Agg")
