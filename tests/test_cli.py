@@ -181,8 +181,8 @@ def test_finetune_test_curve_flag_reaches_the_driver(flag: list[str], expected: 
     def fake_finetune(*args, **kwargs) -> dict:  # records the call instead of training
         seen.update(kwargs)
         metrics = {"ndcg@20": 0.0}
-        return {"best_epoch": 0, "wall_time_s": 0.0, "valid": metrics, "test": metrics,
-                "start": {"valid": metrics, "test": metrics}}
+        return {"best_epoch": 0, "wall_time_s": 0.0, "already_finished": False,
+                "valid": metrics, "test": metrics, "start": {"valid": metrics, "test": metrics}}
 
     monkeypatch.setattr(driver, "finetune", fake_finetune)
     assert main(["finetune", "--env", SYN, "--algo", "refit", "--checkpoint",
