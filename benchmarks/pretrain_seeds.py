@@ -43,8 +43,9 @@ REFERENCES["ReFiT-Beauty-v1"] = (
 
 
 def mean_std(values: list[float]) -> str:
-    """``mean ± std`` over seeds, the std the project's sample std (n - 1)."""
-    return f"{statistics.mean(values):.4f} ± {sample_std(values):.4f}"
+    """``mean ± std`` over seeds, the std the project's sample std (n - 1); one seed: its value."""
+    mean = f"{statistics.mean(values):.4f}"
+    return mean if len(values) == 1 else f"{mean} ± {sample_std(values):.4f}"
 
 
 def main() -> None:
