@@ -268,7 +268,8 @@ def test_interrupted_run_resumes_to_the_same_result(env_id, checkpoint_fixture, 
     b, _ = load_backbone(tmp_path / "cut" / "finetuned.pt")
     for key, value in a.state_dict().items():
         assert torch.equal(value, b.state_dict()[key]), key
-    with pytest.raises(CheckpointError, match="different run"):
+    with pytest.raises(CheckpointError,
+                       match=r"another fine-tuning run.s state \(seed = \d+, this run gives 6\)"):
         finetune(spec, data, pretrained, "refit", tmp_path / "cut", seed=6,
                  hyperparams=hyperparams, progress=False)
 
