@@ -24,6 +24,10 @@
 # (editable: from the repository root a plain install is shadowed by the source folder).
 set -uo pipefail
 cd "$(dirname "$0")/.."
+# A project installed from a wheel (as CI's .venv) would be shadowed here by the source folder,
+# which lacks refit_gym.envs and refit_gym.agents: Python (3.11+) leaves the working directory
+# off sys.path.
+export PYTHONSAFEPATH=1
 PY=${PYTHON:-python3}
 SMOKE=0 DEADLINE=540 JOBS=4 OUT=""
 while [ $# -gt 0 ]; do
