@@ -190,7 +190,7 @@ def test_sequence_end_rows_are_each_sequences_last_prefix() -> None:
     history, target = prefix_rows(sequences, 4, 20)
     data = SequenceData("toy", 20, {"train": history, "valid": history[:1], "test": history[:1]},
                         {"train": target, "valid": target[:1], "test": target[:1]})
-    ends = data.sequence_end_rows()
+    ends = data.sequence_end_rows
     assert ends.tolist() == [2, 3, 12]
     np.testing.assert_array_equal(target[ends], [3, 5, 15])
     np.testing.assert_array_equal(history[ends], last_items(

@@ -294,7 +294,7 @@ class ADRec(NextItemBackbone):
     def training_rows(self, data: Dataset) -> np.ndarray | None:
         """Every position of a sequence is a target at once: an epoch passes over each training
         sequence's last prefix only (the others are inside it)."""
-        return data.sequence_end_rows() if isinstance(data, SequenceData) else None
+        return data.sequence_end_rows if isinstance(data, SequenceData) else None
 
     def begin_pretrain_epoch(self, epoch: int) -> None:
         """Set the stage of pretraining epoch ``epoch``: E trains except in the warm-up."""

@@ -14,6 +14,7 @@ import io
 import pickle
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +73,7 @@ class SequenceData:
         return sp.csr_matrix((ones, (last[keep], self.targets["train"][keep])),
                              shape=(self.n_items, self.n_items))
 
+    @cached_property
     def sequence_end_rows(self) -> np.ndarray:
         """Indices of the training rows that no later row extends: each training sequence's
         last prefix, whose history and target together hold the whole (latest) sequence.
@@ -79,7 +81,7 @@ class SequenceData:
         Row i + 1 extends row i when its history is row i's history followed by row i's
         target (the latest ``max_len`` of them): consecutive prefixes of one sequence, as
         :func:`prefix_rows` lays them out. A backbone that trains on every position of a
-        sequence at once (ADRec) passes over these rows only."""
+        sequence at once (ADRec) passes over these rows only, every epoch: computed once."""
         history, target, pad = self.histories["train"], self.targets["train"], self.n_items
         length = (history != pad).sum(1)
         full = length == self.max_len
