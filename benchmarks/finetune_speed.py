@@ -86,7 +86,7 @@ def main() -> None:
     args = parser.parse_args()
 
     spec = load_env_spec(args.env)
-    sequential = spec.backbone_type == "dreamrec"
+    sequential = spec.sequential
     data = cached_dataset(spec.id, None)
     config = ReFiTConfig(**load_agent_hyperparams("refit", spec.id))
     env_kwargs = {} if sequential else CF_REWARD

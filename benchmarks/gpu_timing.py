@@ -28,7 +28,7 @@ def main() -> None:
         spec = load_env_spec(env_id)
         data = cached_dataset(env_id, None)
         config = ReFiTConfig(**load_agent_hyperparams("refit", env_id))
-        env_kwargs = {} if spec.backbone_type == "dreamrec" else CF_REWARD
+        env_kwargs = {} if spec.sequential else CF_REWARD
         n_batches = -(-(config.users_per_epoch or data.n_train_rows) // config.users_per_batch)
         epoch = {}
         for device in ("cpu", "cuda"):

@@ -90,7 +90,7 @@ def main() -> None:
     args = parser.parse_args()
     spec = load_env_spec(args.env)
     data = cached_dataset(spec.id, None)
-    sequential = spec.backbone_type == "dreamrec"
+    sequential = spec.sequential
     configs = list((SEQ_CONFIGS if sequential else CF_CONFIGS).items())
     hits = "hr@20" if sequential else "recall@20"
     numbers = [int(i) for i in args.only.split(",")] if args.only else range(1, len(configs) + 1)

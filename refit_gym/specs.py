@@ -31,7 +31,7 @@ else:  # pragma: no cover - exercised on Python 3.10 only
     import tomli as tomllib
 
 from refit_gym.backbones import Backbone
-from refit_gym.backbones.registry import backbone_config, backbone_from_configs
+from refit_gym.backbones.registry import BACKBONES, backbone_config, backbone_from_configs
 from refit_gym.data.loading import FORMATS
 from refit_gym.diffusion import DiffusionConfig
 
@@ -72,6 +72,11 @@ class EnvSpec:
     @property
     def backbone_type(self) -> str:
         return self.backbone["type"]
+
+    @property
+    def sequential(self) -> bool:
+        """Whether the id is of the sequential scenario (next-item rows) rather than CF."""
+        return BACKBONES[self.backbone_type][0].sequential
 
     def backbone_fields(self, n_items: int) -> dict[str, Any]:
         """The backbone config's fields for a dataset of ``n_items`` items."""

@@ -26,7 +26,12 @@ from refit_gym.cli import main
 from refit_gym.data.progress import Progress, announce
 from refit_gym.mdp.gym_env import ReFiTEnv, ReFiTVectorEnv
 from refit_gym.mdp.sb3_vec_env import ReFiTVecEnv
-from refit_gym.specs import agent_settings, check_agent_hyperparams, load_agent_hyperparams
+from refit_gym.specs import (
+    agent_settings,
+    check_agent_hyperparams,
+    load_agent_hyperparams,
+    load_env_spec,
+)
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -236,3 +241,12 @@ def test_announce_prints_one_line_before_a_silent_step(monkeypatch) -> None:
     monkeypatch.setattr(sys, "stderr", terminal)
     announce("building the reward's factor cache")
     assert terminal.getvalue() == "building the reward's factor cache\n"
+
+
+def test_every_registered_id_says_its_scenario() -> None:
+    sequential = {env_id: load_env_spec(env_id).sequential
+                  for env_id in ("ReFiT-ML1M-v0", "ReFiT-Synthetic-v0", "ReFiT-Zhihu-v0",
+                                 "ReFiT-Beauty-v1", "ReFiT-SeqSynthetic-v1")}
+    assert sequential == {"ReFiT-ML1M-v0": False, "ReFiT-Synthetic-v0": False,
+                          "ReFiT-Zhihu-v0": True, "ReFiT-Beauty-v1": True,
+                          "ReFiT-SeqSynthetic-v1": True}

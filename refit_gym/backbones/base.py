@@ -27,6 +27,7 @@ class Backbone(nn.Module, ABC):
 
     name: ClassVar[str]  # the key of BACKBONES and of checkpoints
     stochastic_inference: ClassVar[bool]  # False: the mean chain (DiffRec); True: sampled
+    sequential: ClassVar[bool] = False  # True: rows are histories and the state an item embedding
 
     def __init__(self, config: Any, diffusion_config: DiffusionConfig) -> None:
         super().__init__()

@@ -3,6 +3,8 @@ recommend next, x_K ~ N(0, I), and a final state is scored against the item tabl
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from torch import Tensor, nn
 
@@ -14,6 +16,7 @@ class NextItemBackbone(Backbone):
     """A backbone over item-embedding states of size ``config.hidden`` whose ``item_embeddings``
     table has ``config.n_items + 1`` rows, the last one padding histories."""
 
+    sequential: ClassVar[bool] = True
     item_embeddings: nn.Embedding
 
     @property
