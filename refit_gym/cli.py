@@ -117,15 +117,15 @@ def _report(title: str, payload: dict, json_path: str | None) -> None:
 
 
 def cmd_pretrain(args: argparse.Namespace) -> None:
+    from refit_gym.training.bench import pretrain_identity, record_cell
     from refit_gym.training.pretrain import pretrain
 
     spec, data = _load(args)
     out = Path(args.out) if args.out else default_checkpoint(spec.id, args.seed).parent
     result = pretrain(spec, data, out, seed=args.seed, device=args.device,
                       max_epochs=args.max_epochs, progress=not args.quiet)
-    payload = result.to_json(spec.id, args.seed)
-    if current().is_main:
-        write_json(out / "metrics.json", payload)
+    payload = record_cell(out, result.to_json(spec.id, args.seed),
+                          pretrain_identity(spec, data, args.seed, args.max_epochs), args.device)
     _report(
         f"{spec.id} pretrain seed {args.seed}: best epoch {result.best_epoch} of "
         f"{result.epochs}, {result.wall_time_s:.0f} s, checkpoint {result.checkpoint}",

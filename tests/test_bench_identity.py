@@ -59,3 +59,25 @@ def test_a_changed_hyperparameter_is_named(tmp_path: Path) -> None:
     with pytest.raises(bench.CellMismatch, match="env_kwargs.reward = "):
         bench.reuse_cell(tmp_path, {**identity, "env_kwargs": {"reward": "ndcg"}})
     assert bench.reuse_cell(tmp_path / "absent", identity) is None
+
+
+def test_a_backbone_pretrained_on_its_own_is_reused_by_bench(tmp_path: Path,
+                                                            monkeypatch) -> None:
+    from refit_gym.cli import main as refit_gym
+
+    cell = tmp_path / "seed1" / "pretrain"
+    assert refit_gym(["pretrain", "--env", SYN, "--seed", "1", "--max-epochs", "2",
+                      "--out", str(cell), "--quiet"]) == 0
+    written = json.loads((cell / "metrics.json").read_text())
+    spec, data = load_env_spec(SYN), cached_dataset(SYN, None)
+    assert written["identity"] == bench.pretrain_identity(spec, data, 1, 2)
+
+    def no_more_work(*args, **kwargs):
+        raise AssertionError("the pretrained backbone was trained again")
+
+    monkeypatch.setattr(bench, "pretrain", no_more_work)
+    result = bench.run_bench(spec, data, ["pretrained"], [1], tmp_path, progress=False,
+                             pretrain_max_epochs=2)
+    assert result["cells"]["pretrained"][0]["test"] == written["test"]
+    with pytest.raises(bench.CellMismatch, match="max_epochs = 2, this run gives null"):
+        bench.run_bench(spec, data, ["pretrained"], [1], tmp_path, progress=False)

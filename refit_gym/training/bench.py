@@ -75,8 +75,21 @@ def reuse_cell(cell: Path, identity: dict[str, Any]) -> dict[str, Any] | None:
     return result
 
 
-def _record(cell: Path, result: dict[str, Any], identity: dict[str, Any],
-            device: str) -> dict[str, Any]:
+def pretrain_identity(spec: EnvSpec, data: Dataset, seed: int,
+                      max_epochs: int | None) -> dict[str, Any]:
+    """What decides a pretrained backbone: written by ``refit-gym pretrain`` and by bench alike,
+    so a backbone pretrained on its own is reused by a bench whose ``seed<S>/pretrain`` it is."""
+    return {"algo": "pretrain", "seed": seed, "max_epochs": max_epochs,
+            **common_identity(spec, data)}
+
+
+def common_identity(spec: EnvSpec, data: Dataset) -> dict[str, Any]:
+    return {"spec": spec_digest(spec), "data": data_digest(data),
+            "version": refit_gym.__version__}
+
+
+def record_cell(cell: Path, result: dict[str, Any], identity: dict[str, Any],
+                device: str) -> dict[str, Any]:
     """``result`` with its identity and machine, as the cell's metrics.json holds it (rank 0
     writes it)."""
     result = json.loads(json.dumps({**result, "identity": identity, "machine": machine(device)},
@@ -110,14 +123,12 @@ def run_bench(
         raise ValueError(f"--set names {stray}, which this bench does not fine-tune; --set "
                          "takes ALGO.KEY=VALUE for an algorithm in --algos (a peer's grid is "
                          "agents/<peer>.toml)")
-    common = {"spec": spec_digest(spec), "data": data_digest(data),
-              "version": refit_gym.__version__}
+    common = common_identity(spec, data)
     identities: dict[tuple[int, str], dict[str, Any]] = {}
     for seed in seeds:
-        pretrain_identity = {"algo": "pretrain", "seed": seed,
-                             "max_epochs": pretrain_max_epochs, **common}
+        backbone = pretrain_identity(spec, data, seed, pretrain_max_epochs)
         if set(ordered) - set(PEER_NAMES):  # the peers need no backbone
-            identities[seed, "pretrain"] = pretrain_identity
+            identities[seed, "pretrain"] = backbone
         for algo in ordered:
             if algo in PEER_NAMES:
                 identities[seed, algo] = {"algo": algo, "seed": seed,
@@ -127,7 +138,7 @@ def run_bench(
                           **hyperparams.get(algo, {})}
                 identities[seed, algo] = {"algo": algo, "seed": seed, "hyperparams": params,
                                           "env_kwargs": env_kwargs or {},
-                                          "pretrain": pretrain_identity, **common}
+                                          "pretrain": backbone, **common}
     # Every finished cell is checked before any work starts.
     finished = {key: reuse_cell(_cell_dir(out_dir, *key), identity)
                 for key, identity in identities.items()}
@@ -136,7 +147,7 @@ def run_bench(
         base: dict[str, Any] = {}
         if (seed, "pretrain") in identities:
             cell = _cell_dir(out_dir, seed, "pretrain")
-            base = finished[seed, "pretrain"] or _record(
+            base = finished[seed, "pretrain"] or record_cell(
                 cell, pretrain(spec, data, cell, seed=seed, device=device,
                                max_epochs=pretrain_max_epochs, progress=progress
                                ).to_json(spec.id, seed), identities[seed, "pretrain"], device)
@@ -155,7 +166,7 @@ def run_bench(
                         spec, data, Path(base["checkpoint"]), algo, cell, seed=seed,
                         device=device, hyperparams=hyperparams.get(algo),
                         env_kwargs=env_kwargs, budget_seconds=budget, progress=progress)
-                result = _record(cell, result, identities[seed, algo], device)
+                result = record_cell(cell, result, identities[seed, algo], device)
             finished[seed, algo] = result
             cells[algo].append(result)
     summary = summarise(cells)
