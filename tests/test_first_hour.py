@@ -246,7 +246,7 @@ def test_announce_prints_one_line_before_a_silent_step(monkeypatch) -> None:
 def test_every_registered_id_says_its_scenario() -> None:
     sequential = {env_id: load_env_spec(env_id).sequential
                   for env_id in ("ReFiT-ML1M-v0", "ReFiT-Synthetic-v0", "ReFiT-Zhihu-v0",
-                                 "ReFiT-Beauty-v1", "ReFiT-SeqSynthetic-v1")}
+                                 "ReFiT-Beauty-v1", "ReFiT-SeqSynthetic-v1", "ReFiT-ML1MSeq-v0")}
     assert sequential == {"ReFiT-ML1M-v0": False, "ReFiT-Synthetic-v0": False,
                           "ReFiT-Zhihu-v0": True, "ReFiT-Beauty-v1": True,
-                          "ReFiT-SeqSynthetic-v1": True}
+                          "ReFiT-SeqSynthetic-v1": True, "ReFiT-ML1MSeq-v0": True}

@@ -186,6 +186,13 @@ def test_real_sequential_sets(data_dir: Path, tmp_path: Path, monkeypatch) -> No
     assert len(beauty.targets["valid"]) == len(beauty.targets["test"]) == 22363
     # 153,776 training interactions over 22,363 users: one row per item after the first.
     assert beauty.n_train_rows == 153776 - 22363
+    ml1m = load_dataset(load_env_spec("ReFiT-ML1MSeq-v0").dataset, data_dir)
+    assert ml1m.n_items == 3706 and ml1m.max_len == 50
+    assert len(ml1m.targets["valid"]) == len(ml1m.targets["test"]) == 6040
+    assert ml1m.n_train_rows == 988129 - 6040
+    # ADRec's epoch: one row per user, its latest 50 items and their successor.
+    ends = ml1m.sequence_end_rows
+    assert len(ends) == 6040 and ends[-1] == ml1m.n_train_rows - 1
 
 
 def test_transitions_count_consecutive_training_pairs() -> None:
