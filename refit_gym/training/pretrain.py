@@ -3,8 +3,10 @@
 Per epoch: shuffle the training rows (users or (history, next item) rows), and for each batch
 sample t (DiffRec: by the running loss once every step has 10 recorded losses; DreamRec:
 uniformly), compute the backbone's own loss, divide by the sampling probability. Every
-``eval_every`` epochs evaluate on validation; keep the checkpoint with the best validation
-``selection_metric``; stop after ``patience`` epochs without improvement. A stochastic backbone
+``eval_every`` epochs (and at the last epoch) evaluate on validation; the project's one
+:class:`~refit_gym.training.selection.Selector` keeps the checkpoint with the best validation
+``selection_metric`` and stops the run ``patience`` epochs after the best one (that epoch is
+not run; see :func:`pretrain_selector`). A stochastic backbone
 is selected on a cheaper respaced chain and its selected checkpoint is then evaluated with its
 own full sampler over several sampling seeds. A backbone trained in stages (ADRec) says which
 rows an epoch passes over, sets its stage before each epoch, and is evaluated and selected from
@@ -27,7 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from refit_gym.backbones import Backbone, load_backbone, save_backbone
+from refit_gym.backbones import Backbone, load_backbone, read_checkpoint, save_backbone
 from refit_gym.data import Dataset
 from refit_gym.data.progress import Progress
 from refit_gym.distributed import Distributed, current
@@ -40,6 +42,7 @@ from refit_gym.training.resume import (
     save_state,
     seed_for,
 )
+from refit_gym.training.selection import Selector, weights_digest
 
 
 class LossAwareTimestepSampler:
@@ -159,6 +162,43 @@ def rank_generator(seed: int, dist: Distributed) -> torch.Generator | None:
     return torch.Generator().manual_seed(seed_for(seed, dist.rank)) if dist.active else None
 
 
+def pretrain_selector(config: PretrainConfig, start: int) -> Selector:
+    """The selection of a pretraining run whose first selectable epoch is ``start``.
+
+    A spec's ``patience`` P stops the run at epoch best + P (or start - 1 + P while nothing was
+    selected) without running it, so P - 1 epochs run past the best; the Selector's patience
+    counts the epochs that run, hence P - 1. The checkpoint file keeps the best weights, so the
+    Selector keeps only their digest.
+    """
+    if config.patience < 2:
+        raise ValueError(f"pretraining patience must be >= 2 epochs (the run stops at the "
+                         f"patience-th epoch after the best without running it), got "
+                         f"{config.patience}")
+    return Selector(config.selection_metric, patience=config.patience - 1, start=start,
+                    keep_weights=False)
+
+
+def _resumed_selector(state: dict, config: PretrainConfig, start: int,
+                      checkpoint: Path) -> Selector:
+    """The Selector of a resume state. A state written before pretraining used the Selector
+    holds the best epoch (0: none), score and metrics as ``best`` and the curve in
+    ``history``; runs of that code may still be resumed, so it is converted here (the digest
+    from the checkpoint file, which holds the best weights)."""
+    if "selector" in state:
+        return Selector.from_state(state["selector"])
+    selector, best = pretrain_selector(config, start), state["best"]
+    selected = best["epoch"] > 0
+    return Selector.from_state({
+        **selector.state_dict(),
+        "curve": [{"epoch": h["epoch"], "score": float(h["valid"][selector.metric])}
+                  for h in state["history"]],
+        "best_epoch": best["epoch"] if selected else None,
+        "best_score": float(best["score"]),
+        "best_metrics": {k: v for k, v in best.items() if k not in ("epoch", "score")},
+        "digest": weights_digest(read_checkpoint(checkpoint)["state_dict"]) if selected
+        else None})
+
+
 @dataclass
 class PretrainResult:
     checkpoint: Path
@@ -170,13 +210,15 @@ class PretrainResult:
     history: list[dict] = field(default_factory=list)
     train_seconds: float = 0.0  # training and selection passes, before the final evaluation
     extra: dict = field(default_factory=dict)  # spreads and seen/unseen splits (sequential)
+    selection: dict = field(default_factory=dict)  # Selector.summary(): curve, best, digest
 
     def to_json(self, env_id: str, seed: int) -> dict:
         return {
             "env": env_id, "seed": seed, "checkpoint": str(self.checkpoint),
             "best_epoch": self.best_epoch, "epochs": self.epochs, "valid": self.valid,
             "test": self.test, "wall_time_s": self.wall_time_s,
-            "train_seconds": self.train_seconds, "history": self.history, **self.extra,
+            "train_seconds": self.train_seconds, "history": self.history,
+            "selection": self.selection, **self.extra,
         }
 
 
@@ -211,13 +253,14 @@ def pretrain(
     identity = {"env": spec.id, "seed": seed, "world_size": dist.world_size,
                 "pretrain": dataclasses.asdict(config), "backbone": spec.backbone,
                 "diffusion": dataclasses.asdict(spec.diffusion)}
-    best: dict = {"epoch": 0, "score": -np.inf, "valid": {}, "test": {}}
+    selectable = backbone.selection_start
+    selector = pretrain_selector(config, selectable)
     history: list[dict] = []
     epoch, elapsed = 0, 0.0
     resumed = load_state(state_path, identity, "pretraining")
     if resumed is not None:
-        epoch, elapsed, best, history = (resumed[k] for k in ("epoch", "elapsed", "best",
-                                                               "history"))
+        epoch, elapsed, history = (resumed[k] for k in ("epoch", "elapsed", "history"))
+        selector = _resumed_selector(resumed, config, selectable, checkpoint)
         backbone.load_state_dict(resumed["model"])
         optimizer.load_state_dict(resumed["optimizer"])
         generator.set_state(resumed["generator"])
@@ -226,51 +269,58 @@ def pretrain(
     started = time.perf_counter() - elapsed
     bar = Progress(max_epochs, f"pretrain {spec.id}", unit="epoch", initial=epoch,
                    enabled=progress and dist.is_main)
-    first, selectable = epoch + 1, backbone.selection_start
+    first = epoch + 1
     if max_epochs < selectable:
         raise ValueError(f"max_epochs ({max_epochs}) ends before the model can be selected: "
                          f"{spec.backbone_type}'s last training stage starts at epoch "
                          f"{selectable}; allow at least {selectable} epochs")
     for epoch in range(first, max_epochs + 1):
-        if epoch - max(best["epoch"], selectable - 1) >= config.patience:
-            epoch -= 1
+        if selector.should_stop(epoch):
+            epoch -= 1  # the last epoch that ran
             break
         backbone.begin_pretrain_epoch(epoch)
         loss = train_epoch(backbone, data, optimizer, sampler, config, generator, device,
                            noise)
         bar.advance()
-        shown = {f"best valid {metric}": best["score"]} if best["epoch"] else {}
+        shown = ({f"best valid {metric}": selector.best_score}
+                 if selector.best_epoch is not None else {})
         bar.epoch(f"epoch {epoch}", loss=loss, **shown)
         if epoch >= selectable and (epoch % config.eval_every == 0 or epoch == max_epochs):
             metrics = evaluate(backbone, data, config, device=device,
                                chain=selection_chain(backbone, config),
                                sampling_seeds=config.selection_sampling_seeds)
             history.append({"epoch": epoch, "loss": loss, **metrics})
-            if metrics["valid"][metric] > best["score"]:
-                best = {"epoch": epoch, "score": metrics["valid"][metric], **metrics}
-                if dist.is_main:
-                    save_backbone(checkpoint, backbone, spec.id, seed=seed, epoch=epoch,
-                                  **metrics)
+            if selector.offer(epoch, metrics, backbone.state_dict()) and dist.is_main:
+                save_backbone(checkpoint, backbone, spec.id, seed=seed, epoch=epoch, **metrics)
         random = gather_random_states(dist, noise)  # a collective: every rank joins
         save_state(state_path, {
-            "identity": identity, "epoch": epoch, "best": best, "history": history,
-            "elapsed": time.perf_counter() - started, "model": backbone.state_dict(),
+            "identity": identity, "epoch": epoch, "selector": selector.state_dict(),
+            "history": history, "elapsed": time.perf_counter() - started,
+            "model": backbone.state_dict(),
             "optimizer": optimizer.state_dict(), "generator": generator.get_state(),
             "random": random, "sampler": sampler.state_dict()})
     bar.close()
     dist.barrier()  # the selected checkpoint is on disk for every rank
     train_seconds = time.perf_counter() - started
+    if selector.best_epoch is None:  # no checkpoint was written
+        raise RuntimeError(
+            f"pretraining {spec.id} selected no epoch by validation {metric} (evaluated: "
+            f"{selector.curve}): no score was a number, or the patience ({config.patience}) "
+            f"ran out before the first evaluation (every {config.eval_every} epochs from "
+            f"epoch {selectable})")
+    best = dict(selector.best_metrics)
     if backbone.stochastic_inference:  # the selected model under its own full sampler
         selected, _ = load_backbone(checkpoint, data.n_items, device)
         best.update(evaluate(selected, data, config, device=device,
                              progress=progress and dist.is_main))
         if dist.is_main:
-            save_backbone(checkpoint, selected, spec.id, seed=seed, epoch=best["epoch"],
-                          **{k: v for k, v in best.items() if k not in ("epoch", "score")})
+            save_backbone(checkpoint, selected, spec.id, seed=seed,
+                          epoch=selector.best_epoch, **best)
     return PretrainResult(
-        checkpoint=checkpoint, best_epoch=best["epoch"], epochs=epoch, valid=best["valid"],
-        test=best["test"], wall_time_s=time.perf_counter() - started, history=history,
-        train_seconds=train_seconds,
-        extra={k: v for k, v in best.items() if k not in ("epoch", "score", "valid", "test")},
+        checkpoint=checkpoint, best_epoch=selector.best_epoch, epochs=epoch,
+        valid=best["valid"], test=best["test"], wall_time_s=time.perf_counter() - started,
+        history=history, train_seconds=train_seconds,
+        extra={k: v for k, v in best.items() if k not in ("valid", "test")},
+        selection=selector.summary(),
     )
 

@@ -1,5 +1,5 @@
-"""One rule for selecting a model by validation, for every loop that selects one (SASRec's
-epochs, a peer's grid; pretraining and fine-tuning can adopt it as they are).
+"""One rule for selecting a model by validation, for every loop that selects one (the epochs
+of pretraining and of SASRec, fine-tuning's evaluations, a peer's grid).
 
 The rule: a candidate is better only when its ``split`` (default validation) ``metric`` is
 strictly higher than the best so far (the earliest of equal scores is kept; NaN never wins).
