@@ -82,16 +82,30 @@ class Distributed:
         parameter without a gradient on every rank keeps none, as one process would leave it
         (an optimiser then skips it, weight decay included)."""
         params = [p for p in parameters if p.requires_grad]
+        if self.active and params:
+            grads = self.sum_per_parameter(params, [p.grad for p in params], params[0].dtype)
+            for p, grad in zip(params, grads, strict=True):
+                p.grad = grad
+
+    def sum_per_parameter(self, params: Sequence[Tensor], tensors: Sequence[Tensor | None],
+                          dtype: torch.dtype) -> list[Tensor | None]:
+        """Sums over ranks, in one all-reduce of ``dtype``, of ``tensors`` (one per parameter
+        of ``params``, shaped as it; None where this rank has none). None where no rank has
+        one."""
         if not self.active or not params:
-            return
-        has_grad = torch.tensor([float(p.grad is not None) for p in params],
-                                dtype=params[0].dtype, device=params[0].device)
-        flat = self.sum_(torch.cat([*((torch.zeros_like(p) if p.grad is None else p.grad)
-                                      .reshape(-1) for p in params), has_grad]))
+            return list(tensors)
+        device = params[0].device
+        has = torch.tensor([float(t is not None) for t in tensors], dtype=dtype, device=device)
+        flat = self.sum_(torch.cat([
+            *(torch.zeros(p.numel(), dtype=dtype, device=device) if t is None
+              else t.reshape(-1) for p, t in zip(params, tensors, strict=True)), has]))
+        sums: list[Tensor | None] = []
         offset = 0
         for p, any_rank in zip(params, flat[-len(params):].tolist(), strict=True):
-            p.grad = flat[offset : offset + p.numel()].view_as(p).clone() if any_rank else None
+            sums.append(flat[offset : offset + p.numel()].view(p.shape).clone() if any_rank
+                        else None)
             offset += p.numel()
+        return sums
 
     def gather_rows(self, tensor: Tensor) -> Tensor:
         """Concatenate every rank's ``tensor`` (n_r, ...) in rank order; sizes may differ."""
@@ -136,6 +150,40 @@ class Distributed:
                 f"{name} failed on rank {self.rank} of {self.world_size} ({err}); another rank "
                 "probably died or timed out. Rerun the same command to resume from the last "
                 "checkpoint.") from err
+
+
+class GradientSum:
+    """The gradient of a batch's loss computed in pieces (a batch's chunks), on one rank or
+    several, the same whichever rank computes which piece: each piece's gradient is added in
+    float64, where a sum of a few float32 numbers is exact unless their magnitudes lie more
+    than about 2^27 apart, so neither the order of the additions nor an all-reduce in float64
+    changes it, and the total is rounded to the parameters' dtype once. Summed in float32,
+    1 and 2 processes differed in the last bits from the first update on, which grew to 0.002
+    of validation NDCG@20 in 8 epochs (ReFiT-Synthetic-v0)."""
+
+    def __init__(self, parameters: Iterable[torch.nn.Parameter]) -> None:
+        self.params = [p for p in parameters if p.requires_grad]
+        self.sums: list[Tensor | None] = [None] * len(self.params)
+
+    def add(self) -> None:
+        """Move the parameters' ``.grad`` (one piece's gradient alone) into the sums, leaving
+        none for the next piece."""
+        for i, p in enumerate(self.params):
+            if p.grad is not None:
+                total = self.sums[i]
+                self.sums[i] = p.grad.double() if total is None else total.add_(p.grad)
+                p.grad = None
+
+    def reduce(self, dist: Distributed, exact: bool = True) -> None:
+        """Leave in each parameter's ``.grad`` the sum of every rank's pieces (None where no
+        rank has a gradient for it). ``exact=False`` rounds each rank's sum to the parameters'
+        dtype before the all-reduce: half the bytes of float64, but the total then depends on
+        how the pieces are spread over the ranks."""
+        dtype = torch.float64 if exact else next((p.dtype for p in self.params), torch.float64)
+        sums = [None if s is None else s.to(dtype) for s in self.sums]
+        for p, total in zip(self.params, dist.sum_per_parameter(self.params, sums, dtype),
+                            strict=True):
+            p.grad = None if total is None else total.to(p.dtype)
 
 
 _current = Distributed()

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from refit_gym.backbones import Backbone
 from refit_gym.diffusion import GaussianDiffusion, gaussian_log_prob
-from refit_gym.distributed import Distributed, current
+from refit_gym.distributed import Distributed, GradientSum, current
 from refit_gym.mdp.core import DenoisingMDP
 
 
@@ -223,10 +223,15 @@ class ReFiTAgent:
         n_steps = int(self.dist.max_float(max((len(r.steps) for r in rollouts), default=0)))
         kl_total = clipped = 0.0
         self.optimizer.zero_grad(set_to_none=True)
+        gradient = GradientSum(self.model.parameters())
         for rollout in rollouts:
             kl, clip_count = self._accumulate(rollout, total_rows * n_steps)
             kl_total, clipped = kl_total + kl, clipped + clip_count
-        self.dist.sum_gradients([p for p in self.model.parameters() if p.requires_grad])
+            gradient.add()  # each chunk's alone: the total is then the same on any world size
+        # Chunks of users_per_chunk users are the same on any number of ranks, so an exact
+        # (float64) all-reduce makes the update too; chunks of users_per_batch / world size
+        # are not, and a float32 all-reduce moves half the bytes.
+        gradient.reduce(self.dist, exact=self.config.users_per_chunk > 0)
         return kl_total, clipped, n_steps
 
     def _accumulate(self, rollout: Rollout, denominator: int) -> tuple[float, float]:
