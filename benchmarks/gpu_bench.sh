@@ -9,10 +9,13 @@
 #
 # --deadline-seconds (default 540, 9 minutes, from the script's start): runs still going then
 #   get SIGINT (a killed run keeps its resumable state; rerunning the script with the same --out
-#   resumes them) and the table holds the algorithms that finished on every seed.
+#   resumes them) and the table holds the algorithms that finished on every seed. The ReFiT
+#   runs' FLOP count and its floor time at the GPU's peak rate are printed beside their
+#   measured training seconds (benchmarks/flop_floor.py, OUT/flop_floor.md).
 # --jobs (default 4): runs at once (four pipelines shared one H200 well, gpu_runs_*_H200.md).
-# --out (default runs/gpu-bench/<env>): bench's folder; results.md is also copied to
-#   benchmarks/results/gpu_bench_<env>.md (not in --smoke), metrics.tar.gz is the archive.
+# --out (default runs/gpu-bench/<env>): bench's folder; results.md (and flop_floor.md) are also
+#   copied to benchmarks/results/gpu_bench_<env>[_flop_floor].md (not in --smoke),
+#   metrics.tar.gz is the archive.
 # --smoke: the same script end to end on ReFiT-Synthetic-v0 on the CPU, two seeds, tiny sizes
 #   (under two minutes on 2 cores; tests/test_gpu_bench.py runs it), nothing installed.
 #
@@ -161,11 +164,18 @@ done
   echo "gpu_bench: the table failed; see $OUT/log-table.txt" >&2
   exit 1
 }
-# 4. The archive: every cell's metrics.json and the table, a few MiB at most.
-(cd "$OUT" && find . -name metrics.json -o -name 'results.*' -o -name 'log-*.txt' |
-  tar -czf metrics.tar.gz -T -)
+# 4. The ReFiT runs' FLOP floor at the device's peak rate beside their training seconds
+#    (benchmarks/flop_floor.py; printed and in flop_floor.md). A failure here costs no table.
+if [[ ",$table," == *",refit,"* ]]; then
+  "$PY" benchmarks/flop_floor.py "$OUT" 2> "$OUT/log-flop-floor.txt" ||
+    echo "gpu_bench: the FLOP floor failed; see $OUT/log-flop-floor.txt" >&2
+fi
+# 5. The archive: every cell's metrics.json and the tables, a few MiB at most.
+(cd "$OUT" && find . -name metrics.json -o -name 'results.*' -o -name 'log-*.txt' \
+  -o -name flop_floor.md | tar -czf metrics.tar.gz -T -)
 if [ "$SMOKE" = 0 ]; then
   cp "$OUT/results.md" "benchmarks/results/gpu_bench_$ENV.md"
+  [ -f "$OUT/flop_floor.md" ] && cp "$OUT/flop_floor.md" "benchmarks/results/gpu_bench_${ENV}_flop_floor.md"
 fi
 echo "gpu_bench: $ENV seeds $seeds, $table in $OUT/results.md ($(( SECONDS - STARTED )) s);" \
      "archive $OUT/metrics.tar.gz ($(du -k "$OUT/metrics.tar.gz" | cut -f1) KiB)"

@@ -49,7 +49,8 @@ def test_untrained_steps_follow_the_mean_chain_without_exploration() -> None:
     for seed in (1, 2):
         trace: list[torch.Tensor] = []
         step = core.step
-        core.step = lambda action, trace=trace, step=step: (trace.append(action), step(action))[1]
+        core.step = lambda action, trace=trace, step=step, **kw: (trace.append(action),
+                                                                   step(action, **kw))[1]
         agent.train_batch(core, torch.tensor([0, 1]), torch.Generator().manual_seed(seed))
         del core.step
         traces.append(trace)
@@ -68,8 +69,8 @@ def test_steps_below_min_train_step_follow_the_mean_and_are_not_trained() -> Non
     agent = ReFiTAgent(model, copy.deepcopy(model), config)
     trace: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
     step = core.step
-    core.step = lambda action: (trace.append((core.x.clone(), core.denoiser_timestep(),
-                                              action)), step(action))[1]
+    core.step = lambda action, **kw: (trace.append((core.x.clone(), core.denoiser_timestep(),
+                                                    action)), step(action, **kw))[1]
     rollout = agent.rollout(core, torch.tensor([0, 1]), torch.Generator().manual_seed(1))
     del core.step
     assert [int(t[0]) for _, t, _, _ in rollout.steps] == list(range(core.steps - 1, 1, -1))

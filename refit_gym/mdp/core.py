@@ -47,6 +47,10 @@ class DenoisingMDP:
         self.x = torch.zeros(num_rows, self.state_dim, device=d)
         self.t = torch.zeros(num_rows, dtype=torch.long, device=d)  # 0 = finished, needs reset
         self.episodes = torch.zeros(num_rows, dtype=torch.long, device=d)  # user or row ids
+        # Steps left of every row while all rows started together (known on the host, so a
+        # step need not read t from the device to know which rows terminate); None once rows
+        # were reset apart.
+        self.lockstep: int | None = 0
         self.inputs = source.empty_inputs(num_rows)
         # The reward's per-episode target, shaped as the reward makes it (items or a state).
         self.relevance = reward.relevance(torch.zeros(num_rows, self.n_items, device=d),
@@ -81,7 +85,9 @@ class DenoisingMDP:
             # All rows start together (the usual case): the new tensors become the state.
             self.x, self.t, self.episodes, self.inputs, self.relevance = (
                 start.x, steps, episodes, start.inputs, relevance)
+            self.lockstep = self.steps
             return
+        self.lockstep = None
         # Out of place: tensors handed out by earlier steps stay as they were.
         self.x = self.x.index_put((rows,), start.x)
         self.t = self.t.index_put((rows,), steps)
@@ -89,37 +95,53 @@ class DenoisingMDP:
         self.inputs = {k: v.index_put((rows,), start.inputs[k]) for k, v in self.inputs.items()}
         self.relevance = self.relevance.index_put((rows,), relevance)
 
-    def step(self, action: Tensor) -> StepResult:
+    def step(self, action: Tensor, *, checked: bool = True) -> StepResult:
         """Apply actions (B, d): x <- clip(action), t <- t - 1; reward rows that reach t = 0.
 
         Raises on a wrong shape, a non-float dtype, NaN or infinite values, or a row that has
         already terminated (reset it first). Finite values outside +-ACTION_BOUND are clipped.
         An in-bounds float32 ``action`` becomes the state itself (no copy): the caller must not
         modify it in place afterwards.
+
+        ``checked=False`` is for a trusted agent (the project's own): shape and dtype are still
+        refused (they are known on the host), but the values are clamped without being read, so
+        NaN or infinite actions pass into the state and the reward unreported, and the state is
+        always a new tensor. With every row started together (one :meth:`reset_rows` of all
+        rows) such a step never waits for the device: which rows terminate is known from the
+        host's count of steps; with rows reset apart it reads that from the device once.
         """
         if action.shape != self.x.shape:
             raise ValueError(f"action shape {tuple(action.shape)} != expected "
                              f"{tuple(self.x.shape)} (num_rows, state dimension)")
         if not action.is_floating_point():
             raise TypeError(f"actions must be floating point, got {action.dtype}")
-        if self.t.min().item() <= 0:
+        if self.lockstep is not None:
+            finished = self.lockstep == 0
+        else:  # a trusted agent's rows are not read
+            finished = checked and self.t.min().item() <= 0
+        if finished:
             raise RuntimeError("step() on a terminated episode: call reset() first (reset_rows "
                                "on the torch core)")
-        low, high = (v.item() for v in torch.aminmax(action))  # NaN and inf propagate into it
-        if not (math.isfinite(low) and math.isfinite(high)):
-            raise ValueError("actions contain NaN or infinite values; the denoiser diverged or "
-                             "an agent produced invalid output")
         action = action.to(self.device, torch.float32)
-        if low < -ACTION_BOUND or high > ACTION_BOUND:
+        if not checked:
             action = action.clamp(-ACTION_BOUND, ACTION_BOUND)
+        else:
+            low, high = (v.item() for v in torch.aminmax(action))  # NaN and inf propagate
+            if not (math.isfinite(low) and math.isfinite(high)):
+                raise ValueError("actions contain NaN or infinite values; the denoiser diverged "
+                                 "or an agent produced invalid output")
+            if low < -ACTION_BOUND or high > ACTION_BOUND:
+                action = action.clamp(-ACTION_BOUND, ACTION_BOUND)
         self.x = action  # taken as the next state without a copy: do not modify it in place
         self.t = self.t - 1
         terminated = self.t == 0
-        if bool(terminated.all()):  # the usual case: rows started together
-            reward = self.final_reward(self.x)
+        if self.lockstep is not None:
+            self.lockstep -= 1
+        if self.lockstep == 0 or (self.lockstep is None and bool(terminated.all())):
+            reward = self.final_reward(self.x)  # the usual case: rows started together
         else:
             reward = torch.zeros(self.num_rows, device=self.device)
-            if bool(terminated.any()):
+            if self.lockstep is None and bool(terminated.any()):
                 done = terminated.nonzero().squeeze(-1)
                 reward[done] = self.final_reward(self.x[done], done)
         return StepResult(self.x, self.t, reward, terminated)

@@ -27,6 +27,7 @@ from refit_gym.rl.refit_agent import (
     ReFiTConfig,
     Rollout,
     clipped_surrogate,
+    matmul_precision,
     policy_step,
 )
 
@@ -49,12 +50,12 @@ class DDPOConfig(ReFiTConfig):
 
 
 def ddpo_loss(log_prob: Tensor, old_log_prob: Tensor, advantages: Tensor, clip_range: float,
-              advantage_clip: float) -> tuple[Tensor, int]:
-    """DDPO's minibatch loss (scalar) and how many of its samples' ratios were clipped; every
-    argument (M,) for M (trajectory, step) samples."""
+              advantage_clip: float) -> tuple[Tensor, Tensor]:
+    """DDPO's minibatch loss (scalar) and how many of its samples' ratios were clipped (0-dim
+    long, left on the device); every argument (M,) for M (trajectory, step) samples."""
     advantages = advantages.clamp(-advantage_clip, advantage_clip)
     surrogate, ratio = clipped_surrogate(log_prob, old_log_prob, advantages, clip_range)
-    return -surrogate.mean(), int(((ratio - 1).abs() > clip_range).sum())
+    return -surrogate.mean(), ((ratio - 1).abs() > clip_range).sum()
 
 
 @dataclass
@@ -109,28 +110,35 @@ class DDPOAgent(ReFiTAgent):
         samples = Samples.of(rollouts)
         params = [p for p in self.model.parameters() if p.requires_grad]
         per_minibatch = -(-len(samples) // cfg.minibatches)
-        clipped, grad_norm = 0, torch.zeros(())
-        for _ in range(cfg.update_epochs):
-            order = torch.randperm(len(samples), generator=self.shuffle)
-            for indices in order.split(per_minibatch):
-                self.optimizer.zero_grad(set_to_none=True)
-                loss, clip_count = self.minibatch_loss(samples, indices)
-                loss.backward()
-                grad_norm = nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-                self.optimizer.step()
-                clipped += clip_count
+        clipped = torch.zeros((), dtype=torch.long, device=samples.t.device)
+        grad_norm = torch.zeros(())
+        with matmul_precision(cfg.precision):
+            for _ in range(cfg.update_epochs):
+                # Drawn on the CPU generator (resumable), sent to the device once a pass.
+                order = torch.randperm(len(samples), generator=self.shuffle
+                                       ).to(samples.t.device)
+                for indices in order.split(per_minibatch):
+                    self.optimizer.zero_grad(set_to_none=True)
+                    loss, clip_count = self.minibatch_loss(samples, indices)
+                    loss.backward()
+                    grad_norm = nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                    self.optimizer.step()
+                    clipped = clipped + clip_count
+        # The batch's statistics reach the host here, once.
         reward = sum(r.reward.sum().item() for r in rollouts)
         return BatchStats(reward=reward / total_rows, kl=0.0, grad_norm=float(grad_norm),
-                          clip_fraction=clipped / (len(samples) * cfg.update_epochs))
+                          clip_fraction=int(clipped) / (len(samples) * cfg.update_epochs))
 
-    def minibatch_loss(self, samples: Samples, indices: Tensor) -> tuple[Tensor, int]:
-        """:func:`ddpo_loss` of the samples at ``indices`` (M,) under the current policy."""
+    def minibatch_loss(self, samples: Samples, indices: Tensor) -> tuple[Tensor, Tensor]:
+        """:func:`ddpo_loss` of the samples at ``indices`` (M,) on the samples' device, under
+        the current policy."""
         cfg = self.config
-        indices = indices.to(samples.t.device)
         rows = samples.row[indices]
-        condition = self.model.encode({key: value[rows] for key, value in samples.batch.items()})
+        with self.forward():
+            condition = self.model.encode({key: value[rows]
+                                           for key, value in samples.batch.items()})
         _, log_prob, _ = policy_step(self.model, samples.x_t[indices], samples.t[indices],
                                      condition, cfg.kappa, action=samples.action[indices],
-                                     chain=samples.chain)
+                                     chain=samples.chain, precision=cfg.precision)
         return ddpo_loss(log_prob, samples.old_log_prob[indices], samples.advantages[indices],
                          cfg.clip_range, cfg.advantage_clip)

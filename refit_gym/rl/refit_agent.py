@@ -13,11 +13,18 @@ backbone's own inference (DiffRec: the deterministic mean chain).
 A batch may be rolled out in chunks of users (:meth:`ReFiTAgent.rollout` each), whose gradients
 :meth:`ReFiTAgent.update` accumulates and sums over the ranks of a ``torchrun`` group: the same
 update as one rollout of the whole batch, in less memory or on several processes.
+
+Neither a rollout nor an update waits for the device between steps: the chain's step is the
+loop's, the core is stepped unchecked (:meth:`DenoisingMDP.step`), and the logged statistics
+(reward, KL, clipped ratios) are summed on the device and read once per batch.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import contextlib
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -55,14 +62,28 @@ class ReFiTConfig:
     kl_coef: float = 0.0  # weight of KL(pi_theta || pi_pretrained), per step
     max_grad_norm: float = 1.0
     checkpoint_every: int = 20  # batches between resumable checkpoints
+    # The policy's network forwards in rollout and update (PRECISIONS): "fp32" as pretrained;
+    # "tf32" CUDA's TF32 matmuls (refused off CUDA); "bf16" bfloat16 autocast on the device.
+    # Weights, optimiser, log-probabilities (float64), rewards and evaluation stay as in fp32.
+    precision: str = "fp32"
 
     def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision = {self.precision!r}; choose one of {PRECISIONS}")
         if not 0 <= self.min_train_step < self.train_steps:
             raise ValueError(
                 f"min_train_step ({self.min_train_step}) must be >= 0 and below train_steps "
                 f"({self.train_steps}): the trained steps are min_train_step <= t < train_steps")
         if self.update_epochs < 1:
             raise ValueError(f"update_epochs must be >= 1, got {self.update_epochs}")
+
+    def identity(self) -> dict[str, Any]:
+        """The settings as a run's identity (and metrics.json) records them: every field, but
+        ``precision`` only when it is not "fp32", so runs saved before it existed resume."""
+        settings = asdict(self)
+        if settings["precision"] == "fp32":
+            del settings["precision"]
+        return settings
 
     def trains(self, step: int) -> bool:
         """Whether reverse step ``step`` (chain index t - 1) gets a policy gradient."""
@@ -73,17 +94,57 @@ class ReFiTConfig:
         return self.trains(step) or (self.explore_all_steps and step >= self.min_train_step)
 
 
+PRECISIONS = ("fp32", "tf32", "bf16")
+
+
+def check_precision(precision: str, device: torch.device) -> None:
+    """Refuse, in one line, a :data:`PRECISIONS` entry that ``device`` cannot run."""
+    if precision == "tf32" and device.type != "cuda":
+        raise ValueError(f"precision 'tf32' is a CUDA matmul mode and the policy is on "
+                         f"{device.type}: use 'fp32' or 'bf16' there")
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ValueError(f"precision 'bf16' needs a GPU with bfloat16 support, which "
+                         f"{torch.cuda.get_device_name(device)} lacks: use 'fp32' or 'tf32'")
+
+
+@contextlib.contextmanager
+def matmul_precision(precision: str) -> Iterator[None]:
+    """Inside the block, CUDA matmuls and convolutions (forward and backward) in TF32 when
+    ``precision`` is "tf32" (PyTorch's global flags, restored on leaving); else nothing."""
+    if precision != "tf32":
+        yield
+        return
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def network_autocast(precision: str, device: torch.device
+                     ) -> contextlib.AbstractContextManager[Any]:
+    """The block a policy network's forward runs in: bfloat16 autocast on ``device`` when
+    ``precision`` is "bf16" (its backward then follows the forward's dtypes), else none."""
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
 def policy_step(
     model: Backbone, x_t: Tensor, t: Tensor, condition: Tensor | None, kappa: float,
     action: Tensor | None = None, generator: torch.Generator | None = None,
-    chain: GaussianDiffusion | None = None,
+    chain: GaussianDiffusion | None = None, precision: str = "fp32",
 ) -> tuple[Tensor, Tensor, Tensor]:
     """One reverse step of the Gaussian policy: (action, exact log-prob (B,) float64, mean).
 
     Samples ``action`` = mu + kappa sigma_t eps when none is given; otherwise scores it.
-    Shapes: x_t (B, d), t (B,) chain steps, condition as ``model.encode`` returns it.
+    Shapes: x_t (B, d), t (B,) chain steps, condition as ``model.encode`` returns it. Only the
+    network's forward runs at ``precision`` (:func:`network_autocast`); the mean is float32
+    (the chain's float32 posterior step) and the log-prob float64 in every precision.
     """
-    mean = model.reverse_mean(x_t, t, condition, chain)
+    with network_autocast(precision, x_t.device):
+        mean = model.reverse_mean(x_t, t, condition, chain)
     std = kappa * model.reverse_std(t, chain)
     if action is None:
         noise = torch.randn(mean.shape, generator=generator, device=mean.device)
@@ -149,6 +210,8 @@ class ReFiTAgent:
         # No dropout: rollout and update must score the same policy.
         self.model.eval().freeze_for_finetuning()
         self.reference.eval().requires_grad_(False)
+        self.device = next(model.parameters()).device
+        check_precision(config.precision, self.device)
         self.optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
                                            lr=config.lr, weight_decay=config.weight_decay)
 
@@ -159,6 +222,10 @@ class ReFiTAgent:
         return self.update([self.rollout(core, users, generator)],
                            len(users) * self.config.group_size)
 
+    def forward(self) -> contextlib.AbstractContextManager[Any]:
+        """The block the policy's and the reference's network forwards run in."""
+        return network_autocast(self.config.precision, self.device)
+
     @torch.no_grad()
     def rollout(self, core: DenoisingMDP, users: Tensor, generator: torch.Generator) -> Rollout:
         """Play ``group_size`` trajectories of each of ``users`` (U,) on ``core`` (U * G rows),
@@ -168,30 +235,37 @@ class ReFiTAgent:
         core.reset_rows(rows, users.repeat_interleave(cfg.group_size), generator)
         batch, chain = core.backbone_batch(), core.chain
         steps: list[tuple[Tensor, Tensor, Tensor, Tensor]] = []
-        condition = self.model.encode(batch)
-        # Until the first exploring step, rows whose group shares one deterministic start (an
-        # unconditioned backbone started from the user's history, as DiffRec on ML-1M) share
-        # every state too, so one row per group computes the mean: with exploration on the
-        # last 5 of 40 steps, most of the chain.
-        shared = condition is None and groups_identical(core.x, cfg.group_size)
-        for _ in range(core.steps):
-            t = core.denoiser_timestep()
-            x_t = core.x
-            step = int(t[0])
-            if cfg.explores(step):
-                shared = False
-                action, log_prob, _ = policy_step(self.model, x_t, t, condition, cfg.kappa,
-                                                  generator=generator, chain=chain)
-            elif shared:
-                g = cfg.group_size
-                action = self.model.reverse_mean(x_t[::g], t[::g], None, chain
-                                                 ).repeat_interleave(g, 0)
-            else:
-                action = self.model.reverse_mean(x_t, t, condition, chain)
-            if cfg.trains(step):
-                steps.append((x_t, t, action, log_prob))  # states are never mutated
-            result = core.step(action)
-        reference_condition = self.reference.encode(batch) if cfg.kl_coef > 0 else None
+        with matmul_precision(cfg.precision):
+            with self.forward():
+                condition = self.model.encode(batch)
+            # Until the first exploring step, rows whose group shares one deterministic start
+            # (an unconditioned backbone started from the user's history, as DiffRec on ML-1M)
+            # share every state too, so one row per group computes the mean: with exploration
+            # on the last 5 of 40 steps, most of the chain.
+            shared = condition is None and groups_identical(core.x, cfg.group_size)
+            # Every row starts at t = K, so the i-th action is chain step K - 1 - i: the loop
+            # knows it, and no step reads it back from the device.
+            for step in reversed(range(core.steps)):
+                t = core.denoiser_timestep()
+                x_t = core.x
+                if cfg.explores(step):
+                    shared = False
+                    action, log_prob, _ = policy_step(self.model, x_t, t, condition, cfg.kappa,
+                                                      generator=generator, chain=chain,
+                                                      precision=cfg.precision)
+                elif shared:
+                    g = cfg.group_size
+                    with self.forward():
+                        action = self.model.reverse_mean(x_t[::g], t[::g], None, chain
+                                                         ).repeat_interleave(g, 0)
+                else:
+                    with self.forward():
+                        action = self.model.reverse_mean(x_t, t, condition, chain)
+                if cfg.trains(step):
+                    steps.append((x_t, t, action, log_prob))  # states are never mutated
+                result = core.step(action, checked=False)  # the agent's own, finite actions
+            with self.forward():
+                reference_condition = self.reference.encode(batch) if cfg.kl_coef > 0 else None
         return Rollout(batch, chain, steps, group_advantages(result.reward, cfg.group_size),
                        result.reward, reference_condition)
 
@@ -200,28 +274,32 @@ class ReFiTAgent:
         ``total_rows`` trajectories on every rank together): the loss is the mean over all of
         them, gradients are summed over chunks and ranks, then clipped and applied."""
         cfg = self.config
-        kl_total = clipped = 0.0
+        kl_total = clipped = torch.zeros((), dtype=torch.float64, device=self.device)
         grad_norm = torch.zeros(())
         params = [p for p in self.model.parameters() if p.requires_grad]
-        for _ in range(cfg.update_epochs):
-            kl, clip_count, n_steps = self.policy_gradient(rollouts, total_rows)
-            kl_total, clipped = kl_total + kl, clipped + clip_count
-            grad_norm = nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-            self.optimizer.step()
+        with matmul_precision(cfg.precision):
+            for _ in range(cfg.update_epochs):
+                kl, clip_count, n_steps = self.policy_gradient(rollouts, total_rows)
+                kl_total, clipped = kl_total + kl, clipped + clip_count
+                grad_norm = nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                self.optimizer.step()
+        # The batch's statistics reach the host here, once.
         reward, kl_total, clipped = self.dist.sum_floats(
-            [sum(r.reward.sum().item() for r in rollouts), kl_total, clipped])
+            [sum(r.reward.sum().item() for r in rollouts),
+             *torch.stack([kl_total, clipped]).tolist()])
         n_terms = max(total_rows * n_steps * cfg.update_epochs, 1)
         return BatchStats(reward=reward / total_rows, kl=kl_total / n_terms,
                           grad_norm=float(grad_norm), clip_fraction=clipped / n_terms)
 
     def policy_gradient(self, rollouts: list[Rollout], total_rows: int
-                        ) -> tuple[float, float, int]:
+                        ) -> tuple[Tensor, Tensor, int]:
         """Leave in each trainable parameter's ``.grad`` the gradient of the batch loss (the
         estimate :meth:`update` steps along), summed over chunks and ranks. Returns this rank's
-        KL sum, its clipped-ratio count and the number of trained steps per trajectory."""
+        KL sum and clipped-ratio count (0-dim float64, on the device) and the number of trained
+        steps per trajectory."""
         # Every trajectory trains the same steps; a rank may hold no chunk of a small batch.
         n_steps = int(self.dist.max_float(max((len(r.steps) for r in rollouts), default=0)))
-        kl_total = clipped = 0.0
+        kl_total = clipped = torch.zeros((), dtype=torch.float64, device=self.device)
         self.optimizer.zero_grad(set_to_none=True)
         gradient = GradientSum(self.model.parameters())
         for rollout in rollouts:
@@ -234,13 +312,14 @@ class ReFiTAgent:
         gradient.reduce(self.dist, exact=self.config.users_per_chunk > 0)
         return kl_total, clipped, n_steps
 
-    def _accumulate(self, rollout: Rollout, denominator: int) -> tuple[float, float]:
+    def _accumulate(self, rollout: Rollout, denominator: int) -> tuple[Tensor, Tensor]:
         """Backpropagate ``rollout``'s share of the batch loss (its per-row, per-step terms
         summed, divided by ``denominator`` rows x steps of the whole batch); returns its KL sum
-        and clipped-ratio count."""
+        and clipped-ratio count (0-dim float64, left on the device)."""
         cfg, chain, advantages = self.config, rollout.chain, rollout.advantages
-        kl_sum = clipped = 0.0
-        condition = self.model.encode(rollout.batch)  # with gradients: the encoder is tuned too
+        kl_sum = clipped = torch.zeros((), dtype=torch.float64, device=self.device)
+        with self.forward():  # with gradients: the encoder is tuned too
+            condition = self.model.encode(rollout.batch)
         # The steps score a leaf copy of the condition that collects d loss / d c over them; the
         # encoder then runs one backward with that sum, not one per step (chain rule: the same
         # gradient, to float rounding, at a fraction of the cost for a deep history encoder).
@@ -248,20 +327,20 @@ class ReFiTAgent:
         step_condition = condition.detach().requires_grad_() if encoded else condition
         for x_t, t, action, old_log_prob in rollout.steps:
             _, log_prob, mean = policy_step(self.model, x_t, t, step_condition, cfg.kappa,
-                                            action=action, chain=chain)
+                                            action=action, chain=chain, precision=cfg.precision)
             surrogate, ratio = clipped_surrogate(log_prob, old_log_prob, advantages,
                                                  cfg.clip_range)
             loss = -surrogate.sum()
             if cfg.kl_coef > 0:
-                with torch.no_grad():
+                with torch.no_grad(), self.forward():
                     ref_mean = self.reference.reverse_mean(x_t, t,
                                                            rollout.reference_condition, chain)
                 var = (cfg.kappa * self.model.reverse_std(t, chain)).pow(2)
                 kl = (mean.double() - ref_mean.double()).pow(2).sum(-1) / (2 * var)
                 loss = loss + cfg.kl_coef * kl.sum()
-                kl_sum += kl.sum().item()
+                kl_sum = kl_sum + kl.detach().sum()
             (loss / denominator).backward()
-            clipped += ((ratio - 1).abs() > cfg.clip_range).double().sum().item()
+            clipped = clipped + ((ratio - 1).abs() > cfg.clip_range).double().sum()
         if encoded and step_condition.grad is not None:
             condition.backward(step_condition.grad)
         return kl_sum, clipped

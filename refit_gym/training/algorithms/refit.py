@@ -36,7 +36,7 @@ class ReFiT:
     def __init__(self, setup: Setup) -> None:
         setup.refuse_budget(self.name)
         self.settings = self.config_class(**setup.params)
-        self.config: dict[str, Any] = dataclasses.asdict(self.settings)
+        self.config: dict[str, Any] = self.settings.identity()
         self.source, self.reward, self.seed = setup.source, setup.reward, setup.seed
         self.n_episodes = setup.data.n_train_rows
         self.dist = current()
