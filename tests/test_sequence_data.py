@@ -10,8 +10,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from refit_gym.data import (
+    BuiltinsUnpickler,
     DataError,
     SequenceData,
     load_dataset,
@@ -22,6 +24,7 @@ from refit_gym.data import (
 from refit_gym.specs import load_env_spec
 
 PAD = 6  # 6 items, ids 0..5
+SPLITS = ("train", "valid", "test")
 
 
 def _sha(path: Path) -> str:
@@ -125,6 +128,55 @@ def test_diffurec_rows_as_diffurec_reads_them(tmp_path: Path) -> None:
         load_diffurec(path, "0" * 64, "toy")
 
 
+def test_diffurec_cache_holds_the_sequences_and_serves_any_max_len(tmp_path: Path,
+                                                                   monkeypatch) -> None:
+    """The cache keeps each user's sequence, not the rows (ML-1M: 2 MB, not 982,089 x 50);
+    the rows rebuilt from it equal the converted ones, for any history length."""
+    raw = {"train": {0: [1, 2, 3, 4], 1: [5, 6]}, "val": {0: [5], 1: [1]},
+           "test": {0: [6], 1: [2]}}
+    path = tmp_path / "dataset.pkl"
+    path.write_bytes(pickle.dumps(raw))
+    cache = tmp_path / "cache"
+    converted = load_diffurec(path, _sha(path), "toy", max_len=2, cache_dir=cache)
+    files = list(cache.glob("*.npz"))
+    assert len(files) == 1
+    with np.load(files[0]) as cached:
+        assert sorted(cached.files) == ["lengths", "n_items", "test", "train", "valid"]
+        assert cached["train"].tolist() == [0, 1, 2, 3, 4, 5]  # 0-based, users end to end
+        assert cached["lengths"].tolist() == [4, 2]
+    monkeypatch.setattr(BuiltinsUnpickler, "load", lambda self: pytest.fail("unpickled again"))
+    cached = load_diffurec(path, _sha(path), "toy", max_len=2, cache_dir=cache)
+    for split in SPLITS:
+        for got, want in ((cached.histories, converted.histories),
+                          (cached.targets, converted.targets)):
+            assert got[split].dtype == want[split].dtype == np.int16
+            np.testing.assert_array_equal(got[split], want[split])
+    longer = load_diffurec(path, _sha(path), "toy", max_len=3, cache_dir=cache)
+    n = 6
+    assert longer.histories["train"].tolist() == [[0, n, n], [0, 1, n], [0, 1, 2], [4, n, n]]
+    assert longer.histories["test"].tolist() == [[2, 3, 4], [4, 5, 0]]
+    assert list(cache.glob("*.npz")) == files
+
+
+def test_ids_are_held_narrow_and_batched_as_int64() -> None:
+    """Ids are held in the narrowest type that holds the pad (int16 up to 32,767 items: a
+    quarter of int64's memory) and leave in batches as int64, which cross-entropy needs."""
+    for n_items, dtype in ((32767, np.dtype(np.int16)), (32768, np.dtype(np.int32))):
+        data = SequenceData("toy", n_items,
+                            {s: np.array([[0, n_items - 1, n_items]]) for s in SPLITS},
+                            {s: np.array([n_items - 1]) for s in SPLITS})
+        assert {a.dtype for a in (*data.histories.values(), *data.targets.values())} == {dtype}
+        batch = data.batch("valid", np.array([0]))
+        assert batch["history"].dtype == batch["target"].dtype == torch.int64
+        assert batch["history"].tolist() == [[0, n_items - 1, n_items]]
+        assert batch["target"].tolist() == [n_items - 1]
+        assert data.last_items("train").tolist() == [n_items - 1]
+    # An id the narrow type would wrap around is refused, not stored as another item.
+    with pytest.raises(ValueError, match="do not fit int16"):
+        SequenceData("toy", 10, {s: np.array([[70000]]) for s in SPLITS},
+                     {s: np.array([1]) for s in SPLITS})
+
+
 def test_diffurec_refuses_foreign_types_and_bad_structure(tmp_path: Path) -> None:
     from collections import OrderedDict
 
@@ -193,6 +245,10 @@ def test_real_sequential_sets(data_dir: Path, tmp_path: Path, monkeypatch) -> No
     # ADRec's epoch: one row per user, its latest 50 items and their successor.
     ends = ml1m.sequence_end_rows
     assert len(ends) == 6040 and ends[-1] == ml1m.n_train_rows - 1
+    # int16 ids: 94 MiB of ML-1M rows (int64: 375 MiB); the caches hold DiffuRec's sequences,
+    # not its rows (the ML-1M rows alone took 405 MB here before).
+    assert ml1m.histories["train"].dtype == np.int16
+    assert sum(f.stat().st_size for f in tmp_path.rglob("*.npz")) < 10 * 2**20
 
 
 def test_transitions_count_consecutive_training_pairs() -> None:

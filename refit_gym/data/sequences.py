@@ -2,7 +2,9 @@
 and DiffuRec's ``dataset.pkl``, converted once to a safe ``.npz`` cache.
 
 A row's history holds the latest ``max_len`` item ids, oldest first, right-padded with the id
-``n_items``; its target is the next item. Pickles run code when loaded, so nothing is unpickled
+``n_items``; its target is the next item. Ids are held in the narrowest integer type that holds
+them (:func:`id_dtype`: int16 up to 32,767 items, a quarter of int64's memory) and become int64
+in a batch, as torch's losses need. Pickles run code when loaded, so nothing is unpickled
 before its sha256 matches a pinned value (DreamRec's DataFrames), or it is read with an
 unpickler that admits no type beyond Python's builtins (DiffuRec's dicts of lists).
 """
@@ -27,14 +29,38 @@ from refit_gym.data.fileio import DataError, atomic_path, sha256_of, verify_chec
 SPLITS = ("train", "valid", "test")
 
 
+def id_dtype(n_items: int) -> np.dtype:
+    """The narrowest signed integer type holding the ids [0, n_items), the pad ``n_items`` and
+    :func:`last_history_items`' -1: int16 up to 32,767 items, else int32."""
+    return np.dtype(np.int16) if n_items <= np.iinfo(np.int16).max else np.dtype(np.int32)
+
+
+def as_ids(array: Any, dtype: np.dtype) -> np.ndarray:
+    """``array`` as a C-contiguous array of ``dtype``; refuses a value that the narrower type
+    would wrap around (numpy casts silently)."""
+    array = np.asarray(array)
+    if array.size and not np.can_cast(array.dtype, dtype):
+        info = np.iinfo(dtype)
+        if array.min() < info.min or array.max() > info.max:
+            raise ValueError(f"ids in [{array.min()}, {array.max()}] do not fit {dtype}")
+    return np.ascontiguousarray(array, dtype=dtype)
+
+
 @dataclass(frozen=True)
 class SequenceData:
-    """Rows of (history (L,) int64, target int64) per split; ids in [0, n_items), pad n_items."""
+    """Rows of (history (L,), target) per split; ids in [0, n_items), pad n_items, held as
+    :func:`id_dtype` (``n_items``) whatever the arrays given; :meth:`batch` gives int64."""
 
     name: str
     n_items: int
-    histories: dict[str, np.ndarray]  # split -> (rows, L) int64
-    targets: dict[str, np.ndarray]  # split -> (rows,) int64
+    histories: dict[str, np.ndarray]  # split -> (rows, L) id_dtype(n_items)
+    targets: dict[str, np.ndarray]  # split -> (rows,) id_dtype(n_items)
+
+    def __post_init__(self) -> None:
+        dtype = id_dtype(self.n_items)
+        for field in ("histories", "targets"):  # frozen: set as dataclasses' own __init__ does
+            arrays = getattr(self, field)
+            object.__setattr__(self, field, {s: as_ids(a, dtype) for s, a in arrays.items()})
 
     @property
     def max_len(self) -> int:
@@ -46,9 +72,10 @@ class SequenceData:
 
     def batch(self, split: str, rows: np.ndarray, device: torch.device | str = "cpu"
               ) -> dict[str, torch.Tensor]:
-        """Rows ``rows`` of ``split`` as a batch ``{"history": (B, L), "target": (B,)}``."""
-        return {"history": torch.from_numpy(self.histories[split][rows]).to(device),
-                "target": torch.from_numpy(self.targets[split][rows]).to(device)}
+        """Rows ``rows`` of ``split`` as a batch ``{"history": (B, L), "target": (B,)}``, int64
+        (cross-entropy and one_hot take no narrower targets; converted per batch, not held)."""
+        return {"history": torch.from_numpy(self.histories[split][rows]).to(device, torch.long),
+                "target": torch.from_numpy(self.targets[split][rows]).to(device, torch.long)}
 
     def train_batch(self, rows: np.ndarray, device: torch.device | str = "cpu"
                     ) -> dict[str, torch.Tensor]:
@@ -125,9 +152,7 @@ def validate_sequences(name: str, n_items: int, histories: Mapping[str, np.ndarr
                             "pads); the item count is wrong or the file is corrupt")
     if len(lengths) != 1:
         raise DataError(f"{source}: history lengths differ between splits ({sorted(lengths)})")
-    return SequenceData(name, n_items,
-                        {s: np.ascontiguousarray(histories[s], dtype=np.int64) for s in SPLITS},
-                        {s: np.ascontiguousarray(targets[s], dtype=np.int64) for s in SPLITS})
+    return SequenceData(name, n_items, dict(histories), dict(targets))
 
 
 # --------------------------------------------------------------------------- safe cache
@@ -135,7 +160,8 @@ def validate_sequences(name: str, n_items: int, histories: Mapping[str, np.ndarr
 
 # The cache's format version, part of every key: bump it whenever the code that converts the
 # source files or lays out the .npz changes, so no stale conversion is ever read back.
-CACHE_FORMAT = 1
+# 2: ids in id_dtype, DiffuRec's cache holds the per-user sequences rather than the rows.
+CACHE_FORMAT = 2
 
 
 def _cache_key(file_digests: list[str], extra: Mapping[str, Any]) -> str:
@@ -147,23 +173,22 @@ def _cache_key(file_digests: list[str], extra: Mapping[str, Any]) -> str:
     return digest.hexdigest()[:16]
 
 
-def _read_cache(path: Path, name: str) -> SequenceData | None:
-    if not path.is_file():
+def _read_cache(path: Path | None, names: tuple[str, ...]) -> dict[str, np.ndarray] | None:
+    """The arrays ``names`` of the cache file ``path``, or None when it is absent, unreadable
+    or lacks one (then the caller converts the source again)."""
+    if path is None or not path.is_file():
         return None
     try:
         with np.load(path, allow_pickle=False) as cached:
-            return SequenceData(name, int(cached["n_items"]),
-                                {s: cached[f"{s}_history"] for s in SPLITS},
-                                {s: cached[f"{s}_target"] for s in SPLITS})
+            return {key: cached[key] for key in names}
     except (OSError, ValueError, KeyError):
-        return None  # unreadable: rebuilt from the source below
+        return None
 
 
-def _write_cache(path: Path, data: SequenceData) -> None:
-    arrays = {f"{s}_history": data.histories[s] for s in SPLITS}
-    arrays.update({f"{s}_target": data.targets[s] for s in SPLITS})
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        np.savez(f, n_items=np.int64(data.n_items), **arrays)
+def _write_cache(path: Path | None, arrays: Mapping[str, np.ndarray]) -> None:
+    if path is not None:
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+            np.savez(f, **arrays)
 
 
 # --------------------------------------------------------------------------- DreamRec pickles
@@ -200,8 +225,11 @@ def load_dreamrec(directory: str | Path, sha256: Mapping[str, str] | None, name:
     verify_checksums(directory, {f: sha256[f] for f in files})
     key = _cache_key([sha256[f] for f in files], {"format": "dreamrec"})  # verified: no re-hash
     cache = cache_dir / f"{name}-{key}.npz" if cache_dir else None
-    if cache is not None and (cached := _read_cache(cache, name)) is not None:
-        return cached
+    names = ("n_items", *(f"{s}_{part}" for s in SPLITS for part in ("history", "target")))
+    if (cached := _read_cache(cache, names)) is not None:
+        return SequenceData(name, int(cached["n_items"]),
+                            {s: cached[f"{s}_history"] for s in SPLITS},
+                            {s: cached[f"{s}_target"] for s in SPLITS})
     stats = _read_verified_pickle(directory / DREAMREC_STATS)
     try:
         n_items, seq_size = int(stats["item_num"].iloc[0]), int(stats["seq_size"].iloc[0])
@@ -227,8 +255,9 @@ def load_dreamrec(directory: str | Path, sha256: Mapping[str, str] | None, name:
                             f"{histories[split].shape[1]}, {DREAMREC_STATS} says {seq_size}")
         targets[split] = frame[target_column].to_numpy().astype(np.int64)
     data = validate_sequences(name, n_items, histories, targets, str(directory))
-    if cache is not None:
-        _write_cache(cache, data)
+    _write_cache(cache, {"n_items": np.int64(n_items),
+                         **{f"{s}_history": data.histories[s] for s in SPLITS},
+                         **{f"{s}_target": data.targets[s] for s in SPLITS}})
     return data
 
 
@@ -252,9 +281,10 @@ def _user_lists(table: Any, what: str, source: str) -> dict[Any, list[int]]:
 def prefix_rows(sequences: list[np.ndarray], max_len: int, pad: int, first: int = 1
                 ) -> tuple[np.ndarray, np.ndarray]:
     """Every prefix of every sequence as a row: target s_j, history the latest ``max_len`` of
-    s_1..s_{j-1} (oldest first, right-padded with ``pad``), for j >= ``first`` + 1."""
+    s_1..s_{j-1} (oldest first, right-padded with ``pad``), for j >= ``first`` + 1. Returns
+    histories (rows, max_len) and targets (rows,), both :func:`id_dtype` (``pad``)."""
     lengths = np.array([len(s) for s in sequences], dtype=np.int64)
-    flat = np.concatenate(sequences).astype(np.int64) if len(sequences) else np.empty(0, np.int64)
+    flat = as_ids(np.concatenate(sequences) if len(sequences) else [], id_dtype(pad))
     starts = np.cumsum(lengths) - lengths
     position = np.arange(len(flat)) - np.repeat(starts, lengths)  # index within its sequence
     rows = np.flatnonzero(position >= first)
@@ -263,17 +293,36 @@ def prefix_rows(sequences: list[np.ndarray], max_len: int, pad: int, first: int 
 
 def _windows(flat: np.ndarray, ends: np.ndarray, counts: np.ndarray, max_len: int,
              pad: int) -> np.ndarray:
-    """(rows, max_len): flat[end - count : end] left-aligned, right-padded with ``pad``."""
-    k = np.arange(max_len)
-    index = ends[:, None] - counts[:, None] + k
-    return np.where(k < counts[:, None], flat[np.clip(index, 0, max(len(flat) - 1, 0))], pad)
+    """(rows, max_len) :func:`id_dtype` (``pad``): flat[end - count : end] left-aligned,
+    right-padded with ``pad``. Filled a column at a time, so that the temporaries are of one
+    column's size, not of the table's (ML-1M: 982,089 rows x 50)."""
+    out = np.full((len(ends), max_len), pad, dtype=id_dtype(pad))
+    starts = ends - counts
+    for k in range(max_len):
+        filled = np.flatnonzero(counts > k)
+        out[filled, k] = flat[starts[filled] + k]
+    return out
 
 
 def last_items(sequences: list[np.ndarray], max_len: int, pad: int) -> np.ndarray:
     """The latest ``max_len`` items of each sequence, as padded history rows."""
     lengths = np.array([len(s) for s in sequences], dtype=np.int64)
-    flat = np.concatenate(sequences).astype(np.int64)
+    flat = as_ids(np.concatenate(sequences), id_dtype(pad))
     return _windows(flat, np.cumsum(lengths), np.minimum(lengths, max_len), max_len, pad)
+
+
+def _diffurec_rows(name: str, n_items: int, train: list[np.ndarray], valid: np.ndarray,
+                   test: np.ndarray, max_len: int, source: str) -> SequenceData:
+    """DiffuRec's rows from each user's training sequence and validation and test items
+    (users,): a training row for every prefix, validation's history the training sequence,
+    test's training + validation, each the latest ``max_len`` items."""
+    history, target = prefix_rows(train, max_len, n_items)
+    histories = {"train": history,
+                 "valid": last_items(train, max_len, n_items),
+                 "test": last_items([np.append(s, v) for s, v in zip(train, valid, strict=True)],
+                                    max_len, n_items)}
+    targets = {"train": target, "valid": valid, "test": test}
+    return validate_sequences(name, n_items, histories, targets, source)
 
 
 def load_diffurec(path: str | Path, sha256: str | None, name: str, max_len: int = 50,
@@ -281,17 +330,23 @@ def load_diffurec(path: str | Path, sha256: str | None, name: str, max_len: int 
     """DiffuRec's ``dataset.pkl``: ``train``/``val``/``test`` dicts of per-user item lists
     (1-based ids, leave-one-out), read as DiffuRec reads it: a training row for every prefix of
     a user's training sequence; validation's history is the training sequence, test's is
-    training + validation; histories keep the latest ``max_len`` items. Ids become 0-based."""
+    training + validation; histories keep the latest ``max_len`` items. Ids become 0-based.
+
+    The cache holds the per-user sequences (ML-1M: 2 MB), not the rows they lay out (ML-1M:
+    982,089 x 50), which are rebuilt from them on every load."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"missing data file {path}")
     digest = sha256_of(path)  # read once: the check and the cache name
     if sha256 and digest != sha256:
         verify_checksums(path.parent, {path.name: sha256})  # raises, naming the file and fix
-    key = _cache_key([digest], {"format": "diffurec", "max_len": max_len})
+    key = _cache_key([digest], {"format": "diffurec"})  # sequences: any max_len reads them
     cache = cache_dir / f"{name}-{key}.npz" if cache_dir else None
-    if cache is not None and (cached := _read_cache(cache, name)) is not None:
-        return cached
+    if (cached := _read_cache(cache, ("n_items", "train", "lengths", "valid", "test"))) is not None:
+        n_items = int(cached["n_items"])
+        train = np.split(cached["train"], np.cumsum(cached["lengths"])[:-1])
+        return _diffurec_rows(name, n_items, train, cached["valid"], cached["test"], max_len,
+                              str(cache))
     try:
         raw = BuiltinsUnpickler(io.BytesIO(path.read_bytes())).load()
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as err:
@@ -318,14 +373,11 @@ def load_diffurec(path: str | Path, sha256: str | None, name: str, max_len: int 
         raise DataError(f"{path}: 'val' and 'test' must hold exactly one item per user "
                         "(leave-one-out)")
     n_items = int(every.max()) + 1
-    history, target = prefix_rows(seq_train, max_len, n_items)
-    histories = {"train": history,
-                 "valid": last_items(seq_train, max_len, n_items),
-                 "test": last_items([np.concatenate(p) for p in zip(seq_train, seq_valid)],
-                                    max_len, n_items)}
-    targets = {"train": target, "valid": np.concatenate(seq_valid),
-               "test": np.concatenate(seq_test)}
-    data = validate_sequences(name, n_items, histories, targets, str(path))
-    if cache is not None:
-        _write_cache(cache, data)
+    dtype = id_dtype(n_items)
+    valid, test = as_ids(np.concatenate(seq_valid), dtype), as_ids(np.concatenate(seq_test), dtype)
+    data = _diffurec_rows(name, n_items, seq_train, valid, test, max_len, str(path))
+    lengths = np.array([len(s) for s in seq_train], dtype=np.int64)
+    _write_cache(cache, {"n_items": np.int64(n_items), "lengths": lengths,
+                         "train": as_ids(np.concatenate(seq_train), dtype),
+                         "valid": valid, "test": test})
     return data

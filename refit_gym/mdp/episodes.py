@@ -188,8 +188,9 @@ class SequenceEpisodes(EpisodeSource):
     def start(self, episodes: Tensor, generator: torch.Generator) -> EpisodeStart:
         x = torch.randn((len(episodes), self.state_dim), generator=generator, device=self.device)
         target = torch.zeros(len(episodes), self.n_items, device=self.device)
-        target[torch.arange(len(episodes), device=self.device), self.targets[episodes]] = 1.0
-        return EpisodeStart(x, {"history": self.histories[episodes]}, target)
+        # The tables stay in the data's narrow id type (int16 indexes nothing): int64 per batch.
+        target[torch.arange(len(episodes), device=self.device), self.targets[episodes].long()] = 1.0
+        return EpisodeStart(x, {"history": self.histories[episodes].long()}, target)
 
     def scores(self, x0: Tensor) -> Tensor:
         return x0 @ self.embeddings.T
