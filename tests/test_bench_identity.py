@@ -81,3 +81,21 @@ def test_a_backbone_pretrained_on_its_own_is_reused_by_bench(tmp_path: Path,
     assert result["cells"]["pretrained"][0]["test"] == written["test"]
     with pytest.raises(bench.CellMismatch, match="max_epochs = 2, this run gives null"):
         bench.run_bench(spec, data, ["pretrained"], [1], tmp_path, progress=False)
+
+
+def test_the_data_digest_names_the_contents_not_their_storage() -> None:
+    import dataclasses
+
+    import numpy as np
+
+    @dataclasses.dataclass
+    class Ids:
+        rows: np.ndarray
+
+    ids = np.array([[3, 1], [2, 0]])
+    assert bench.data_digest(Ids(ids.astype(np.int16))) == bench.data_digest(Ids(ids))
+    assert bench.data_digest(Ids(ids + 1)) != bench.data_digest(Ids(ids))
+    # Pinned: every recorded cell identity holds these (changing them refuses every cell).
+    assert bench.data_digest(cached_dataset("ReFiT-SeqSynthetic-v0", None)).startswith(
+        "3bd668ea2bac98e6")
+    assert bench.data_digest(cached_dataset(SYN, None)).startswith("850712ea1986229e")

@@ -34,6 +34,10 @@ def data_digest(data: Dataset) -> str:
     """sha256 of the dataset's contents: every array and sparse matrix of every split."""
     state = hashlib.sha256()
 
+    def feed_array(value: np.ndarray) -> None:
+        state.update(f"{value.dtype}{value.shape}".encode())
+        state.update(np.ascontiguousarray(value).tobytes())
+
     def feed(name: str, value: Any) -> None:
         state.update(name.encode())
         if isinstance(value, dict):
@@ -43,10 +47,12 @@ def data_digest(data: Dataset) -> str:
             csr = value.tocsr()
             state.update(repr(csr.shape).encode())
             for part in (csr.indptr, csr.indices, csr.data):
-                feed(name, np.ascontiguousarray(part))
+                state.update(name.encode())
+                feed_array(part)
         elif isinstance(value, np.ndarray):
-            state.update(f"{value.dtype}{value.shape}".encode())
-            state.update(np.ascontiguousarray(value).tobytes())
+            # Item ids are stored as narrow as they fit (SequenceData): hash them as int64, so
+            # the digest names the contents, not the storage.
+            feed_array(value.astype(np.int64) if value.dtype.kind in "iu" else value)
         else:
             state.update(repr(value).encode())
 
