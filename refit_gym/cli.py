@@ -125,7 +125,8 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
     result = pretrain(spec, data, out, seed=args.seed, device=args.device,
                       max_epochs=args.max_epochs, progress=not args.quiet)
     payload = record_cell(out, result.to_json(spec.id, args.seed),
-                          pretrain_identity(spec, data, args.seed, args.max_epochs), args.device)
+                          pretrain_identity(spec, data, args.seed, args.max_epochs, args.device),
+                          args.device)
     _report(
         f"{spec.id} pretrain seed {args.seed}: best epoch {result.best_epoch} of "
         f"{result.epochs}, {result.wall_time_s:.0f} s, checkpoint {result.checkpoint}",

@@ -99,3 +99,14 @@ def test_the_data_digest_names_the_contents_not_their_storage() -> None:
     assert bench.data_digest(cached_dataset("ReFiT-SeqSynthetic-v0", None)).startswith(
         "3bd668ea2bac98e6")
     assert bench.data_digest(cached_dataset(SYN, None)).startswith("850712ea1986229e")
+
+
+def test_a_pretrain_identity_names_what_makes_another_model(monkeypatch) -> None:
+    from refit_gym.distributed import Distributed
+
+    spec, data = load_env_spec(SYN), cached_dataset(SYN, None)
+    alone = bench.pretrain_identity(spec, data, 1, None)
+    assert bench.pretrain_identity(spec, data, 1, spec.pretrain.max_epochs) == alone
+    assert bench.pretrain_identity(spec, data, 1, None, "cuda:1") == {**alone, "device": "cuda"}
+    monkeypatch.setattr(bench, "current", lambda: Distributed(0, 2))
+    assert bench.pretrain_identity(spec, data, 1, None) == {**alone, "world_size": 2}

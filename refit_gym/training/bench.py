@@ -24,6 +24,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
+
 import refit_gym
 from refit_gym.data import Dataset, atomic_path, write_json
 from refit_gym.distributed import current
@@ -75,12 +77,23 @@ def reuse_cell(cell: Path, identity: dict[str, Any]) -> dict[str, Any] | None:
     return result
 
 
-def pretrain_identity(spec: EnvSpec, data: Dataset, seed: int,
-                      max_epochs: int | None) -> dict[str, Any]:
+def pretrain_identity(spec: EnvSpec, data: Dataset, seed: int, max_epochs: int | None,
+                      device: str = "cpu") -> dict[str, Any]:
     """What decides a pretrained backbone: written by ``refit-gym pretrain`` and by bench alike,
-    so a backbone pretrained on its own is reused by a bench whose ``seed<S>/pretrain`` it is."""
-    return {"algo": "pretrain", "seed": seed, "max_epochs": max_epochs,
-            **common_identity(spec, data)}
+    so a backbone pretrained on its own is reused by a bench whose ``seed<S>/pretrain`` it is.
+
+    A GPU or several processes draw other random streams, so they make another model: they are
+    part of the identity when used (left out on one CPU process, so earlier cells still match).
+    ``max_epochs`` equal to the spec's is the default (None)."""
+    identity: dict[str, Any] = {
+        "algo": "pretrain", "seed": seed,
+        "max_epochs": None if max_epochs == spec.pretrain.max_epochs else max_epochs,
+        **common_identity(spec, data)}
+    if (kind := torch.device(device).type) != "cpu":
+        identity["device"] = kind
+    if current().world_size > 1:
+        identity["world_size"] = current().world_size
+    return identity
 
 
 def common_identity(spec: EnvSpec, data: Dataset) -> dict[str, Any]:
@@ -126,7 +139,7 @@ def run_bench(
     common = common_identity(spec, data)
     identities: dict[tuple[int, str], dict[str, Any]] = {}
     for seed in seeds:
-        backbone = pretrain_identity(spec, data, seed, pretrain_max_epochs)
+        backbone = pretrain_identity(spec, data, seed, pretrain_max_epochs, device)
         if set(ordered) - set(PEER_NAMES):  # the peers need no backbone
             identities[seed, "pretrain"] = backbone
         for algo in ordered:
