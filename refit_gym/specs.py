@@ -32,7 +32,7 @@ else:  # pragma: no cover - exercised on Python 3.10 only
 
 from refit_gym.backbones import Backbone
 from refit_gym.backbones.registry import BACKBONES, backbone_config, backbone_from_configs
-from refit_gym.data.loading import FORMATS
+from refit_gym.data.loading import FORMATS, SEQUENTIAL_FORMATS
 from refit_gym.diffusion import DiffusionConfig
 
 
@@ -117,6 +117,14 @@ def _parse(raw: dict[str, Any], source: str) -> EnvSpec:
                         f"{list(FORMATS)}, got format {dataset.get('format')!r}")
     if "type" not in raw["backbone"]:
         raise SpecError(f"{source} [backbone]: missing key 'type' (e.g. \"diffrec\")")
+    kind = raw["backbone"]["type"]
+    if kind in BACKBONES and BACKBONES[kind][0].sequential != (
+            dataset["format"] in SEQUENTIAL_FORMATS):
+        scenario = "sequential" if BACKBONES[kind][0].sequential else "collaborative-filtering"
+        fitting = sorted(f for f in FORMATS if (f in SEQUENTIAL_FORMATS)
+                         == BACKBONES[kind][0].sequential)
+        raise SpecError(f"{source}: backbone {kind!r} is {scenario} and reads formats "
+                        f"{fitting}, but [dataset] has format {dataset['format']!r}")
     fields = {k: v for k, v in raw["backbone"].items() if k != "type"}
     try:  # checks the keys now, not at the first pretraining
         backbone_config(raw["backbone"]["type"], {"n_items": 1, **fields})

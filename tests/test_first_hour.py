@@ -23,6 +23,8 @@ from refit_gym import specs
 from refit_gym.backbones import CheckpointError, load_backbone
 from refit_gym.backbones.checkpoint import CHECKPOINT_FORMAT
 from refit_gym.cli import main
+from refit_gym.data import SequenceData, load_dataset
+from refit_gym.data.loading import SEQUENTIAL_FORMATS
 from refit_gym.data.progress import Progress, announce
 from refit_gym.mdp.gym_env import ReFiTEnv, ReFiTVectorEnv
 from refit_gym.mdp.sb3_vec_env import ReFiTVecEnv
@@ -30,7 +32,6 @@ from refit_gym.specs import (
     agent_settings,
     check_agent_hyperparams,
     load_agent_hyperparams,
-    load_env_spec,
 )
 
 if sys.version_info >= (3, 11):
@@ -243,10 +244,18 @@ def test_announce_prints_one_line_before_a_silent_step(monkeypatch) -> None:
     assert terminal.getvalue() == "building the reward's factor cache\n"
 
 
-def test_every_registered_id_says_its_scenario() -> None:
-    sequential = {env_id: load_env_spec(env_id).sequential
-                  for env_id in ("ReFiT-ML1M-v0", "ReFiT-Synthetic-v0", "ReFiT-Zhihu-v0",
-                                 "ReFiT-Beauty-v1", "ReFiT-SeqSynthetic-v1", "ReFiT-ML1MSeq-v0")}
-    assert sequential == {"ReFiT-ML1M-v0": False, "ReFiT-Synthetic-v0": False,
-                          "ReFiT-Zhihu-v0": True, "ReFiT-Beauty-v1": True,
-                          "ReFiT-SeqSynthetic-v1": True, "ReFiT-ML1MSeq-v0": True}
+def test_every_registered_id_says_its_scenario(tmp_path: Path) -> None:
+    """An id is sequential exactly when its dataset loads as sequences (the backbone class
+    decides, the spec loader checks the two agree)."""
+    known = specs.all_env_specs()
+    assert {env_id for env_id, spec in known.items() if spec.sequential} == {
+        env_id for env_id, spec in known.items() if spec.dataset["format"] in SEQUENTIAL_FORMATS}
+    assert not known["ReFiT-ML1M-v0"].sequential and known["ReFiT-Beauty-v1"].sequential
+    assert isinstance(load_dataset(known["ReFiT-SeqSynthetic-v1"].dataset), SequenceData)
+    text = (resources.files("refit_gym.envs") / "seq_synthetic_adrec.toml").read_text()
+    wrong = tmp_path / "wrong.toml"
+    wrong.write_text(text.replace('format = "sequential-synthetic"', 'format = "synthetic"'))
+    with pytest.raises(specs.SpecError, match=re.escape(
+            "backbone 'adrec' is sequential and reads formats ['diffurec', 'dreamrec', "
+            "'sequential-synthetic'], but [dataset] has format 'synthetic'")):
+        specs.register_spec_file(wrong)

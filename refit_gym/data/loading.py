@@ -27,6 +27,7 @@ FILES = {
     "diffurec": ["dataset.pkl"],
 }
 FORMATS = (*FILES, *GENERATED)
+SEQUENTIAL_FORMATS = ("dreamrec", "diffurec", "sequential-synthetic")  # load as SequenceData
 # Keys of [dataset] that describe where the data comes from rather than how to read it.
 SOURCE_KEYS = ("format", "name", "sha256", "urls", "obtain", "path")
 
