@@ -341,13 +341,20 @@ def load_agent_hyperparams(algo: str, env_id: str, device: str = "cpu") -> dict[
 
     An id's table may hold one sub-table per device type (``["ReFiT-ML1M-v0".cuda]``): on that
     device its keys replace the id's, so a GPU gets the batches it affords and a CPU the ones
-    that finish there. Any other sub-table is a hyperparameter (SB3's ``policy_kwargs``)."""
+    that finish there. Any other sub-table is a hyperparameter (SB3's ``policy_kwargs``).
+    ``same_as = "<id>"`` takes that id's table (keys beside it override)."""
     path = resources.files("refit_gym.agents") / f"{algo}.toml"
     if not path.is_file():
         return {}
     table = tomllib.loads(path.read_text())
     env_id = env_id.removeprefix("refit_gym:")
     entry = dict(table.get(env_id, table.get("default", {})))
+    if "same_as" in entry:  # another id's table, the rule stated once: its keys, then these
+        other = entry.pop("same_as")
+        if other not in table or "same_as" in table[other]:
+            raise SpecError(f"agents/{algo}.toml [{env_id}]: same_as = {other!r} must name "
+                            f"another id's table of this file that has no same_as itself")
+        entry = {**table[other], **entry}
     by_device = {key: entry.pop(key) for key in DEVICE_TYPES & set(entry)}
     params = {**entry, **by_device.get(device.split(":")[0], {})}
     # Types and bounds now; unknown names are left to the agent's constructor, which names them.

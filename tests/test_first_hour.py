@@ -188,6 +188,16 @@ def test_agent_tables_are_checked_when_read(tmp_path, monkeypatch) -> None:
         load_agent_hyperparams("refit", "Y-v0")
 
 
+def test_an_agent_table_can_be_another_ids(tmp_path, monkeypatch) -> None:
+    (tmp_path / "refit.toml").write_text(
+        '["A-v0"]\nepochs = 2\nlr = 1e-4\n["B-v0"]\nsame_as = "A-v0"\nlr = 3e-4\n'
+        '["C-v0"]\nsame_as = "D-v0"\n')
+    monkeypatch.setattr(specs.resources, "files", lambda package: tmp_path)
+    assert load_agent_hyperparams("refit", "B-v0") == {"epochs": 2, "lr": 3e-4}
+    with pytest.raises(specs.SpecError, match=r"\[C-v0\]: same_as = 'D-v0' must name another"):
+        load_agent_hyperparams("refit", "C-v0")
+
+
 def test_every_shipped_agent_table_passes_the_full_check() -> None:
     checked = 0
     for entry in resources.files("refit_gym.agents").iterdir():
