@@ -45,7 +45,7 @@ class PretrainConfig:
     batch_size: int = 400
     importance_sampling: bool = True  # sample t by the running loss (10 per step, as DiffRec)
     eval_every: int = 5  # epochs between validation passes
-    patience: int = 20  # stop when this many epochs passed since the best validation score
+    patience: int = 20  # stop at epoch best + patience without running it (= Selector's + 1)
     max_epochs: int = 1000
     eval_batch_size: int = 1024  # rows per chain at evaluation (does not change results)
     selection_metric: str = "recall@20"  # the validation metric that picks the checkpoint

@@ -167,8 +167,9 @@ def pretrain_selector(config: PretrainConfig, start: int) -> Selector:
 
     A spec's ``patience`` P stops the run at epoch best + P (or start - 1 + P while nothing was
     selected) without running it, so P - 1 epochs run past the best; the Selector's patience
-    counts the epochs that run, hence P - 1. The checkpoint file keeps the best weights, so the
-    Selector keeps only their digest.
+    counts the epochs that run (its one definition, in its module), hence P - 1. The report
+    records P as ``spec_patience`` beside the Selector's ``patience_epochs``. The checkpoint
+    file keeps the best weights, so the Selector keeps only their digest.
     """
     if config.patience < 2:
         raise ValueError(f"pretraining patience must be >= 2 epochs (the run stops at the "
@@ -210,7 +211,8 @@ class PretrainResult:
     history: list[dict] = field(default_factory=list)
     train_seconds: float = 0.0  # training and selection passes, before the final evaluation
     extra: dict = field(default_factory=dict)  # spreads and seen/unseen splits (sequential)
-    selection: dict = field(default_factory=dict)  # Selector.summary(): curve, best, digest
+    # Selector.summary() (curve, best, digest, its patience) and the spec's patience
+    selection: dict = field(default_factory=dict)
 
     def to_json(self, env_id: str, seed: int) -> dict:
         return {
@@ -321,6 +323,6 @@ def pretrain(
         valid=best["valid"], test=best["test"], wall_time_s=time.perf_counter() - started,
         history=history, train_seconds=train_seconds,
         extra={k: v for k, v in best.items() if k not in ("valid", "test")},
-        selection=selector.summary(),
+        selection={**selector.summary(), "spec_patience": config.patience},
     )
 

@@ -3,9 +3,13 @@ of pretraining and of SASRec, fine-tuning's evaluations, a peer's grid).
 
 The rule: a candidate is better only when its ``split`` (default validation) ``metric`` is
 strictly higher than the best so far (the earliest of equal scores is kept; NaN never wins).
-Patience counts epochs, not evaluations: a loop stops once ``patience`` epochs have passed since
-the best epoch (or since ``start - 1`` while nothing was selected), so evaluating every second
-epoch does not double the patience.
+Patience counts epochs, not evaluations, so evaluating every second epoch does not double it.
+The one definition: patience P is the number of epochs that run after the best epoch without a
+better score; epoch best + P + 1 is not run (while nothing was selected, count from
+``start - 1`` instead of the best). This is Keras' ``EarlyStopping(patience=P)`` and SASRec's
+``patience``. A pretraining spec's ``patience`` follows DiffRec's main.py instead (the run stops
+at epoch best + P without running it), so it is the Selector's patience + 1; the conversion is
+:func:`refit_gym.training.pretrain.pretrain_selector` and pretraining's report records both.
 
 Usage (``weights`` is a state dict, copied to the CPU when kept)::
 
@@ -47,9 +51,10 @@ def weights_digest(weights: Mapping[str, Tensor]) -> str:
 class Selector:
     """The best candidate by ``split``/``metric``, the validation curve, and when to stop.
 
-    ``patience``: epochs without a better score before :meth:`should_stop` says stop (None:
-    never, e.g. a grid). ``start``: the first epoch that can be selected (epochs before it do
-    not use up patience). ``keep_weights``: keep a CPU copy of the best weights (False: only
+    ``patience``: the epochs that run after the best one without a better score (the module's
+    definition: :meth:`should_stop` refuses epoch best + patience + 1; None: never stop, e.g. a
+    grid). ``start``: the first epoch that can be selected (epochs before it do not use up
+    patience). ``keep_weights``: keep a CPU copy of the best weights (False: only
     their digest, for a loop that writes its best checkpoint itself).
     """
 
@@ -84,8 +89,8 @@ class Selector:
         return True
 
     def should_stop(self, epoch: int) -> bool:
-        """Whether epoch ``epoch`` should not run: ``patience`` epochs have passed since the
-        best epoch (or since ``start - 1`` before any was selected)."""
+        """Whether epoch ``epoch`` should not run: the ``patience`` epochs after the best one
+        (after ``start - 1`` before any was selected) have all run."""
         if self.patience is None:
             return False
         since = self.start - 1 if self.best_epoch is None else max(self.best_epoch,
@@ -93,7 +98,8 @@ class Selector:
         return epoch - since > self.patience
 
     def summary(self) -> dict[str, Any]:
-        """What a report records of the selection (JSON-able)."""
+        """What a report records of the selection (JSON-able); ``patience_epochs`` is the
+        Selector's patience, as defined in the module docstring."""
         return {"metric": f"{self.split} {self.metric}", "patience_epochs": self.patience,
                 "best_epoch": self.best_epoch, "best_score": self.best_score,
                 "weights_sha256": self.digest, "curve": list(self.curve)}
