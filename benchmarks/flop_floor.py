@@ -1,10 +1,11 @@
 """The FLOP floor of a bench's ReFiT runs beside their measured training time (issue 30 item 5).
 
 For every OUT/seed<S>/refit/metrics.json: the run's FLOPs (:mod:`refit_gym.training.flops`,
-from its backbone checkpoint, its recorded settings and its dataset's training episodes), the
-time they take at the dense peak rate of the device the cell ran on at the run's precision, and
-the run's training seconds (``wall_time_s``: evaluation not included). Prints a markdown table
-and writes it to OUT/flop_floor.md. benchmarks/gpu_bench.sh runs it on its bench folder.
+from its backbone checkpoint, its recorded settings and its dataset's training episodes, on
+whose histories a sequential encoder is counted), the time they take at the dense peak rate of
+the device the cell ran on at the run's precision, and the run's training seconds
+(``wall_time_s``: evaluation not included). Prints a markdown table and writes it to
+OUT/flop_floor.md. benchmarks/gpu_bench.sh runs it on its bench folder.
 
     python benchmarks/flop_floor.py OUT
 """
@@ -20,7 +21,7 @@ from refit_gym.backbones import load_backbone
 from refit_gym.mdp.gym_env import cached_dataset
 from refit_gym.rl.refit_agent import ReFiTConfig
 from refit_gym.specs import load_env_spec
-from refit_gym.training.flops import peak_tflops, refit_run_flops, row_flops
+from refit_gym.training.flops import peak_tflops, refit_run_flops, training_row_flops
 
 
 def run_floor(metrics: dict[str, Any]) -> dict[str, Any]:
@@ -30,8 +31,8 @@ def run_floor(metrics: dict[str, Any]) -> dict[str, Any]:
     env = metrics["env_kwargs"]
     config = ReFiTConfig(**metrics["config"])
     model, _ = load_backbone(metrics["checkpoint"])
-    n_episodes = cached_dataset(spec.id, env.get("data_dir")).n_train_rows
-    flops = refit_run_flops(row_flops(model), config, n_episodes,
+    data = cached_dataset(spec.id, env.get("data_dir"))
+    flops = refit_run_flops(training_row_flops(model, data), config, data.n_train_rows,
                             env.get("steps") or spec.diffusion.steps,
                             shared_start=env.get("sampling_steps", 0) == 0)
     device = metrics.get("machine", {}).get("device", "unknown")
@@ -69,7 +70,8 @@ def main(argv: list[str]) -> int:
         return 1
     runs = [run_floor(json.loads(cell.read_text())) for cell in cells]
     text = (f"# FLOP floor of the ReFiT runs in {out}\n\nFLOPs of each run's matrix products "
-            "(refit_gym/training/flops.py: backward as 2x forward, elementwise work left out) "
+            "(refit_gym/training/flops.py: backward as 2x forward, a sequential encoder counted on "
+            "the id's training rows, elementwise work left out) "
             "and their time at the device's dense peak, beside the run's training seconds.\n\n"
             + floor_table(runs) + "\n")
     (out / "flop_floor.md").write_text(text)

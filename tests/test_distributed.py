@@ -9,6 +9,7 @@ import os
 import socket
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -34,11 +35,24 @@ def _torchrun(args: list[str], cwd: Path, nproc: int = 2) -> subprocess.Complete
                           cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 
 
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """This process at one thread, as every torchrun process (:func:`_torchrun`): the results
+    compared bit for bit hold for the same number of threads per process."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _finetune_args(env_id: str, checkpoint: Path, out: Path) -> list[str]:
     return ["finetune", "--env", env_id, "--algo", "refit", "--checkpoint", str(checkpoint),
             "--out", str(out), "--seed", "2", "--quiet", *REFIT]
 
 
+@pytest.mark.usefixtures("one_thread")
 @pytest.mark.parametrize(("env_id", "fixture"), [
     ("ReFiT-Synthetic-v0", "pretrained_synthetic"),
     ("ReFiT-SeqSynthetic-v0", "pretrained_seq_synthetic"),
@@ -74,6 +88,7 @@ def test_two_processes_equal_one_process(env_id: str, fixture: str, tmp_path: Pa
     assert moved  # equal weights are not just the untouched start
 
 
+@pytest.mark.usefixtures("one_thread")
 def test_pretraining_and_sharded_evaluation_under_torchrun(pretrained_seq_synthetic: Path,
                                                            tmp_path: Path) -> None:
     """2-process pretraining writes one selected checkpoint; its 2-process evaluation (3

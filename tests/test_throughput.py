@@ -6,19 +6,23 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import json
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
-from refit_gym.backbones import DiffRec, DiffRecConfig, DreamRec, load_backbone
+from refit_gym.backbones import ADRec, ADRecConfig, DiffRec, DiffRecConfig, DreamRec, load_backbone
 from refit_gym.backbones.dreamrec import DreamRecConfig
+from refit_gym.mdp.core import DenoisingMDP
 from refit_gym.mdp.gym_env import cached_dataset, make_core
+from refit_gym.rl import refit_agent
 from refit_gym.rl.ddpo import DDPOAgent, DDPOConfig
-from refit_gym.rl.refit_agent import ReFiTAgent, ReFiTConfig, policy_step
+from refit_gym.rl.refit_agent import DivergenceGuard, ReFiTAgent, ReFiTConfig, policy_step
 from refit_gym.specs import load_env_spec
 from refit_gym.training.finetune import finetune
 from refit_gym.training.flops import (
@@ -26,6 +30,7 @@ from refit_gym.training.flops import (
     refit_run_flops,
     refit_update_flops,
     row_flops,
+    training_row_flops,
 )
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -154,6 +159,94 @@ def test_checked_step_refuses_nan_the_trusted_one_passes_it_on() -> None:
         core.step(core.x, checked=False)
 
 
+# NaN actions: neg_mse's reward is NaN, a ranking's (ndcg) finite, the gradient NaN in both.
+@pytest.mark.parametrize("reward", ["neg_mse", "ndcg"])
+@pytest.mark.parametrize("agent_class, config_class", [(ReFiTAgent, ReFiTConfig),
+                                                       (DDPOAgent, DDPOConfig)])
+def test_a_diverged_policy_stops_with_the_clear_error_before_any_step(
+        agent_class, config_class, reward: str) -> None:
+    """One NaN parameter: train_batch raises the core's checked-step message (the agents step it
+    unchecked) before the optimiser moves, and the weights stay as they were."""
+    _, _, core = make_core(SYN, 4, reward=reward)
+    agent = _agent(core, agent_class, config_class, train_steps=3, update_epochs=2)
+    with torch.no_grad():
+        next(agent.model.parameters()).view(-1)[0] = float("nan")
+    before = {key: value.clone() for key, value in agent.model.state_dict().items()}
+    with pytest.raises(ValueError, match="actions contain NaN or infinite values; the denoiser "
+                                         "diverged"):
+        agent.train_batch(core, torch.tensor([0, 1]), torch.Generator().manual_seed(1))
+    assert not agent.optimizer.state  # no optimiser step was taken
+    for key, value in agent.model.state_dict().items():
+        assert torch.equal(value.isnan(), before[key].isnan()), key
+        assert torch.equal(value.nan_to_num(), before[key].nan_to_num()), key
+
+
+def test_a_policy_diverging_within_the_update_stops_after_it() -> None:
+    """A later optimiser step's NaN norm (update epochs, DDPO's minibatches) is kept on the
+    device and read once, after the update; a one-step update reads no second norm."""
+    _, _, core = make_core(SYN, 4, reward="neg_mse")
+    agent = _agent(core, train_steps=3)
+    rollout = agent.rollout(core, torch.tensor([0, 1]), torch.Generator().manual_seed(1))
+    guard = DivergenceGuard([rollout])
+    guard.before_step(torch.tensor(0.5))
+    assert guard.reward == rollout.reward.sum().item()
+    with host_reads() as reads:
+        guard.after_update()
+    assert not reads
+    for norm in (float("nan"), float("inf")):
+        guard.before_step(torch.tensor(norm))
+        guard.before_step(torch.tensor(0.5))  # the maximum keeps a NaN or an inf
+        with pytest.raises(ValueError, match=r"the denoiser diverged .*\(the largest gradient "
+                                             r"norm of the update is (nan|inf)\)"):
+            guard.after_update()
+
+
+@pytest.mark.parametrize("precision", ["tf32", "bf16"])
+def test_rewards_are_computed_outside_the_lower_precision(precision: str, monkeypatch,
+                                                          pretrained_seq_synthetic) -> None:
+    """The rollout's reward (x_0 E^T for a sequential id) runs in fp32: outside TF32 matmuls and
+    bf16 autocast, which cover the networks' forwards only, and under bf16 it equals the fp32
+    reward of the same final states. TF32 is refused off CUDA, so on the CPU its block is
+    recorded (a patched matmul_precision) and the precision set after the device check."""
+    tf32 = []  # open TF32 blocks
+
+    @contextlib.contextmanager
+    def recorded(name: str) -> Iterator[None]:
+        tf32.append(name == "tf32")
+        try:
+            yield
+        finally:
+            tf32.pop()
+
+    monkeypatch.setattr(refit_agent, "matmul_precision", recorded)
+    rewarded, forwards = [], []
+    final_reward = DenoisingMDP.final_reward
+
+    def reward_recorded(self, *args, **kwargs):
+        rewarded.append(any(tf32) or torch.is_autocast_enabled("cpu"))
+        return final_reward(self, *args, **kwargs)
+
+    monkeypatch.setattr(DenoisingMDP, "final_reward", reward_recorded)
+    _, _, core = make_core("ReFiT-SeqSynthetic-v0", 8,
+                           checkpoint=str(pretrained_seq_synthetic))
+    model, _ = load_backbone(pretrained_seq_synthetic, core.n_items)
+    reverse_mean = model.reverse_mean
+
+    def forward_recorded(*args, **kwargs):
+        forwards.append(any(tf32) or torch.is_autocast_enabled("cpu"))
+        return reverse_mean(*args, **kwargs)
+
+    monkeypatch.setattr(model, "reverse_mean", forward_recorded)
+    agent = ReFiTAgent(model, copy.deepcopy(model), ReFiTConfig(group_size=4, train_steps=2,
+                                                                kappa=5.0))
+    agent.config = dataclasses.replace(agent.config, precision=precision)
+    rollout = agent.rollout(core, torch.tensor([0, 1]), torch.Generator().manual_seed(1))
+    assert forwards and all(forwards)  # the forwards did run in the lower precision
+    assert rewarded == [False]
+    if precision == "bf16":
+        assert torch.equal(rollout.reward, final_reward(core, core.x))
+
+
 def test_precision_is_checked_and_off_by_default(monkeypatch) -> None:
     assert ReFiTConfig().precision == "fp32" and "precision" not in ReFiTConfig().identity()
     assert ReFiTConfig(precision="bf16").identity()["precision"] == "bf16"
@@ -252,6 +345,26 @@ def test_flops_of_a_dreamrec_update_counted_by_hand() -> None:
     rows = 10
     assert flops.rollout == 2 * row.encode * rows + 4 * rows * row.step  # policy + reference
     assert flops.update == rows * (3 * (row.encode + 3 * row.step) + 3 * row.step)
+
+
+def test_sequential_encoders_are_counted_on_the_training_rows(pretrained_seq_synthetic) -> None:
+    """ADRec encodes each group of similar-length histories trimmed (GROUP_WIDTHS), so a run's
+    encoder work is the mean over the id's training rows, below the full-length probe's:
+    counted once per length present, it equals the count over every row at once. DreamRec
+    encodes every position of any row: its mean is the probe's."""
+    env_id = "ReFiT-SeqSynthetic-v1"
+    data = cached_dataset(env_id, None)
+    torch.manual_seed(0)
+    model = ADRec(ADRecConfig(n_items=data.n_items, max_len=data.max_len, hidden=8,
+                              num_heads=2, ff_hidden=16), load_env_spec(env_id).diffusion).eval()
+    row, probe = training_row_flops(model, data), row_flops(model)
+    every = data.batch("train", np.arange(data.n_train_rows))["history"]
+    assert row.encode == row_flops(model, {"history": every}).encode
+    assert row.encode < probe.encode
+    assert (row.step, row.scores, row.conditioned) == (probe.step, probe.scores, True)
+    dreamrec, _ = load_backbone(pretrained_seq_synthetic)
+    assert training_row_flops(dreamrec, cached_dataset("ReFiT-SeqSynthetic-v0", None)
+                              ) == row_flops(dreamrec)
 
 
 def test_peak_rates_and_the_floor_table(pretrained_synthetic) -> None:

@@ -22,6 +22,10 @@ from refit_gym.mdp.episodes import EpisodeSource
 from refit_gym.mdp.rewards import Reward
 
 ACTION_BOUND = 10.0  # |x| bound of observations and actions; clean states live well inside
+# Why a run stops when actions (or, for an agent stepping unchecked, its batch's statistics)
+# are not finite.
+DIVERGED = ("actions contain NaN or infinite values; the denoiser diverged or an agent produced "
+            "invalid output")
 
 
 @dataclass
@@ -105,11 +109,12 @@ class DenoisingMDP:
 
         ``checked=False`` is for a trusted agent (the project's own): shape and dtype are still
         refused (they are known on the host), but the values are clamped without being read, so
-        NaN or infinite actions pass into the state and the reward unreported, and the state is
+        NaN or infinite actions pass into the state and the reward unreported (the project's
+        agents catch them in their update: ``refit_agent.DivergenceGuard``), and the state is
         always a new tensor. With every row started together (one :meth:`reset_rows` of all
         rows) such a step never waits for the device: which rows terminate is known from the
-        host's count of steps; with rows reset apart it reads that from the device once.
-        """
+        host's count of steps; with rows reset apart it reads which rows terminated from the device
+        once (one ``nonzero``)."""
         if action.shape != self.x.shape:
             raise ValueError(f"action shape {tuple(action.shape)} != expected "
                              f"{tuple(self.x.shape)} (num_rows, state dimension)")
@@ -128,8 +133,7 @@ class DenoisingMDP:
         else:
             low, high = (v.item() for v in torch.aminmax(action))  # NaN and inf propagate
             if not (math.isfinite(low) and math.isfinite(high)):
-                raise ValueError("actions contain NaN or infinite values; the denoiser diverged "
-                                 "or an agent produced invalid output")
+                raise ValueError(DIVERGED)
             if low < -ACTION_BOUND or high > ACTION_BOUND:
                 action = action.clamp(-ACTION_BOUND, ACTION_BOUND)
         self.x = action  # taken as the next state without a copy: do not modify it in place
@@ -137,12 +141,16 @@ class DenoisingMDP:
         terminated = self.t == 0
         if self.lockstep is not None:
             self.lockstep -= 1
-        if self.lockstep == 0 or (self.lockstep is None and bool(terminated.all())):
+        if self.lockstep is None:  # rows reset apart: which terminated is read, once
+            done: Tensor | None = terminated.nonzero().squeeze(-1)
+            everyone = len(done) == self.num_rows
+        else:  # known on the host: every row terminates, or none
+            done, everyone = None, self.lockstep == 0
+        if everyone:
             reward = self.final_reward(self.x)  # the usual case: rows started together
         else:
             reward = torch.zeros(self.num_rows, device=self.device)
-            if self.lockstep is None and bool(terminated.any()):
-                done = terminated.nonzero().squeeze(-1)
+            if done is not None and len(done):
                 reward[done] = self.final_reward(self.x[done], done)
         return StepResult(self.x, self.t, reward, terminated)
 

@@ -23,6 +23,7 @@ from refit_gym.diffusion import GaussianDiffusion
 from refit_gym.distributed import Distributed
 from refit_gym.rl.refit_agent import (
     BatchStats,
+    DivergenceGuard,
     ReFiTAgent,
     ReFiTConfig,
     Rollout,
@@ -112,6 +113,7 @@ class DDPOAgent(ReFiTAgent):
         per_minibatch = -(-len(samples) // cfg.minibatches)
         clipped = torch.zeros((), dtype=torch.long, device=samples.t.device)
         grad_norm = torch.zeros(())
+        guard = DivergenceGuard(rollouts)
         with matmul_precision(cfg.precision):
             for _ in range(cfg.update_epochs):
                 # Drawn on the CPU generator (resumable), sent to the device once a pass.
@@ -122,11 +124,12 @@ class DDPOAgent(ReFiTAgent):
                     loss, clip_count = self.minibatch_loss(samples, indices)
                     loss.backward()
                     grad_norm = nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                    guard.before_step(grad_norm)
                     self.optimizer.step()
                     clipped = clipped + clip_count
-        # The batch's statistics reach the host here, once.
-        reward = sum(r.reward.sum().item() for r in rollouts)
-        return BatchStats(reward=reward / total_rows, kl=0.0, grad_norm=float(grad_norm),
+        guard.after_update()
+        # The other statistics reach the host here, once.
+        return BatchStats(reward=guard.reward / total_rows, kl=0.0, grad_norm=float(grad_norm),
                           clip_fraction=int(clipped) / (len(samples) * cfg.update_epochs))
 
     def minibatch_loss(self, samples: Samples, indices: Tensor) -> tuple[Tensor, Tensor]:

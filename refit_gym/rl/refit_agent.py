@@ -16,12 +16,15 @@ update as one rollout of the whole batch, in less memory or on several processes
 
 Neither a rollout nor an update waits for the device between steps: the chain's step is the
 loop's, the core is stepped unchecked (:meth:`DenoisingMDP.step`), and the logged statistics
-(reward, KL, clipped ratios) are summed on the device and read once per batch.
+(reward, KL, clipped ratios) are summed on the device and read once per batch. What the core's
+checks would have caught, a policy that diverged, :class:`DivergenceGuard` catches from those
+reads, before the optimiser steps.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -32,7 +35,7 @@ from torch import Tensor, nn
 from refit_gym.backbones import Backbone
 from refit_gym.diffusion import GaussianDiffusion, gaussian_log_prob
 from refit_gym.distributed import Distributed, GradientSum, current
-from refit_gym.mdp.core import DenoisingMDP
+from refit_gym.mdp.core import DIVERGED, DenoisingMDP
 
 
 @dataclass(frozen=True)
@@ -62,14 +65,14 @@ class ReFiTConfig:
     kl_coef: float = 0.0  # weight of KL(pi_theta || pi_pretrained), per step
     max_grad_norm: float = 1.0
     checkpoint_every: int = 20  # batches between resumable checkpoints
-    # The policy's network forwards in rollout and update (PRECISIONS): "fp32" as pretrained;
-    # "tf32" CUDA's TF32 matmuls (refused off CUDA); "bf16" bfloat16 autocast on the device.
+    # The policy's and the reference's network forwards in rollout and update, and the update's
+    # backward (PRECISIONS): "fp32" as pretrained; "tf32" CUDA's TF32 matmuls (refused off
+    # CUDA); "bf16" bfloat16 autocast on the device (its backward follows the forward's dtypes).
     # Weights, optimiser, log-probabilities (float64), rewards and evaluation stay as in fp32.
     precision: str = "fp32"
 
     def __post_init__(self) -> None:
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision = {self.precision!r}; choose one of {PRECISIONS}")
+        check_precision(self.precision)
         if not 0 <= self.min_train_step < self.train_steps:
             raise ValueError(
                 f"min_train_step ({self.min_train_step}) must be >= 0 and below train_steps "
@@ -97,8 +100,13 @@ class ReFiTConfig:
 PRECISIONS = ("fp32", "tf32", "bf16")
 
 
-def check_precision(precision: str, device: torch.device) -> None:
-    """Refuse, in one line, a :data:`PRECISIONS` entry that ``device`` cannot run."""
+def check_precision(precision: str, device: torch.device | None = None) -> None:
+    """Refuse, in one line, a name not in :data:`PRECISIONS`, or one that ``device`` (when
+    given) cannot run."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision = {precision!r}; choose one of {PRECISIONS}")
+    if device is None:
+        return
     if precision == "tf32" and device.type != "cuda":
         raise ValueError(f"precision 'tf32' is a CUDA matmul mode and the policy is on "
                          f"{device.type}: use 'fp32' or 'bf16' there")
@@ -122,13 +130,15 @@ def matmul_precision(precision: str) -> Iterator[None]:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
-def network_autocast(precision: str, device: torch.device
-                     ) -> contextlib.AbstractContextManager[Any]:
-    """The block a policy network's forward runs in: bfloat16 autocast on ``device`` when
-    ``precision`` is "bf16" (its backward then follows the forward's dtypes), else none."""
+def network_precision(precision: str, device: torch.device
+                      ) -> contextlib.AbstractContextManager[Any]:
+    """The block a policy network's forward runs in, and nothing else of a rollout (rewards stay
+    fp32): bfloat16 autocast on ``device`` for "bf16" (its backward then follows the forward's
+    dtypes), TF32 matmuls for "tf32" (the update's backward needs its own
+    :func:`matmul_precision` block), none for "fp32"."""
     if precision == "bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    return matmul_precision(precision)
 
 
 def policy_step(
@@ -140,10 +150,10 @@ def policy_step(
 
     Samples ``action`` = mu + kappa sigma_t eps when none is given; otherwise scores it.
     Shapes: x_t (B, d), t (B,) chain steps, condition as ``model.encode`` returns it. Only the
-    network's forward runs at ``precision`` (:func:`network_autocast`); the mean is float32
+    network's forward runs at ``precision`` (:func:`network_precision`); the mean is float32
     (the chain's float32 posterior step) and the log-prob float64 in every precision.
     """
-    with network_autocast(precision, x_t.device):
+    with network_precision(precision, x_t.device):
         mean = model.reverse_mean(x_t, t, condition, chain)
     std = kappa * model.reverse_std(t, chain)
     if action is None:
@@ -199,6 +209,49 @@ class Rollout:
     reference_condition: Tensor | None  # the frozen reference's c, for the KL term
 
 
+def check_finite(value: float, what: str) -> float:
+    """``value``, a batch statistic read on the host, refused with the core's message for NaN
+    or infinite actions (:data:`~refit_gym.mdp.core.DIVERGED`) when it is not finite."""
+    if not math.isfinite(value):
+        raise ValueError(f"{DIVERGED} ({what} is {value})")
+    return value
+
+
+class DivergenceGuard:
+    """Stops a batch's update when the policy diverged, in a fixed number of host reads: the
+    agents step the core unchecked, so NaN actions pass into the states and the reward (a
+    ranking reward of NaN scores may even be finite) and show in the gradient.
+
+    The first optimiser step's gradient norm and the batch's reward (this rank's, read then:
+    :attr:`reward`) are checked before that step: a policy that diverged before the batch (NaN
+    weights) stops with its weights and optimiser untouched. The norm first: it is taken after
+    the gradients' all-reduce, so under torchrun every rank stops there together. The later
+    steps' norms (several update epochs, DDPO's minibatches) are kept on the device as their
+    maximum, which NaN propagates, and read after the update (:meth:`after_update`): a policy
+    that diverges within the update stops at this batch."""
+
+    def __init__(self, rollouts: list[Rollout]) -> None:
+        self.rollouts = rollouts
+        self.reward = math.nan  # the rollouts' summed reward, once read
+        self.largest: Tensor | None = None
+        self.later_steps = False
+
+    def before_step(self, grad_norm: Tensor) -> None:
+        """Check (first step) or keep (later steps) the clipped gradient's norm (0-dim)."""
+        if self.largest is None:
+            check_finite(float(grad_norm), "the gradient norm")
+            self.reward = check_finite(sum(r.reward.sum().item() for r in self.rollouts),
+                                       "the batch's reward")
+            self.largest = grad_norm
+        else:
+            self.largest, self.later_steps = torch.maximum(self.largest, grad_norm), True
+
+    def after_update(self) -> None:
+        """Check the later steps' norms (one read; none when the update took one step)."""
+        if self.later_steps:
+            check_finite(float(self.largest), "the largest gradient norm of the update")
+
+
 class ReFiTAgent:
     """Owns the policy (the denoiser being tuned), its frozen reference and the optimiser;
     ``dist``: the torchrun group whose ranks share each batch (default: this process's)."""
@@ -224,7 +277,7 @@ class ReFiTAgent:
 
     def forward(self) -> contextlib.AbstractContextManager[Any]:
         """The block the policy's and the reference's network forwards run in."""
-        return network_autocast(self.config.precision, self.device)
+        return network_precision(self.config.precision, self.device)
 
     @torch.no_grad()
     def rollout(self, core: DenoisingMDP, users: Tensor, generator: torch.Generator) -> Rollout:
@@ -235,37 +288,39 @@ class ReFiTAgent:
         core.reset_rows(rows, users.repeat_interleave(cfg.group_size), generator)
         batch, chain = core.backbone_batch(), core.chain
         steps: list[tuple[Tensor, Tensor, Tensor, Tensor]] = []
-        with matmul_precision(cfg.precision):
-            with self.forward():
-                condition = self.model.encode(batch)
-            # Until the first exploring step, rows whose group shares one deterministic start
-            # (an unconditioned backbone started from the user's history, as DiffRec on ML-1M)
-            # share every state too, so one row per group computes the mean: with exploration
-            # on the last 5 of 40 steps, most of the chain.
-            shared = condition is None and groups_identical(core.x, cfg.group_size)
-            # Every row starts at t = K, so the i-th action is chain step K - 1 - i: the loop
-            # knows it, and no step reads it back from the device.
-            for step in reversed(range(core.steps)):
-                t = core.denoiser_timestep()
-                x_t = core.x
-                if cfg.explores(step):
-                    shared = False
-                    action, log_prob, _ = policy_step(self.model, x_t, t, condition, cfg.kappa,
-                                                      generator=generator, chain=chain,
-                                                      precision=cfg.precision)
-                elif shared:
-                    g = cfg.group_size
-                    with self.forward():
-                        action = self.model.reverse_mean(x_t[::g], t[::g], None, chain
-                                                         ).repeat_interleave(g, 0)
-                else:
-                    with self.forward():
-                        action = self.model.reverse_mean(x_t, t, condition, chain)
-                if cfg.trains(step):
-                    steps.append((x_t, t, action, log_prob))  # states are never mutated
-                result = core.step(action, checked=False)  # the agent's own, finite actions
-            with self.forward():
-                reference_condition = self.reference.encode(batch) if cfg.kl_coef > 0 else None
+        # Only the networks' forwards run at cfg.precision (self.forward, policy_step): the
+        # core's step, and so the reward, stays fp32.
+        with self.forward():
+            condition = self.model.encode(batch)
+        # Until the first exploring step, rows whose group shares one deterministic start (an
+        # unconditioned backbone started from the user's history, as DiffRec on ML-1M) share
+        # every state too, so one row per group computes the mean: with exploration on the last
+        # 5 of 40 steps, most of the chain.
+        shared = condition is None and groups_identical(core.x, cfg.group_size)
+        # Every row starts at t = K, so the i-th action is chain step K - 1 - i: the loop knows
+        # it, and no step reads it back from the device.
+        for step in reversed(range(core.steps)):
+            t = core.denoiser_timestep()
+            x_t = core.x
+            if cfg.explores(step):
+                shared = False
+                action, log_prob, _ = policy_step(self.model, x_t, t, condition, cfg.kappa,
+                                                  generator=generator, chain=chain,
+                                                  precision=cfg.precision)
+            elif shared:
+                g = cfg.group_size
+                with self.forward():
+                    action = self.model.reverse_mean(x_t[::g], t[::g], None, chain
+                                                     ).repeat_interleave(g, 0)
+            else:
+                with self.forward():
+                    action = self.model.reverse_mean(x_t, t, condition, chain)
+            if cfg.trains(step):
+                steps.append((x_t, t, action, log_prob))  # states are never mutated
+            # Unchecked: a diverged policy's NaN actions are caught by update's DivergenceGuard.
+            result = core.step(action, checked=False)
+        with self.forward():
+            reference_condition = self.reference.encode(batch) if cfg.kl_coef > 0 else None
         return Rollout(batch, chain, steps, group_advantages(result.reward, cfg.group_size),
                        result.reward, reference_condition)
 
@@ -274,19 +329,22 @@ class ReFiTAgent:
         ``total_rows`` trajectories on every rank together): the loss is the mean over all of
         them, gradients are summed over chunks and ranks, then clipped and applied."""
         cfg = self.config
+        guard = DivergenceGuard(rollouts)
         kl_total = clipped = torch.zeros((), dtype=torch.float64, device=self.device)
         grad_norm = torch.zeros(())
         params = [p for p in self.model.parameters() if p.requires_grad]
+        # Update-wide: the backward's matmuls run at the forwards' precision too (TF32).
         with matmul_precision(cfg.precision):
             for _ in range(cfg.update_epochs):
                 kl, clip_count, n_steps = self.policy_gradient(rollouts, total_rows)
                 kl_total, clipped = kl_total + kl, clipped + clip_count
                 grad_norm = nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                guard.before_step(grad_norm)
                 self.optimizer.step()
-        # The batch's statistics reach the host here, once.
+        guard.after_update()
+        # The other statistics reach the host here, once.
         reward, kl_total, clipped = self.dist.sum_floats(
-            [sum(r.reward.sum().item() for r in rollouts),
-             *torch.stack([kl_total, clipped]).tolist()])
+            [guard.reward, *torch.stack([kl_total, clipped]).tolist()])
         n_terms = max(total_rows * n_steps * cfg.update_epochs, 1)
         return BatchStats(reward=reward / total_rows, kl=kl_total / n_terms,
                           grad_norm=float(grad_norm), clip_fraction=clipped / n_terms)

@@ -3,9 +3,11 @@ counted from the backbone and the agent's settings, and the least time they take
 peak rate (issue 30 item 5).
 
 What is counted: the matrix products of the backbone's own code (``encode``, ``predict_x0``,
-``scores``), measured with PyTorch's ``FlopCounterMode`` on a probe batch of a few rows and
-scaled to a batch's rows (a product's FLOPs are linear in its rows); a backward as twice its
-forward; and one operation per item for the reward on each trajectory's scores. Elementwise work
+``scores``), measured with PyTorch's ``FlopCounterMode`` per row and scaled to a batch's rows (a
+product's FLOPs are linear in its rows): on a probe batch of a few rows, or for a run's floor
+on the id's own training rows (:func:`training_row_flops`: ADRec's encoder trims short
+histories, so full-length probes overstate it); a backward as twice its forward; and one
+operation per item for the reward on each trajectory's scores. Elementwise work
 (the posterior step, the float64 log-probabilities, the reward's top-k and its relevance targets,
 computed once per reset) is memory-bound and left out, so the count is a floor, not a forecast.
 
@@ -23,14 +25,16 @@ One ReFiT update of R = U users x G trajectories on a K-step chain:
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
+import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from refit_gym.backbones import Backbone
 from refit_gym.backbones.base import Batch
-from refit_gym.rl.refit_agent import PRECISIONS, ReFiTConfig
+from refit_gym.data import Dataset, SequenceData
+from refit_gym.rl.refit_agent import ReFiTConfig, check_precision
 
 # Dense peak rates in TFLOP/s by precision, from NVIDIA's datasheets (their tensor-core figures
 # "with sparsity" halved); "fp32" is plain FP32 (PyTorch's default: TF32 off). Keys are matched
@@ -47,8 +51,7 @@ PEAK_TFLOPS: tuple[tuple[str, dict[str, float]], ...] = (
 def peak_tflops(device: str, precision: str = "fp32") -> float | None:
     """The dense peak (TFLOP/s) of the device named ``device`` at ``precision``; None for a
     device not in :data:`PEAK_TFLOPS` (a CPU among them)."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision = {precision!r}; choose one of {PRECISIONS}")
+    check_precision(precision)
     for key, rates in PEAK_TFLOPS:
         if key in device:
             return rates[precision]
@@ -68,7 +71,8 @@ class RowFlops:
 
 def probe_batch(model: Backbone, rows: int) -> Batch:
     """A backbone batch of ``rows`` episodes: for a sequential backbone a full-length history
-    each (its encoder's largest cost: ADRec trims short histories), else an interaction row."""
+    each (its encoder's largest cost, an upper bound for ADRec, which trims short histories:
+    :func:`training_row_flops` counts an id's own rows), else an interaction row."""
     device = next(model.parameters()).device
     max_len = getattr(model.config, "max_len", None)
     if max_len is None:
@@ -97,6 +101,24 @@ def row_flops(model: Backbone, batch: Batch | None = None) -> RowFlops:
                     step=_matmul_flops(lambda: model.predict_x0(x, t, condition)) / rows,
                     scores=_matmul_flops(lambda: model.scores(x)) / rows,
                     n_items=model.n_items, conditioned=condition is not None)
+
+
+@torch.no_grad()
+def training_row_flops(model: Backbone, data: Dataset) -> RowFlops:
+    """Per-row FLOPs of ``model``'s parts, averaged over ``data``'s training rows (the episodes
+    a run draws). A row of interactions (dense) costs what any does: :func:`row_flops` of the
+    probe. A sequential row's encoder work depends on its history's length alone (ADRec encodes
+    each group of similar lengths trimmed to the group's width, DreamRec every position), so
+    the encoder is measured on one row of each length present and weighted by that length's
+    count: the rows' exact mean in at most L + 1 one-row passes."""
+    if not isinstance(data, SequenceData):
+        return row_flops(model)
+    lengths = (data.histories["train"] != data.n_items).sum(1)
+    _, first, counts = np.unique(lengths, return_index=True, return_counts=True)
+    rows = data.batch("train", first, next(model.parameters()).device)["history"]  # (lengths, L)
+    encode = sum(count * _matmul_flops(lambda row=row: model.encode({"history": row[None]}))
+                 for row, count in zip(rows, counts.tolist(), strict=True))
+    return replace(row_flops(model, {"history": rows}), encode=encode / data.n_train_rows)
 
 
 @dataclass(frozen=True)
