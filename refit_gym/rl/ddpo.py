@@ -112,7 +112,7 @@ class DDPOAgent(ReFiTAgent):
         params = [p for p in self.model.parameters() if p.requires_grad]
         per_minibatch = -(-len(samples) // cfg.minibatches)
         clipped = torch.zeros((), dtype=torch.long, device=samples.t.device)
-        grad_norm = torch.zeros(())
+        norm_sum: Tensor | float = 0.0  # logged: the minibatches' mean norm, not the last one's
         guard = DivergenceGuard(rollouts)
         with matmul_precision(cfg.precision):
             for _ in range(cfg.update_epochs):
@@ -127,9 +127,12 @@ class DDPOAgent(ReFiTAgent):
                     guard.before_step(grad_norm)
                     self.optimizer.step()
                     clipped = clipped + clip_count
+                    norm_sum = norm_sum + grad_norm.detach()  # on the device: no read per step
         guard.after_update()
         # The other statistics reach the host here, once.
-        return BatchStats(reward=guard.reward / total_rows, kl=0.0, grad_norm=float(grad_norm),
+        steps = cfg.update_epochs * len(order.split(per_minibatch))
+        return BatchStats(reward=guard.reward / total_rows, kl=0.0,
+                          grad_norm=float(norm_sum) / steps,
                           clip_fraction=int(clipped) / (len(samples) * cfg.update_epochs))
 
     def minibatch_loss(self, samples: Samples, indices: Tensor) -> tuple[Tensor, Tensor]:
