@@ -190,7 +190,7 @@ def run_bench(
     table += cells_section(finished)
     with atomic_path(out_dir / "results.md") as tmp:
         tmp.write_text(table)
-    plot(cells, summary, out_dir)
+    plot(cells, summary, out_dir, list(seeds))
     return payload
 
 
@@ -270,21 +270,24 @@ def markdown_table(env_id: str, summary: dict[str, Any], seeds: list[int],
     return "\n".join(lines) + "\n"
 
 
-def plot(cells: dict[str, list[dict[str, Any]]], summary: dict[str, Any],
-         out_dir: Path) -> None:
+def _colour(algo: str) -> tuple[float, ...]:
+    """One colour an algorithm in every plot: tab20's ten strong shades, then its light ones
+    (the ten-colour cycle gave a peer the colour of an agent)."""
+    import matplotlib
+
+    index = 2 * ORDER.index(algo)
+    return matplotlib.colormaps["tab20"](index % 20 + index // 20)
+
+
+def plot(cells: dict[str, list[dict[str, Any]]], summary: dict[str, Any], out_dir: Path,
+         seeds: Sequence[int]) -> None:
     """Learning curves against training seconds (train reward, the fixed-episode reward of the
-    optimiser's own check, validation NDCG@20) and the final test metrics: ``summary``'s
-    mean ± std over seeds, one point an algorithm."""
+    optimiser's own check, validation NDCG@20) into learning_curves.png, and the final test
+    metrics (:func:`plot_metrics`) into metrics.png."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    def colour(algo: str) -> tuple[float, ...]:
-        """One colour an algorithm in every plot: tab20's ten strong shades, then its light
-        ones (the ten-colour cycle gave a peer the colour of an agent)."""
-        index = 2 * ORDER.index(algo)
-        return matplotlib.colormaps["tab20"](index % 20 + index // 20)
 
     fig, (ax_reward, ax_fixed, ax_valid) = plt.subplots(1, 3, figsize=(15, 4))
     for algo, runs in cells.items():
@@ -293,7 +296,7 @@ def plot(cells: dict[str, list[dict[str, Any]]], summary: dict[str, Any],
             if not history:  # the pretrained backbone and the peers: no learning curve
                 continue
             style = {"marker": "o", "label": algo if i == 0 else None,
-                     "color": colour(algo), "alpha": 0.8}
+                     "color": _colour(algo), "alpha": 0.8}
             ax_valid.plot([h["elapsed"] for h in history],
                           [h["valid"]["ndcg@20"] for h in history], **style)
             for ax, key in ((ax_reward, "train_reward"), (ax_fixed, "fixed_reward")):
@@ -313,27 +316,53 @@ def plot(cells: dict[str, list[dict[str, Any]]], summary: dict[str, Any],
         ax.grid(alpha=0.3)
     fig.tight_layout()
     _save(fig, out_dir / "learning_curves.png")
+    plt.close(fig)
+    plot_metrics(summary, out_dir / "metrics.png", seeds)
 
+
+def plot_metrics(summary: dict[str, Any], out_path: Path, seeds: Sequence[int],
+                 title: str | None = None) -> Any:
+    """Test NDCG@20 and the hits metric at 20 (recall@20 or hr@20), one point an algorithm
+    with an error bar of ``summary``'s std, written atomically to ``out_path``.
+
+    ``summary`` maps each algorithm, in the plot's order, to ``{"test/<metric>": (mean, std)}``
+    (other keys are ignored). One seed has no spread: no error bar, and the titles name the
+    seed instead of claiming a std (as :func:`markdown_table` prints no "±"). ``title`` is an
+    optional line above both panels. Returns the (closed) figure, for tests to read.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    algos = list(summary)
+    spread = len(seeds) > 1
+    hits = next(k.removeprefix("test/") for k in summary[algos[0]]
+                if k.startswith("test/") and k.endswith("@20") and "ndcg" not in k)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    algos = list(cells)
-    hits = next(k for k in metric_keys(cells) if k.endswith("@20") and not k.startswith("ndcg"))
     for ax, key in zip(axes, ("ndcg@20", hits)):
-        means, stds = zip(*(summary[a][f"test/{key}"] for a in algos))
+        means = [summary[a][f"test/{key}"][0] for a in algos]
+        stds = [summary[a][f"test/{key}"][1] if spread else 0.0 for a in algos]
         # Points, not bars: the axis is zoomed to the values (fine-tuning moves the fourth
         # decimal), and a bar cut off at a zoomed bottom would show a weak peer as zero.
         for i, (algo, mean, std) in enumerate(zip(algos, means, stds)):
-            ax.errorbar(i, mean, yerr=std, fmt="o", markersize=8, capsize=4, color=colour(algo))
+            ax.errorbar(i, mean, yerr=std if spread else None, fmt="o", markersize=8,
+                        capsize=4, color=_colour(algo))
         low = min(m - s for m, s in zip(means, stds))
         high = max(m + s for m, s in zip(means, stds))
         pad = 0.05 * (high - low or abs(high) or 1.0)
         ax.set_ylim(low - pad, high + pad)
         ax.set_xticks(range(len(algos)), algos)
-        ax.set(title=f"test {key} (mean ± std over seeds)")
+        ax.set(title=f"test {key} (mean ± std over seeds)" if spread
+               else f"test {key} (seed {seeds[0]})")
         ax.grid(axis="y", alpha=0.3)
         ax.tick_params(axis="x", labelrotation=30)  # eight or more names overlap level
+    if title:
+        fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    _save(fig, out_dir / "metrics.png")
-    plt.close("all")
+    _save(fig, Path(out_path))
+    plt.close(fig)
+    return fig
 
 
 def _save(fig: Any, path: Path) -> None:
