@@ -193,3 +193,36 @@ def test_the_critic_reads_adrecs_row_summary_not_its_cache(tmp_path) -> None:
     width = model.policy.value_net[0].in_features
     assert width == backbone.state_dim + 33 + backbone.config.hidden < backbone.condition_dim
     model.learn(64)  # two episodes of the 32-step chain per environment
+
+
+@pytest.mark.parametrize("env_id", ["ReFiT-SeqSynthetic-v0", "ReFiT-SeqSynthetic-v1"])
+def test_the_update_scores_the_rollouts_actions_as_the_rollout_did(env_id: str,
+                                                                   tmp_path) -> None:
+    # SB3 puts the policy in training mode for its update: the backbone's dropout (DreamRec's
+    # and ADRec's) must stay off there, or the first importance ratio is already noise.
+    from refit_gym.backbones import save_backbone
+    from refit_gym.specs import load_env_spec
+
+    torch.manual_seed(0)
+    backbone = load_env_spec(env_id).build_backbone(300)
+    save_backbone(tmp_path / "b.pt", backbone, env_id, seed=0, epoch=0)
+    venv = ReFiTVecEnv(env_id, num_envs=4, seed=0, checkpoint=str(tmp_path / "b.pt"))
+    model = make_model("ppo", venv, backbone, {"n_steps": 4, "batch_size": 16}, seed=0,
+                       device="cpu")
+    obs_t, _ = model.policy.obs_to_tensor(venv.reset())
+    model.policy.set_training_mode(False)  # as SB3's rollout
+    actions, _, rollout_log_prob = model.policy(obs_t)
+    model.policy.set_training_mode(True)  # as SB3's update
+    assert model.policy.training and not model.policy.backbone.training
+    _, update_log_prob, _ = model.policy.evaluate_actions(obs_t, actions)
+    torch.testing.assert_close(update_log_prob, rollout_log_prob)
+
+
+def test_the_update_scores_the_rollouts_actions_as_the_rollout_did_cf(pretrained: Path) -> None:
+    model, _, venv = _model("ppo", pretrained, batch_size=40)  # DiffRec: input dropout 0.5
+    obs_t, _ = model.policy.obs_to_tensor(venv.reset())
+    model.policy.set_training_mode(False)
+    actions, _, rollout_log_prob = model.policy(obs_t)
+    model.policy.set_training_mode(True)
+    _, update_log_prob, _ = model.policy.evaluate_actions(obs_t, actions)
+    torch.testing.assert_close(update_log_prob, rollout_log_prob)

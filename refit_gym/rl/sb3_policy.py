@@ -105,6 +105,16 @@ class DiffusionActorCriticPolicy(ActorCriticPolicy):
         self._chain: GaussianDiffusion | None = None
         super().__init__(observation_space, action_space, lr_schedule, **kwargs)
 
+    def set_training_mode(self, mode: bool) -> None:
+        """SB3 turns training mode on for its update and off for its rollouts; the backbone
+        stays in eval mode in both. Its dropout regularises pretraining; in the update it would
+        make the log-probabilities of the rollout's own actions another draw than the rollout
+        sampled them with, so every importance ratio is noise (PPO's approximate KL on ADRec:
+        about 40 at the first minibatch, which made ``target_kl`` stop every update before its
+        first step), as the agents' own update keeps it in eval mode."""
+        super().set_training_mode(mode)
+        self.backbone.eval()
+
     def _get_constructor_parameters(self) -> dict[str, Any]:
         return {**super()._get_constructor_parameters(), **self._extra}
 
