@@ -29,3 +29,22 @@ def test_an_interrupted_result_write_leaves_the_old_file_whole(tmp_path: Path, c
     monkeypatch.undo()
     assert path.read_text() == old
     assert list(tmp_path.iterdir()) == [path]  # no temporary file left behind
+
+
+def test_bench_details_lists_each_fine_tuned_cells_passes_and_selection() -> None:
+    import bench_details
+
+    def run(passes: list[float], selected: int) -> dict:
+        history = [{"epoch": i, "elapsed": 10.0 * i, "fixed_reward": -5.0 + i,
+                    "valid": {"ndcg@20": v}} for i, v in enumerate(passes)]
+        return {"history": history, "selection": {"best_epoch": selected},
+                "test": {"hr@20": 0.25, "ndcg@20": 0.125}}
+
+    results = {"seeds": [1, 2], "cells": {
+        "pretrained": [{"history": [], "test": {"hr@20": 0.2, "ndcg@20": 0.1}}] * 2,
+        "refit": [run([0.1, 0.2], 1), run([0.3, 0.2, 0.1], 0)]}}
+    lines = bench_details.details(results)
+    assert lines[0].endswith("| test hr@20 / ndcg@20 |") and len(lines) == 4  # no pretrained
+    assert lines[2] == ("| 1 | refit | 1 (10) | 0.10000, 0.20000 | -5.000 -> -4.000 | 1 | "
+                        "0.2500 / 0.12500 |")
+    assert lines[3].startswith("| 2 | refit | 2 (20) | 0.30000, 0.20000, 0.10000 |")
