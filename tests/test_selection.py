@@ -1,16 +1,14 @@
 """The one selection rule: strictly better wins, patience in epochs, curve, digest, resume;
-and pretraining, which selects with it, on scripted validation scores and from a real resume
-state of the code before it (tests/fixtures/pretrain_before_selector)."""
+and pretraining, which selects with it, on scripted validation scores and from a resume state
+in the format of the code before it."""
 
 from __future__ import annotations
 
 import dataclasses
 import importlib
 import importlib.util
-import json
 import math
 import os
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
@@ -20,9 +18,8 @@ import torch
 
 from refit_gym.backbones import read_checkpoint
 from refit_gym.backbones.diffrec import DiffRec
-from refit_gym.data.loading import load_dataset
 from refit_gym.specs import load_env_spec
-from refit_gym.training.pretrain import PretrainResult, pretrain
+from refit_gym.training.pretrain import PretrainResult
 from refit_gym.training.selection import Selector, weights_digest
 
 
@@ -224,77 +221,6 @@ def _as_written_before_the_selector(path: Path) -> None:
     state["best"] = {"epoch": selector["best_epoch"] or 0, "score": selector["best_score"],
                      **(selector["best_metrics"] or {"valid": {}, "test": {}})}
     torch.save(state, path)
-
-
-FIXTURE = Path(__file__).parent / "fixtures" / "pretrain_before_selector"
-
-
-def test_a_state_written_before_the_selector_resumes_as_an_uninterrupted_run(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A real state of the code before the Selector (commit 3a8f95c): FIXTURE's
-    ``pretrain_state.pt`` (with ``best``, no ``selector``) and ``denoiser.pt`` (epoch 2, its
-    best), written by FIXTURE/make_fixture.py for a tiny DiffRec on ReFiT-Synthetic-v0
-    (FIXTURE/settings.json) killed after epoch 2, on one thread. .gitignore ignores ``*.pt``:
-    they were committed with ``git add -f``. The current code resumes it, selects epoch 3 and
-    stops by patience, as its own uninterrupted run does: the same epochs, selection and
-    metrics, and the same weights and losses up to float rounding. (On the machine that wrote
-    the fixture they are equal bit for bit; other float kernels, e.g. MKL_CBWR=COMPATIBLE,
-    moved the weights by < 4e-7 and the losses by < 1e-7 relative there.)"""
-    module = importlib.util.spec_from_file_location("make_fixture", FIXTURE / "make_fixture.py")
-    make_fixture = importlib.util.module_from_spec(module)
-    module.loader.exec_module(make_fixture)
-    settings = json.loads((FIXTURE / "settings.json").read_text())
-    spec = make_fixture.fixture_spec(settings)
-    data = load_dataset(spec.dataset)
-    state = torch.load(FIXTURE / "pretrain_state.pt", weights_only=True)
-    assert "selector" not in state and (state["epoch"], state["best"]["epoch"]) == (2, 2)
-    resumed_dir = tmp_path / "resumed"
-    resumed_dir.mkdir()
-    for name in ("pretrain_state.pt", "denoiser.pt"):
-        shutil.copy(FIXTURE / name, resumed_dir / name)
-    pretraining, trained = importlib.import_module("refit_gym.training.pretrain"), [0]
-    real_train_epoch = pretraining.train_epoch
-
-    def counted_train_epoch(*args, **kwargs) -> float:
-        trained[0] += 1
-        return real_train_epoch(*args, **kwargs)
-
-    monkeypatch.setattr(pretraining, "train_epoch", counted_train_epoch)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as the fixture was written
-    try:
-        whole = pretrain(spec, data, tmp_path / "whole", seed=settings["seed"], progress=False)
-        resumed = pretrain(spec, data, resumed_dir, seed=settings["seed"], progress=False)
-    finally:
-        torch.set_num_threads(threads)
-    assert trained == [5 + 3]  # the resumed run trained epochs 3, 4 and 5 only
-    assert (resumed.best_epoch, resumed.epochs) == (3, 5)  # epoch 6 = 3 + patience 3 not run
-    ours, theirs = (_leaves(dataclasses.asdict(r)) for r in (resumed, whole))
-    assert ours.keys() == theirs.keys()
-    unrepeatable = {".checkpoint", ".wall_time_s", ".train_seconds", ".selection.weights_sha256"}
-    for key in sorted(ours.keys() - unrepeatable):
-        if isinstance(theirs[key], float):
-            assert ours[key] == pytest.approx(theirs[key], rel=1e-5, abs=1e-12), key
-        else:
-            assert ours[key] == theirs[key], key
-    mine = read_checkpoint(resumed_dir / "denoiser.pt")
-    reference = read_checkpoint(tmp_path / "whole" / "denoiser.pt")
-    assert (mine["extra"]["epoch"], reference["extra"]["epoch"]) == (3, 3)
-    assert resumed.selection["weights_sha256"] == weights_digest(mine["state_dict"])
-    for name, tensor in reference["state_dict"].items():
-        torch.testing.assert_close(mine["state_dict"][name], tensor, rtol=0, atol=1e-5)
-
-
-def _leaves(tree: object, path: str = "") -> dict[str, object]:
-    """Every leaf of nested dicts, lists and tuples by its path, e.g. ``.valid.ndcg@20``."""
-    if isinstance(tree, dict):
-        items = tree.items()
-    elif isinstance(tree, list | tuple):
-        items = enumerate(tree)
-    else:
-        return {path: tree}
-    return {leaf: value for key, sub in items
-            for leaf, value in _leaves(sub, f"{path}.{key}").items()}
 
 
 def test_pretraining_refuses_a_patience_that_stops_before_any_selection(
