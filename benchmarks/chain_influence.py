@@ -55,7 +55,7 @@ def main() -> None:
         model, _ = load_backbone(checkpoint, data.n_items)
         chain = settings.chain(spec)
         tau = float(settings.reward_params.get("tau", 1.0))
-        scale = str(getattr(model.config, "state_scale", "concatenated"))
+        scale = str(model.config.state_scale) if model.name == "adrec" else "concatenated"
         for ci in chain_influence_report(model, data, chain, rows=args.rows,
                                          trajectories=args.trajectories, tau=tau):
             lines.append(_row(env_id, model.name, scale, chain.steps, ci))
@@ -65,7 +65,7 @@ def main() -> None:
               "sample variances (n - 1). *backbone*: the backbone's own sampler (noise at every "
               "step but the last); *policy*: the agents' Gaussian policy with kappa 1 (noise at "
               "every step, the last one included). *lambda*: the scale at which ADRec's "
-              "decoder reads x_t (DreamRec concatenates x_t with the condition)."]
+              "decoder reads x_t (DreamRec and ADRec-Concat concatenate x_t with the condition)."]
     write_result(args.name, "Chain influence of sequential backbones", lines)
 
 

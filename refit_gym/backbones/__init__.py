@@ -1,11 +1,13 @@
 """The backbone layer: diffusion recommenders behind one interface (:class:`Backbone`).
 
-DiffRec (collaborative filtering: the state is a user's interaction vector), DreamRec and ADRec
-(sequential: the state is the next item's embedding, conditioned on the history), their
-checkpoints, and the registry that rebuilds any of them from a spec or a checkpoint.
+DiffRec (collaborative filtering: the state is a user's interaction vector), DreamRec, ADRec and
+the project's own ADRec-Concat (sequential: the state is the next item's embedding, conditioned
+on the history), their checkpoints, and the registry that rebuilds any of them from a spec or
+a checkpoint.
 """
 
 from refit_gym.backbones.adrec import ADRec, ADRecConfig
+from refit_gym.backbones.adrec_concat import ConcatADRec, ConcatADRecConfig
 from refit_gym.backbones.base import Backbone, Batch
 from refit_gym.backbones.checkpoint import (
     CheckpointError,
@@ -19,6 +21,7 @@ from refit_gym.backbones.dreamrec import DreamRec, DreamRecConfig, HistoryEncode
 from refit_gym.backbones.registry import BACKBONES, backbone_config, backbone_from_configs
 
 __all__ = ["BACKBONES", "ADRec", "ADRecConfig", "Backbone", "Batch", "CheckpointError",
+           "ConcatADRec", "ConcatADRecConfig",
            "DiffRec", "DiffRecConfig", "DreamRec", "DreamRecConfig", "HistoryEncoder",
            "backbone_config", "backbone_configs", "backbone_from_configs", "load_backbone",
            "read_checkpoint", "save_backbone", "timestep_embedding"]

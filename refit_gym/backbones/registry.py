@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from refit_gym.backbones.adrec import ADRec, ADRecConfig
+from refit_gym.backbones.adrec_concat import ConcatADRec, ConcatADRecConfig
 from refit_gym.backbones.base import Backbone
 from refit_gym.backbones.diffrec import DiffRec, DiffRecConfig
 from refit_gym.backbones.dreamrec import DreamRec, DreamRecConfig
@@ -13,6 +14,7 @@ from refit_gym.diffusion import DiffusionConfig
 
 BACKBONES: dict[str, tuple[type[Backbone], type]] = {
     ADRec.name: (ADRec, ADRecConfig),
+    ConcatADRec.name: (ConcatADRec, ConcatADRecConfig),
     DiffRec.name: (DiffRec, DiffRecConfig),
     DreamRec.name: (DreamRec, DreamRecConfig),
 }
