@@ -20,7 +20,7 @@ from common import write_result
 from refit_gym.backbones import load_backbone
 from refit_gym.data import SequenceData
 from refit_gym.mdp.gym_env import EnvSettings, cached_dataset
-from refit_gym.specs import load_env_spec
+from refit_gym.specs import load_env_spec, register_spec_file
 from refit_gym.training.chain_influence import ChainInfluence, chain_influence_report
 
 COLUMNS = ("id", "backbone", "lambda", "chain steps", "sampler", "reward mean",
@@ -39,10 +39,14 @@ def _row(env_id: str, backbone: str, scale: str, steps: int, ci: ChainInfluence)
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", action="append", required=True, metavar="ID=CHECKPOINT")
+    parser.add_argument("--spec", action="append", default=[], metavar="PATH",
+                        help="a spec file of your own whose id a --run names")
     parser.add_argument("--rows", type=int, default=256, help="validation rows (seeded)")
     parser.add_argument("--trajectories", type=int, default=16, help="draws per row")
     parser.add_argument("--name", default="chain_influence")
     args = parser.parse_args()
+    for path in args.spec:
+        register_spec_file(path)
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for run in args.run:
         env_id, _, checkpoint = run.partition("=")
