@@ -19,13 +19,11 @@ import argparse
 import dataclasses
 from pathlib import Path
 
-from chain_influence import COLUMNS, _row
+from chain_influence import influence_rows, table_header
 from common import write_result
 
-from refit_gym.backbones import load_backbone
-from refit_gym.mdp.gym_env import EnvSettings, cached_dataset
+from refit_gym.mdp.gym_env import cached_dataset
 from refit_gym.specs import load_env_spec
-from refit_gym.training.chain_influence import chain_influence_report
 from refit_gym.training.finetune import finetune
 from refit_gym.training.pretrain import pretrain
 
@@ -52,25 +50,20 @@ def main() -> None:
                f"test {metric} | test ndcg@20 | wall s |", "|---|---|---|---|---|---|---|---|"]
     tuned = [f"| {args.field} | seed | valid ndcg@20 start -> ReFiT | test ndcg@20 start -> "
              "ReFiT | selected epoch | training s |", "|---|---|---|---|---|---|"]
-    influence = ["| " + " | ".join(COLUMNS) + " | seed |", "|" + "---|" * (len(COLUMNS) + 1)]
+    influence = table_header(args.field, extra=("seed",))
+    seeds = [int(s) for s in args.seeds.split(",")]
     for value in (float(v) for v in args.values.split(",")):
         variant = dataclasses.replace(spec, backbone={**spec.backbone, args.field: value})
-        for seed in (int(s) for s in args.seeds.split(",")):
+        for seed in seeds:
             folder = Path(args.out) / f"{args.field}{value:g}-seed{seed}"
             result = pretrain(variant, data, folder / "pretrain", seed=seed, progress=False)
             quality.append(
                 f"| {value:g} | {seed} | {result.best_epoch} | {result.valid[metric]:.4f} | "
                 f"{result.valid['ndcg@20']:.4f} | {result.test[metric]:.4f} | "
                 f"{result.test['ndcg@20']:.4f} | {result.wall_time_s:.0f} |")
-            model, _ = load_backbone(result.checkpoint, data.n_items)
-            settings = EnvSettings.resolve(variant, {"checkpoint": str(result.checkpoint),
-                                                     "device": "cpu"})
-            chain = settings.chain(variant)
-            tau = float(settings.reward_params.get("tau", 1.0))
-            for ci in chain_influence_report(model, data, chain, rows=args.rows,
-                                             trajectories=args.trajectories, tau=tau):
-                influence.append(_row(args.env, model.name, f"{value:g}", chain.steps, ci)
-                                 + f" {seed} |")
+            influence += influence_rows(variant, data, result.checkpoint, f"{value:g}",
+                                        rows=args.rows, trajectories=args.trajectories,
+                                        extra=(str(seed),))
             if args.finetune:
                 run = finetune(variant, data, result.checkpoint, "refit", folder / "refit",
                                seed=seed, progress=False)
@@ -81,7 +74,8 @@ def main() -> None:
                     f"{run['wall_time_s']:.0f} |")
     lines = [f"Metrics of each pretraining's selected epoch under the backbone's own sampler "
              f"({spec.pretrain.final_sampling_seeds} sampling seeds).", "", *quality, "",
-             "Chain influence (benchmarks/chain_influence.py's columns):", "", *influence]
+             "Chain influence (benchmarks/chain_influence.py's columns, the scanned "
+             f"{args.field} in place of lambda):", "", *influence]
     if args.finetune:
         lines += ["", "ReFiT with the id's table (agents/refit.toml), selected on validation:",
                   "", *tuned]

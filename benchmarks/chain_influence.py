@@ -14,26 +14,47 @@ softmax(x_0 E^T / tau) with the id's tau. One table for all runs:
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from common import write_result
 
 from refit_gym.backbones import load_backbone
 from refit_gym.data import SequenceData
 from refit_gym.mdp.gym_env import EnvSettings, cached_dataset
-from refit_gym.specs import load_env_spec, register_spec_file
-from refit_gym.training.chain_influence import ChainInfluence, chain_influence_report
+from refit_gym.specs import EnvSpec, load_env_spec, register_spec_file
+from refit_gym.training.chain_influence import chain_influence_report
 
 COLUMNS = ("id", "backbone", "lambda", "chain steps", "sampler", "reward mean",
            "within-row std", "between-row std", "within share", "top-20 overlap in a row",
            "between rows", "rows whose hit@20 differs")
 
 
-def _row(env_id: str, backbone: str, scale: str, steps: int, ci: ChainInfluence) -> str:
-    cells = [env_id, backbone, scale, str(steps), ci.sampler, f"{ci.reward_mean:.3f}",
-             f"{ci.reward_within_std:.4g}", f"{ci.reward_between_std:.3f}",
-             f"{ci.within_share:.2e}", f"{ci.overlap_within:.4f}", f"{ci.overlap_between:.4f}",
-             f"{ci.hit_disagreement:.4f}"]
-    return "| " + " | ".join(cells) + " |"
+def table_header(setting: str = "lambda", extra: tuple[str, ...] = ()) -> list[str]:
+    """The table's two header lines; ``setting`` names the third column."""
+    columns = (*COLUMNS[:2], setting, *COLUMNS[3:], *extra)
+    return ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+
+
+def influence_rows(spec: EnvSpec, data: SequenceData, checkpoint: str | Path, setting: str | None,
+                   *, rows: int, trajectories: int, extra: tuple[str, ...] = ()) -> list[str]:
+    """Table rows of ``checkpoint`` on ``spec``'s chain, one per sampler. ``setting`` fills the
+    third column (None: how the backbone reads x_t, ADRec's lambda or "concatenated")."""
+    settings = EnvSettings.resolve(spec, {"checkpoint": str(checkpoint), "device": "cpu"})
+    model, _ = load_backbone(checkpoint, data.n_items)
+    chain = settings.chain(spec)
+    tau = float(settings.reward_params.get("tau", 1.0))
+    if setting is None:
+        setting = f"{model.config.state_scale:g}" if model.name == "adrec" else "concatenated"
+    lines = []
+    for ci in chain_influence_report(model, data, chain, rows=rows, trajectories=trajectories,
+                                     tau=tau):
+        cells = [spec.id, model.name, setting, str(chain.steps), ci.sampler,
+                 f"{ci.reward_mean:.3f}", f"{ci.reward_within_std:.4g}",
+                 f"{ci.reward_between_std:.3f}", f"{ci.within_share:.2e}",
+                 f"{ci.overlap_within:.4f}", f"{ci.overlap_between:.4f}",
+                 f"{ci.hit_disagreement:.4f}", *extra]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
 
 
 def main() -> None:
@@ -47,22 +68,15 @@ def main() -> None:
     args = parser.parse_args()
     for path in args.spec:
         register_spec_file(path)
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines = table_header()
     for run in args.run:
         env_id, _, checkpoint = run.partition("=")
-        spec = load_env_spec(env_id)
         data = cached_dataset(env_id)
         if not isinstance(data, SequenceData):
             raise SystemExit(f"{env_id} is not a sequential id: chain influence is measured on "
                              "the next-item scenario's sampled chains")
-        settings = EnvSettings.resolve(spec, {"checkpoint": checkpoint, "device": "cpu"})
-        model, _ = load_backbone(checkpoint, data.n_items)
-        chain = settings.chain(spec)
-        tau = float(settings.reward_params.get("tau", 1.0))
-        scale = str(model.config.state_scale) if model.name == "adrec" else "concatenated"
-        for ci in chain_influence_report(model, data, chain, rows=args.rows,
-                                         trajectories=args.trajectories, tau=tau):
-            lines.append(_row(env_id, model.name, scale, chain.steps, ci))
+        lines += influence_rows(load_env_spec(env_id), data, checkpoint, None, rows=args.rows,
+                                trajectories=args.trajectories)
     lines += ["", "Per run: the same seeded validation rows, each drawn `--trajectories` times "
               "in one batch; reward = log softmax(x_0 E^T / tau)[target] with the id's tau. "
               "*within share* = mean within-row variance / (within + between-row variance), "

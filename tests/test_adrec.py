@@ -198,15 +198,16 @@ def test_sequence_end_rows_are_each_sequences_last_prefix() -> None:
 
 
 def _tiny_spec(sessions: int, embedding_epochs: int, warmup_epochs: int = 1,
-               final_sampling_seeds: int = 1):
-    """ADRec at toy size on a few of the embedded synthetic sessions, 5 epochs at most."""
+               final_sampling_seeds: int = 1, backbone_type: str = "adrec"):
+    """ADRec (or ``backbone_type``, a variant with its fields) at toy size on a few of the
+    embedded synthetic sessions, 5 epochs at most."""
     from refit_gym.specs import EnvSpec, PretrainConfig, load_env_spec
 
     base = load_env_spec("ReFiT-SeqSynthetic-v1")
     return EnvSpec(
         id="ADRec-tiny-test", dataset={**base.dataset, "n_sessions": sessions},
         diffusion=SCHEDULE,
-        backbone={"type": "adrec", "max_len": 10, "hidden": 16, "num_heads": 2,
+        backbone={"type": backbone_type, "max_len": 10, "hidden": 16, "num_heads": 2,
                   "ff_hidden": 32, "embedding_epochs": embedding_epochs,
                   "warmup_epochs": warmup_epochs},
         pretrain=PretrainConfig(lr=1e-3, batch_size=64, importance_sampling=False,
@@ -259,10 +260,12 @@ def test_length_groups_change_nothing_but_the_cost(monkeypatch) -> None:
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("backbone_type", ["adrec", "adrec_concat"])
 def test_staged_pretraining_interrupted_then_rerun_equals_an_uninterrupted_run(
-        tmp_path, monkeypatch) -> None:
+        tmp_path, monkeypatch, backbone_type: str) -> None:
     # The stage follows the epoch, so a run stopped inside the warm-up resumes into the same
     # stages and ends with the same weights; a cap that ends before the last stage is refused.
+    # ADRec-Concat inherits all of it.
     import importlib
 
     # The module, not the function the package exports under the same name.
@@ -270,7 +273,7 @@ def test_staged_pretraining_interrupted_then_rerun_equals_an_uninterrupted_run(
     from refit_gym.data import load_dataset
     from refit_gym.training.pretrain import pretrain
 
-    spec = _tiny_spec(200, embedding_epochs=1, warmup_epochs=2)
+    spec = _tiny_spec(200, embedding_epochs=1, warmup_epochs=2, backbone_type=backbone_type)
     data = load_dataset(spec.dataset)
     whole = pretrain(spec, data, tmp_path / "whole", seed=3, progress=False)
     real_epoch, calls = pretraining.train_epoch, []
@@ -289,6 +292,7 @@ def test_staged_pretraining_interrupted_then_rerun_equals_an_uninterrupted_run(
     assert again.history == whole.history and again.test == whole.test
     first, _ = load_backbone(whole.checkpoint, data.n_items)
     second, _ = load_backbone(again.checkpoint, data.n_items)
+    assert first.name == second.name == backbone_type
     for (name, a), (_, b) in zip(first.state_dict().items(), second.state_dict().items(),
                                  strict=True):
         assert torch.equal(a, b), name

@@ -97,6 +97,11 @@ def test_adrecs_decoder_settings_are_refused_with_the_fix() -> None:
             _model(**bad)
 
 
+def test_histories_of_another_length_are_refused_by_name() -> None:
+    with pytest.raises(ValueError, match="adrec_concat model was built for max_len = 6"):
+        _model().encode({"history": HISTORY[:, :5]})
+
+
 def test_checkpoint_round_trip(tmp_path) -> None:
     model = _model(embedding_std=0.4)
     save_backbone(tmp_path / "m.pt", model, "ReFiT-SeqSynthetic-Concat-v0", seed=0, epoch=0)

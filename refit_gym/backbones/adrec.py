@@ -24,7 +24,9 @@ validation metric with the project's patience rule (ADRec: any of six metrics im
 evaluations); metrics averaged over rows (ADRec: over batches of 512).
 
 ``state_scale`` is lambda: ADRec's 0.001 leaves the chain almost no say over the outcome (see
-:mod:`refit_gym.training.chain_influence`); the project's own variant raises it.
+:mod:`refit_gym.training.chain_influence`), and so does a larger one, since ADRec's item
+embeddings stay small against the noise; the project's own variant whose chain decides is
+:mod:`refit_gym.backbones.adrec_concat`.
 
 Inference runs the decoder on the last token only, attending to keys and values of the earlier
 positions cached once per row by :meth:`ADRec.encode`: exact (the decoder is causal), and about
@@ -34,6 +36,7 @@ L times cheaper per step than a full pass.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -216,30 +219,43 @@ class ADRec(NextItemBackbone):
         the decoder's keys and values of the earlier positions, per block (blocks, 2, L, d) |
         which positions precede the last (L)]. The earlier positions carry their known clean
         targets (the next history item) at t = 0, as ADRec's sampler feeds them."""
-        history = batch["history"]
-        length = history.shape[1]
-        c, d = self.config, self.config.hidden
-        if length != c.max_len:
-            raise ValueError(f"histories of {length} items, but this ADRec was built for "
-                             f"max_len = {c.max_len}: use data of its own environment id")
         self._unpacked = None
-        last = self._last_positions(history, c.n_items)
+        return self._by_length_group(batch["history"], self._group_condition)
+
+    def _group_condition(self, history: Tensor, last: Tensor) -> Tensor:
+        """:meth:`encode`'s c (G, condition_dim) of one group's histories (G, width), trimmed
+        to their group's width, whose latest items are at positions ``last`` (G,)."""
+        c, d = self.config, self.config.hidden
+        (rows, width), length = history.shape, c.max_len
+        rep = self.encode_sequence(history)
+        known = self.item_embeddings(torch.roll(history, -1, dims=1))  # position j: s_{j+1}
+        x = self.decoder_input(rep, known, torch.zeros_like(history))
+        kv = []
+        for block in self.decoder:
+            x, k, v = block(x)
+            kv += [block._merge(k), block._merge(v)]
+        cache = torch.stack(kv, 1).view(rows, c.decoder_blocks, 2, width, d)
+        visible = torch.arange(width, device=history.device)[None] < last[:, None]
+        return torch.cat([rep[torch.arange(rows), last],
+                          F.pad(cache, (0, 0, 0, length - width)).flatten(1),
+                          F.pad(visible.to(rep.dtype), (0, length - width))], dim=1)
+
+    def _by_length_group(self, history: Tensor,
+                         encode_group: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
+        """``encode_group(histories, last)`` of each group of :meth:`_length_groups`, its
+        histories (G, width) trimmed to the group's width and ``last`` (G,) their latest
+        items' positions, put back in ``history``'s row order: (B, ...). Exact: right padding
+        is never attended under the causal mask. Histories of another length than the model's
+        ``max_len`` are refused."""
+        length, pad = history.shape[1], self.config.n_items
+        if length != self.config.max_len:
+            raise ValueError(f"histories of {length} items, but this {self.name} model was "
+                             f"built for max_len = {self.config.max_len}: use data of its own "
+                             "environment id")
+        last = self._last_positions(history, pad)
         parts, order = [], []
         for rows, width in self._length_groups(history):
-            part = history[rows, :width]
-            rep = self.encode_sequence(part)
-            known = self.item_embeddings(torch.roll(part, -1, dims=1))  # position j: s_{j+1}
-            x = self.decoder_input(rep, known, torch.zeros_like(part))
-            kv = []
-            for block in self.decoder:
-                x, k, v = block(x)
-                kv += [block._merge(k), block._merge(v)]
-            cache = torch.stack(kv, 1).view(len(rows), c.decoder_blocks, 2, width, d)
-            visible = torch.arange(width, device=history.device)[None] < last[rows, None]
-            parts.append(torch.cat([
-                rep[torch.arange(len(rows)), last[rows]],
-                F.pad(cache, (0, 0, 0, length - width)).flatten(1),
-                F.pad(visible.to(rep.dtype), (0, length - width))], dim=1))
+            parts.append(encode_group(history[rows, :width], last[rows]))
             order.append(rows)
         return torch.cat(parts)[torch.argsort(torch.cat(order))]
 

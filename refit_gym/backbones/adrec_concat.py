@@ -11,7 +11,9 @@ concatenating denoiser (its "mlp2": Linear(3d, 2d), GELU, Linear(2d, d)) applied
 coming, so where the chain went decides the outcome.
 
 Neither ADRec nor DreamRec publishes this model; it is named as the project's own in its specs,
-the README and DESIGN, beside the faithful ADRec.
+the README and RESULTS.md, beside the faithful ADRec (DESIGN section 3c foresees it). Its item
+table must start larger than ADRec's (``embedding_std``) for the chain to decide: x_t tells the
+denoiser which item is coming only once the embeddings stand out of the noise.
 """
 
 from __future__ import annotations
@@ -66,20 +68,11 @@ class ConcatADRec(ADRec):
         return self.denoiser(torch.cat([x_t, rep, self._time(t)], dim=-1))
 
     def encode(self, batch: Batch) -> Tensor:
-        """r at each row's last history position (B, d), each group of similar-length
-        histories encoded trimmed to its width (exact: right padding is never attended)."""
-        history = batch["history"]
-        if history.shape[1] != self.config.max_len:
-            raise ValueError(f"histories of {history.shape[1]} items, but this model was built "
-                             f"for max_len = {self.config.max_len}: use data of its own "
-                             "environment id")
-        last = self._last_positions(history, self.config.n_items)
-        parts, order = [], []
-        for rows, width in self._length_groups(history):
-            rep = self.encode_sequence(history[rows, :width])
-            parts.append(rep[torch.arange(len(rows), device=rep.device), last[rows]])
-            order.append(rows)
-        return torch.cat(parts)[torch.argsort(torch.cat(order))]
+        """r at each row's last history position (B, d)."""
+        return self._by_length_group(
+            batch["history"],
+            lambda history, last: self.encode_sequence(history)[
+                torch.arange(len(history), device=history.device), last])
 
     def predict_x0(self, x_t: Tensor, t: Tensor, condition: Tensor | None) -> Tensor:
         """x0_hat (B, d) of the next item at state x_t (B, d), network timesteps t (B,)."""
