@@ -9,7 +9,9 @@
 #
 # --deadline-seconds (default 540, 9 minutes, from the script's start): runs still going then
 #   get SIGINT (a killed run keeps its resumable state; rerunning the script with the same --out
-#   resumes them) and the table holds the algorithms that finished on every seed. The ReFiT
+#   resumes them), and SIGKILL $GPU_BENCH_KILL_AFTER seconds later (default 30) if the SIGINT
+#   is lost (e.g. a KeyboardInterrupt that Python drops inside a finaliser); the table holds
+#   the algorithms that finished on every seed. The ReFiT
 #   runs' FLOP count and its floor time at the GPU's peak rate are printed beside their
 #   measured training seconds (benchmarks/flop_floor.py, OUT/flop_floor.md).
 # --jobs (default 4): runs at once (four pipelines shared one H200 well, gpu_runs_*_H200.md).
@@ -93,11 +95,12 @@ if ! "$PY" -c "import sys; from refit_gym.training.bench import ORDER; sys.exit(
   echo "gpu_bench: this bench cannot tabulate ddpo yet; running without it"
   AGENTS="refit,continue ppo a2c trpo"
 fi
+KILL_AFTER=${GPU_BENCH_KILL_AFTER:-30}
 mkdir -p "$OUT"
 STARTED=$SECONDS
 
 # One bench over one seed and some algorithms, with the --set values of those algorithms;
-# given what is left of the deadline, then SIGINT (30 s later SIGKILL).
+# given what is left of the deadline, then SIGINT ($KILL_AFTER s later SIGKILL).
 run() {
   local seeds=$1 algos=$2 left=$(( DEADLINE - (SECONDS - STARTED) ))
   if [ "$left" -le 0 ]; then
@@ -109,7 +112,7 @@ run() {
     for item in ${SETS[$algo]:-}; do sets+=(--set "$item"); done
   done
   local started=$SECONDS
-  timeout -s INT -k 30 "$left" "$PY" -c "import sys; from refit_gym.cli import main; sys.exit(main())" \
+  timeout -s INT -k "$KILL_AFTER" "$left" "$PY" -c "import sys; from refit_gym.cli import main; sys.exit(main())" \
     bench --env "$ENV" --device "$DEVICE" --seeds "$seeds" --algos "$algos" --out "$OUT" \
     "${PRETRAIN[@]}" "${sets[@]}" --quiet > "$OUT/log-${seeds//,/_}-${algos//,/_}.txt" 2>&1
   local rc=$?
