@@ -179,6 +179,20 @@ def test_popularity_ties_are_judged_by_the_metrics_rule() -> None:
     assert cf_pop.rank_scores({"history": torch.zeros(2, 3)}).tolist() == [[2.0, 2.0, 0.0]] * 2
 
 
+def test_sasrec_prints_a_line_per_epoch_with_its_validation_score(
+        sessions: SequenceData, capsys) -> None:
+    fit = SASRec(hidden=16, max_epochs=3, patience=3, lr=3e-3).fit(sessions, 2,
+                                                                     progress="sasrec probe")
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("sasrec")]
+    curve = fit.selection()["curve"]
+    assert len(lines) == len(curve) == 3  # one line an epoch, none for the silent default
+    for line, point in zip(lines, curve):
+        assert line.startswith(f"sasrec probe: epoch {point['epoch']} (")
+        assert f"valid ndcg@20 {point['score']:.5g}" in line
+    SASRec(hidden=16, max_epochs=1, patience=3, lr=3e-3).fit(sessions, 2)
+    assert capsys.readouterr().err == ""
+
+
 def test_sasrec_resumes_after_a_kill_as_if_never_stopped(sessions: SequenceData, tmp_path,
                                                          monkeypatch) -> None:
     import refit_gym.training.peers as peers

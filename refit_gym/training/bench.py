@@ -172,7 +172,8 @@ def run_bench(
             cell = _cell_dir(out_dir, seed, algo)
             if (result := finished[seed, algo]) is None:
                 if algo in PEER_NAMES:
-                    result = tune_peer(algo, spec, data, seed, device, out_dir=cell)
+                    result = tune_peer(algo, spec, data, seed, device, out_dir=cell,
+                                       progress=progress)
                 else:
                     budget = (cells["refit"][-1]["wall_time_s"] if algo == "continue" else None)
                     result = finetune(

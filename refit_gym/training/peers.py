@@ -38,6 +38,7 @@ from torch import Tensor, nn
 
 from refit_gym.backbones.dreamrec import DreamRecConfig, HistoryEncoder
 from refit_gym.data import Dataset, InteractionData, SequenceData
+from refit_gym.data.progress import Progress
 from refit_gym.data.sequences import last_history_items
 from refit_gym.specs import EnvSpec, PretrainConfig, load_agent_hyperparams
 from refit_gym.training.identity import data_digest
@@ -295,9 +296,11 @@ class SASRec(Peer, nn.Module):
         self.hidden, self.dropout_p, self.lr = hidden, dropout, lr
         self.batch_size, self.max_epochs, self.patience = batch_size, max_epochs, patience
 
-    def fit(self, data: SequenceData, seed: int, state_path: Path | None = None) -> SASRec:
+    def fit(self, data: SequenceData, seed: int, state_path: Path | None = None,
+            progress: str | None = None) -> SASRec:
         """Train on ``data``'s training rows; ``state_path``: the resume state, written after
-        every epoch (model, optimizer, order generator, dropout RNG, selection)."""
+        every epoch (model, optimizer, order generator, dropout RNG, selection). ``progress``:
+        the label of a line per epoch on standard error (None: silent)."""
         torch.manual_seed(seed)
         config = DreamRecConfig(n_items=data.n_items, max_len=data.max_len, hidden=self.hidden,
                                 dropout=self.dropout_p)
@@ -322,24 +325,33 @@ class SASRec(Peer, nn.Module):
             torch.set_rng_state(resumed["random"])
             self.selector = Selector.from_state(resumed["selector"])
             first = resumed["epoch"] + 1
+        bar = Progress(self.max_epochs, progress or self.name, unit="epoch", initial=first - 1,
+                       enabled=progress is not None)
         for epoch in range(first, self.max_epochs + 1):
             if self.selector.should_stop(epoch):
                 break
             self.train()
             order = torch.randperm(data.n_train_rows, generator=generator).numpy()
+            total_loss = torch.zeros(())
             for start in range(0, data.n_train_rows, self.batch_size):
                 batch = data.train_batch(order[start : start + self.batch_size])
                 loss = nn.functional.cross_entropy(self._logits(batch), batch["target"])
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
-            self.selector.offer(epoch, evaluate(self, data, selection, splits=("valid",)),
-                                self.state_dict())
+                total_loss += loss.detach() * len(batch["target"])
+            metrics = evaluate(self, data, selection, splits=("valid",))
+            self.selector.offer(epoch, metrics, self.state_dict())
+            bar.advance()
+            bar.epoch(f"epoch {epoch}", loss=total_loss.item() / data.n_train_rows, **{
+                f"valid {SELECTION_METRIC}": metrics["valid"][SELECTION_METRIC],
+                "best epoch": self.selector.best_epoch})
             if state_path is not None:
                 save_state(state_path, {
                     "identity": identity, "epoch": epoch, "model": self.state_dict(),
                     "optimizer": optimizer.state_dict(), "generator": generator.get_state(),
                     "random": torch.get_rng_state(), "selector": self.selector.state_dict()})
+        bar.close()
         self.load_state_dict(self.selector.best_weights)
         self.eval()
         return self
@@ -372,11 +384,13 @@ def grid(algo: str, env_id: str) -> list[dict[str, Any]]:
 
 
 def tune_peer(algo: str, spec: EnvSpec, data: Dataset, seed: int = 1,
-              device: str = "cpu", out_dir: Path | None = None) -> dict[str, Any]:
+              device: str = "cpu", out_dir: Path | None = None,
+              progress: bool = False) -> dict[str, Any]:
     """Fit ``algo`` at every grid point, keep the best by validation NDCG@20, and return its
     metrics (test reported, never used; sequential: also split by seen/unseen targets) with
     the whole grid's validation scores. ``out_dir``: where a trained peer (SASRec) keeps the
-    resume state of each grid point (``sasrec_state<i>.pt``)."""
+    resume state of each grid point (``sasrec_state<i>.pt``); ``progress``: a trained peer
+    prints a line per epoch."""
     sequential = isinstance(data, SequenceData)
     if (algo, sequential) not in PEERS:
         scenario = "sequential" if sequential else "collaborative-filtering"
@@ -391,8 +405,10 @@ def tune_peer(algo: str, spec: EnvSpec, data: Dataset, seed: int = 1,
             peer = cls(**params)
         except TypeError as err:
             raise ValueError(f"agents/{algo}.toml [{spec.id}]: {err}") from err
-        if isinstance(peer, SASRec) and out_dir is not None:
-            peer.fit(data, seed, Path(out_dir) / f"sasrec_state{index}.pt")
+        if isinstance(peer, SASRec):
+            label = f"{algo} {spec.id} seed {seed}, grid point {index + 1}/{len(points)} {params}"
+            peer.fit(data, seed, out_dir and Path(out_dir) / f"sasrec_state{index}.pt",
+                     progress=label if progress else None)
         else:
             peer.fit(data, seed)
         metrics = evaluate(peer, data, spec.pretrain, device=device, sampling_seeds=1)
