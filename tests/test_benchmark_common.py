@@ -48,3 +48,19 @@ def test_bench_details_lists_each_fine_tuned_cells_passes_and_selection() -> Non
     assert lines[2] == ("| 1 | refit | 1 (10) | 0.10000, 0.20000 | -5.000 -> -4.000 | 1 | "
                         "0.2500 / 0.12500 |")
     assert lines[3].startswith("| 2 | refit | 2 (20) | 0.30000, 0.20000, 0.10000 |")
+
+
+def test_bench_details_takes_finetune_results_beside_a_bench_and_names_each_source() -> None:
+    import bench_details
+
+    history = [{"epoch": i, "elapsed": 5.0 * i, "fixed_reward": -2.0 + i,
+                "valid": {"ndcg@20": 0.1 * (i + 1)}} for i in range(3)]
+    probe = {"seed": 3, "algo": "refit", "history": history,
+             "selection": {"best_epoch": 2}, "test": {"recall@20": 0.5, "ndcg@20": 0.25}}
+    bench = {"seeds": [1], "cells": {"refit": [{**probe, "seed": 1}]}}
+    lines = bench_details.details([("bench.json", bench), ("probe.json", probe)])
+    assert lines[0].startswith("| source | seed | algo |") and lines[1].count("|---") == 8
+    assert lines[2].startswith("| bench.json | 1 | refit | 2 (10) |")
+    assert lines[3] == ("| probe.json | 3 | refit | 2 (10) | 0.10000, 0.20000, 0.30000 | "
+                        "-2.000 -> 0.000 | 2 | 0.5000 / 0.25000 |")
+    assert bench_details.details(probe)[2] == lines[3].removeprefix("| probe.json ")
