@@ -325,7 +325,7 @@ class SASRec(Peer, nn.Module):
             torch.set_rng_state(resumed["random"])
             self.selector = Selector.from_state(resumed["selector"])
             first = resumed["epoch"] + 1
-        bar = Progress(self.max_epochs, progress or self.name, unit="epoch", initial=first - 1,
+        bar = Progress(self.max_epochs, progress or "", unit="epoch", initial=first - 1,
                        enabled=progress is not None)
         for epoch in range(first, self.max_epochs + 1):
             if self.selector.should_stop(epoch):
@@ -407,8 +407,8 @@ def tune_peer(algo: str, spec: EnvSpec, data: Dataset, seed: int = 1,
             raise ValueError(f"agents/{algo}.toml [{spec.id}]: {err}") from err
         if isinstance(peer, SASRec):
             label = f"{algo} {spec.id} seed {seed}, grid point {index + 1}/{len(points)} {params}"
-            peer.fit(data, seed, out_dir and Path(out_dir) / f"sasrec_state{index}.pt",
-                     progress=label if progress else None)
+            state = None if out_dir is None else Path(out_dir) / f"sasrec_state{index}.pt"
+            peer.fit(data, seed, state, progress=label if progress else None)
         else:
             peer.fit(data, seed)
         metrics = evaluate(peer, data, spec.pretrain, device=device, sampling_seeds=1)
