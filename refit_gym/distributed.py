@@ -1,4 +1,4 @@
-"""Where a process runs: its device, and under ``torchrun`` (DESIGN 11) the process group and
+"""Where a process runs: its device, and under ``torchrun`` the process group and
 its few collectives.
 
 A command started by ``torchrun --nproc_per_node N ...`` finds ``WORLD_SIZE`` and ``RANK`` in its

@@ -24,7 +24,7 @@ def checkpoint(pretrained_seq_synthetic: Path) -> Path:
 
 
 def test_refit_raises_its_fixed_episode_reward_and_keeps_e(checkpoint: Path, tmp_path) -> None:
-    """DESIGN 5: the reward of the backbone's own chain on fixed training episodes rises."""
+    """The reward of the backbone's own chain on fixed training episodes rises."""
     result = finetune(load_env_spec(SEQ), cached_dataset(SEQ, None), checkpoint, "refit",
                       tmp_path, seed=1, hyperparams={"epochs": 2, "users_per_epoch": 768},
                       progress=False)

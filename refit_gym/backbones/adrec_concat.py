@@ -11,7 +11,7 @@ concatenating denoiser (its "mlp2": Linear(3d, 2d), GELU, Linear(2d, d)) applied
 coming, so where the chain went decides the outcome.
 
 Neither ADRec nor DreamRec publishes this model; it is named as the project's own in its specs,
-the README and RESULTS.md, beside the faithful ADRec (DESIGN section 3c foresees it). Its item
+the README and RESULTS.md, beside the faithful ADRec. Its item
 table must start larger than ADRec's (``embedding_std``) for the chain to decide: x_t tells the
 denoiser which item is coming only once the embeddings stand out of the noise.
 """

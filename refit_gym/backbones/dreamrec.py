@@ -33,7 +33,7 @@ class DreamRecConfig:
     cond_dropout: float = 0.1  # p of replacing c by the null condition in training
     guidance: float = 4.0  # w of classifier-free guidance at inference
     num_heads: int = 1
-    # DreamRec learns E with its MSE loss, which can shrink E towards 0 (DESIGN 13); False
+    # DreamRec learns E with its MSE loss, which can shrink E towards 0 (RESULTS.md, Zhihu); False
     # keeps E at its seeded N(0, I) draw, which no loss can collapse.
     train_item_table: bool = True
 

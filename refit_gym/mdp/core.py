@@ -1,4 +1,4 @@
-"""The batched denoising MDP: the one core behind every face, for every scenario (DESIGN 4).
+"""The batched denoising MDP: the one core behind every face, for every scenario.
 
 State per row: x_t (d,) and the step t. An episode starts at t = K from x_K (its source says
 how: a user's history, or noise), each action *is* the next state x_{t-1}, and after K actions

@@ -1,4 +1,4 @@
-"""Terminal rewards R(scores(x_0); episode) of the denoising MDP, for every scenario (DESIGN 4).
+"""Terminal rewards R(scores(x_0); episode) of the denoising MDP, for every scenario.
 
 A reward is split in two so that the expensive part runs once per episode: ``relevance``
 turns the episode's target items y (B, n) into a per-item weight tensor at reset, and

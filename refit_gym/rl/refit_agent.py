@@ -1,4 +1,4 @@
-"""The ReFiT agent: policy-gradient fine-tuning of a pretrained diffusion backbone (DESIGN 5).
+"""The ReFiT agent: policy-gradient fine-tuning of a pretrained diffusion backbone.
 
 Policy: pi_theta(x_{t-1} | x_t, c) = N(mu_theta(x_t, c, t), (kappa sigma_t)^2 I), mu_theta the
 backbone's reverse-step mean (the posterior mean of its guided x0 prediction), sigma_t the fixed

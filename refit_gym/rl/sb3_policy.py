@@ -1,4 +1,4 @@
-"""Stable-Baselines3 policy whose actor is the pretrained diffusion backbone (DESIGN section 5).
+"""Stable-Baselines3 policy whose actor is the pretrained diffusion backbone.
 
 The action distribution is the reverse-diffusion Gaussian N(mu_theta(x_t, t), (kappa sigma_t)^2 I):
 mu_theta is the backbone's reverse-step mean (the posterior mean of its x0 prediction), sigma_t

@@ -3,7 +3,7 @@
 A policy gradient on the denoising MDP learns from the differences between trajectories of the
 same episode. If the final state is (almost) a deterministic function of the condition, every
 trajectory of a row earns the same reward and the gradient carries nothing, however good the
-backbone ranks. This measures that before any agent is tuned on a backbone (DESIGN 3c): for
+backbone ranks. This measures that before any agent is tuned on a backbone: for
 fixed rows and M sampled trajectories each, the spread of the final reward (the target's
 log-likelihood under softmax(scores / tau)) *within* a row against the spread *between* rows,
 and how much two trajectories of one row agree on their top-k list against two different rows.

@@ -123,7 +123,7 @@ class _Clock:
 @torch.no_grad()
 def fixed_episode_reward(model: Backbone, core: DenoisingMDP, episodes: Tensor,
                          seed: int = 0) -> float:
-    """The optimiser's own check (DESIGN 5): the mean reward of the backbone's own chain (its
+    """The optimiser's own check: the mean reward of the backbone's own chain (its
     mean chain, or its sampler under a fixed seed) on the fixed training ``episodes``, whose
     starts (holdout, x_K noise) are fixed by ``seed`` too."""
     generator = torch.Generator(core.device).manual_seed(seed)

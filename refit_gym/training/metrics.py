@@ -1,4 +1,4 @@
-"""Each scenario's evaluation protocol (DESIGN section 7), batched in torch.
+"""Each scenario's evaluation protocol, batched in torch.
 
 Collaborative filtering, as DiffRec computes it: all items ranked with history masked
 (validation masks train; test masks train + valid); Recall = hits / |ground truth|; NDCG's ideal
@@ -258,7 +258,7 @@ def evaluate(backbone: Ranker, data: Dataset, config: PretrainConfig, *,
              device: torch.device | str = "cpu", chain: GaussianDiffusion | None = None,
              sampling_seeds: int | None = None, splits: Sequence[str] = ("valid", "test"),
              progress: bool = False) -> dict[str, dict[str, float]]:
-    """The backbone's own evaluation protocol for ``data`` (DESIGN 7), configured by a spec's
+    """The backbone's own evaluation protocol for ``data``, configured by a spec's
     [pretrain] section: ``chain`` is the reverse chain (default: the backbone's own T steps);
     a stochastic backbone is scored over ``sampling_seeds`` seeds 0, 1, ... (default:
     ``final_sampling_seeds``). ``splits``: the sequential splits to score (a selection pass

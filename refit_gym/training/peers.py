@@ -1,4 +1,4 @@
-"""Peers: the models a practitioner would try before a diffusion recommender (DESIGN 8).
+"""Peers: the models a practitioner would try before a diffusion recommender.
 
 Each peer is fitted on the training split and scores items exactly where a backbone does
 (``rank_scores``), so the same evaluation code, splits and masks judge both. Hyperparameters
