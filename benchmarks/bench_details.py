@@ -46,7 +46,7 @@ def details(results: dict | Sequence[tuple[str, dict]]) -> list[str]:
             continue
         passes = ", ".join(f"{h['valid']['ndcg@20']:.5f}" for h in history)
         fixed = [h["fixed_reward"] for h in history if h.get("fixed_reward") is not None]
-        check = f"{fixed[0]:.3f} -> {fixed[-1]:.3f}" if fixed else ""
+        check = f"{fixed[0]:#.4g} -> {fixed[-1]:#.4g}" if fixed else ""
         lines.append(
             (f"| {source} " if labelled else "")
             + f"| {seed} | {algo} | {history[-1]['epoch']} ({history[-1]['elapsed']:.0f}) | "

@@ -48,6 +48,12 @@ def test_bench_details_lists_each_fine_tuned_cells_passes_and_selection() -> Non
     assert lines[2] == ("| 1 | refit | 1 (10) | 0.10000, 0.20000 | -5.000 -> -4.000 | 1 | "
                         "0.2500 / 0.12500 |")
     assert lines[3].startswith("| 2 | refit | 2 (20) | 0.30000, 0.20000, 0.10000 |")
+    # Zhihu's negative MSE rewards are about 1e-4: four significant digits, not "-0.000".
+    small = run([0.1, 0.2], 1)
+    for step, reward in zip(small["history"], (-6.14e-4, -5.98e-4)):
+        step["fixed_reward"] = reward
+    line = bench_details.details({"seeds": [1], "cells": {"refit": [small]}})[2]
+    assert "| -0.0006140 -> -0.0005980 |" in line
 
 
 def test_bench_details_takes_finetune_results_beside_a_bench_and_names_each_source() -> None:
