@@ -22,8 +22,9 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def machine() -> str:
+    threads = torch.get_num_threads()
     return (f"{cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__} "
-            f"({torch.get_num_threads()} threads), Python {platform.python_version()}")
+            f"({threads} thread{'s' if threads > 1 else ''}), Python {platform.python_version()}")
 
 
 def peak_rss_mib() -> float:
