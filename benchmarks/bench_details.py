@@ -17,8 +17,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+
+
+def reward_text(value: float) -> str:
+    """At least three decimals and four significant digits: -95.711, 0.1336, -0.0006140 (a
+    fixed-episode reward runs from -100 nats on Beauty to -4e-5 on Zhihu)."""
+    decimals = 3 if value == 0 else max(3, 3 - math.floor(math.log10(abs(value))))
+    return f"{value:.{decimals}f}"
 
 
 def runs_of(results: dict) -> Iterator[tuple[int, str, dict]]:
@@ -46,7 +54,7 @@ def details(results: dict | Sequence[tuple[str, dict]]) -> list[str]:
             continue
         passes = ", ".join(f"{h['valid']['ndcg@20']:.5f}" for h in history)
         fixed = [h["fixed_reward"] for h in history if h.get("fixed_reward") is not None]
-        check = f"{fixed[0]:#.4g} -> {fixed[-1]:#.4g}" if fixed else ""
+        check = f"{reward_text(fixed[0])} -> {reward_text(fixed[-1])}" if fixed else ""
         lines.append(
             (f"| {source} " if labelled else "")
             + f"| {seed} | {algo} | {history[-1]['epoch']} ({history[-1]['elapsed']:.0f}) | "

@@ -54,6 +54,7 @@ def test_bench_details_lists_each_fine_tuned_cells_passes_and_selection() -> Non
         step["fixed_reward"] = reward
     line = bench_details.details({"seeds": [1], "cells": {"refit": [small]}})[2]
     assert "| -0.0006140 -> -0.0005980 |" in line
+    assert bench_details.reward_text(-109.56) == "-109.560"  # Beauty's keep three decimals
 
 
 def test_bench_details_takes_finetune_results_beside_a_bench_and_names_each_source() -> None:
