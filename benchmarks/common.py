@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import platform
 import resource
+import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -16,6 +17,7 @@ from refit_gym.data import atomic_path
 from refit_gym.mdp.gym_env import EnvSettings
 from refit_gym.specs import EnvSpec
 from refit_gym.training.identity import cpu_model
+from refit_gym.training.metrics import sample_std
 from refit_gym.training.pretrain import make_timestep_sampler
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -25,6 +27,12 @@ def machine() -> str:
     threads = torch.get_num_threads()
     return (f"{cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__} "
             f"({threads} thread{'s' if threads > 1 else ''}), Python {platform.python_version()}")
+
+
+def mean_std(values: list[float]) -> str:
+    """``mean ± std`` over seeds, the std the project's sample std (n - 1); one seed: its value."""
+    mean = f"{statistics.mean(values):.4f}"
+    return mean if len(values) == 1 else f"{mean} ± {sample_std(values):.4f}"
 
 
 def peak_rss_mib() -> float:

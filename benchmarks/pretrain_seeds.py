@@ -17,13 +17,13 @@ import json
 import statistics
 from pathlib import Path
 
-from common import write_result
+from common import mean_std, write_result
 
 from refit_gym.backbones import BACKBONES, load_backbone
 from refit_gym.cli import main as refit_gym
 from refit_gym.data import load_dataset
 from refit_gym.specs import load_env_spec
-from refit_gym.training.metrics import evaluate_sequential, sample_std
+from refit_gym.training.metrics import evaluate_sequential
 
 # Reference figures of the backbone's own code (../shared/data/README.md), in the table's units.
 REFERENCES = {
@@ -37,15 +37,9 @@ REFERENCES = {
 }
 REFERENCES["ReFiT-Beauty-v1"] = (
     REFERENCES["ReFiT-Beauty-v0"] + " On this split with this project's metric code, SASRec "
-    "over seeds 1-3 (bench_ReFiT-Beauty-v0.md): test hr@10 0.0649 ± 0.0005, ndcg@10 0.0317 ± "
-    "0.0006, hr@20 0.0942 ± 0.0005, ndcg@20 0.0391 ± 0.0005 (population std); DreamRec (v0) "
-    "test hr@10 0.0008.")
-
-
-def mean_std(values: list[float]) -> str:
-    """``mean ± std`` over seeds, the std the project's sample std (n - 1); one seed: its value."""
-    mean = f"{statistics.mean(values):.4f}"
-    return mean if len(values) == 1 else f"{mean} ± {sample_std(values):.4f}"
+    "over seeds 1-3 (bench_ReFiT-Beauty-v1.md): test hr@10 0.0649 ± 0.0006, ndcg@10 0.0317 ± "
+    "0.0007, hr@20 0.0942 ± 0.0006, ndcg@20 0.0391 ± 0.0006 (sample std); DreamRec (v0, "
+    "bench_ReFiT-Beauty-v0.md) test hr@10 0.0012.")
 
 
 def main() -> None:

@@ -22,8 +22,9 @@ from pathlib import Path
 
 from common import write_result
 
+from refit_gym.cli import parse_sets
 from refit_gym.mdp.gym_env import cached_dataset
-from refit_gym.specs import load_env_spec
+from refit_gym.specs import check_agent_hyperparams, load_env_spec
 from refit_gym.training.finetune import finetune
 
 LOWRANK = {"propagation": "lowrank", "rank": 256}
@@ -87,8 +88,12 @@ def main() -> None:
     parser.add_argument("--users-per-epoch", type=int, default=0, help="0: all users")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--only", default=None, help="comma-separated config numbers (1-based)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one of the id's ReFiT hyperparameters (repeatable)")
     args = parser.parse_args()
     spec = load_env_spec(args.env)
+    overrides = parse_sets(args.set)
+    check_agent_hyperparams("refit", overrides, "--set")  # before any run starts
     data = cached_dataset(spec.id, None)
     sequential = spec.sequential
     configs = list((SEQ_CONFIGS if sequential else CF_CONFIGS).items())
@@ -98,7 +103,7 @@ def main() -> None:
     for number in numbers:
         name, env_kwargs = configs[number - 1]
         out = Path(args.out) / f"config{number}"
-        budget = {"epochs": args.epochs, "users_per_epoch": args.users_per_epoch}
+        budget = {**overrides, "epochs": args.epochs, "users_per_epoch": args.users_per_epoch}
         result = finetune(spec, data, args.checkpoint, "refit", out, seed=args.seed,
                           hyperparams=budget, env_kwargs=env_kwargs, progress=False)
         start, last = result["history"][0], result["history"][-1]
@@ -114,7 +119,8 @@ def main() -> None:
         (out / "config.json").write_text(json.dumps(env_kwargs, indent=2))
     write_result(f"reward_study_{spec.id}", f"Reward study, {spec.id} (validation only)", [
         f"ReFiT agent, agents/refit.toml defaults for {spec.id} except epochs={args.epochs}, "
-        f"users_per_epoch={args.users_per_epoch or data.n_train_rows}; "
+        f"users_per_epoch={args.users_per_epoch or data.n_train_rows}"
+        + "".join(f", {key}={value}" for key, value in overrides.items()) + "; "
         f"seed {args.seed}; backbone `{args.checkpoint}`. Columns: mean training reward of the "
         "first → last epoch; the reward of the backbone's own chain on 256 fixed training "
         f"episodes, start → last epoch; validation NDCG@20 and {hits} of the pretrained start → "

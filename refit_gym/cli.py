@@ -147,7 +147,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     _report(f"{spec.id} evaluate {args.checkpoint}", payload, args.json)
 
 
-def _parse_sets(pairs: list[str]) -> dict[str, object]:
+def parse_sets(pairs: list[str]) -> dict[str, object]:
     """``key=value`` strings -> a dict; values are read as JSON when they parse (numbers...)."""
     out: dict[str, object] = {}
     for pair in pairs:
@@ -187,7 +187,7 @@ def _run_options(parser: argparse.ArgumentParser, set_help: str) -> None:
 def cmd_finetune(args: argparse.Namespace) -> None:
     from refit_gym.training.finetune import finetune
 
-    hyperparams = _parse_sets(args.set)
+    hyperparams = parse_sets(args.set)
     check_agent_hyperparams(args.algo, hyperparams, f"--set for {args.algo}")
     spec, data = _load(args)
     env_kwargs = _env_kwargs(args, spec, data)
@@ -215,7 +215,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
     from refit_gym.training.bench import run_bench
 
     hyperparams: dict[str, dict] = {}
-    for algo_key, value in _parse_sets(args.set).items():
+    for algo_key, value in parse_sets(args.set).items():
         algo, dot, key = algo_key.partition(".")
         if not dot:
             raise SpecError(f"bench --set expects ALGO.KEY=VALUE, got {algo_key!r}")
