@@ -48,8 +48,6 @@ def with_value(spec: EnvSpec, field: str, value: float) -> EnvSpec:
     return dataclasses.replace(spec, backbone={**spec.backbone, field: value})
 
 
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--env", default="ReFiT-SeqSynthetic-v1")

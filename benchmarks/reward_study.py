@@ -94,6 +94,8 @@ def main() -> None:
     spec = load_env_spec(args.env)
     overrides = parse_sets(args.set)
     check_agent_hyperparams("refit", overrides, "--set")  # before any run starts
+    if owned := sorted({"epochs", "users_per_epoch"} & set(overrides)):
+        raise SystemExit(f"--set {owned}: set them with --epochs / --users-per-epoch")
     data = cached_dataset(spec.id, None)
     sequential = spec.sequential
     configs = list((SEQ_CONFIGS if sequential else CF_CONFIGS).items())
