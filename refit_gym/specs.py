@@ -336,6 +336,12 @@ def check_agent_hyperparams(algo: str, params: Mapping[str, Any], where: str, *,
         check_settings(params, hints, where, closed=closed, minima=minima)
 
 
+def agent_tables(algo: str) -> dict[str, Any]:
+    """agents/<algo>.toml as written: one table per id (and "default"); {} if it has none."""
+    path = resources.files("refit_gym.agents") / f"{algo}.toml"
+    return tomllib.loads(path.read_text()) if path.is_file() else {}
+
+
 def load_agent_hyperparams(algo: str, env_id: str, device: str = "cpu") -> dict[str, Any]:
     """Hyperparameters of ``algo`` for ``env_id`` from agents/<algo>.toml ("default" fallback).
 
@@ -343,10 +349,7 @@ def load_agent_hyperparams(algo: str, env_id: str, device: str = "cpu") -> dict[
     device its keys replace the id's, so a GPU gets the batches it affords and a CPU the ones
     that finish there. Any other sub-table is a hyperparameter (SB3's ``policy_kwargs``).
     ``same_as = "<id>"`` takes that id's table (keys beside it override)."""
-    path = resources.files("refit_gym.agents") / f"{algo}.toml"
-    if not path.is_file():
-        return {}
-    table = tomllib.loads(path.read_text())
+    table = agent_tables(algo)
     env_id = env_id.removeprefix("refit_gym:")
     entry = dict(table.get(env_id, table.get("default", {})))
     if "same_as" in entry:  # another id's table, the rule stated once: its keys, then these

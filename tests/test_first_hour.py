@@ -30,14 +30,10 @@ from refit_gym.mdp.gym_env import ReFiTEnv, ReFiTVectorEnv
 from refit_gym.mdp.sb3_vec_env import ReFiTVecEnv
 from refit_gym.specs import (
     agent_settings,
+    agent_tables,
     check_agent_hyperparams,
     load_agent_hyperparams,
 )
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - Python 3.10 only
-    import tomli as tomllib
 
 SYN = "ReFiT-Synthetic-v0"
 STEPS = 10  # the synthetic id's chain length (envs/synthetic.toml [diffusion] steps)
@@ -204,7 +200,7 @@ def test_every_shipped_agent_table_passes_the_full_check() -> None:
         if not entry.name.endswith(".toml"):
             continue
         algo = entry.name.removesuffix(".toml")
-        for env_id in tomllib.loads(entry.read_text()):
+        for env_id in agent_tables(algo):
             for device in ("cpu", "cuda"):
                 params = load_agent_hyperparams(algo, env_id, device)
                 check_agent_hyperparams(algo, params, f"{algo} {env_id}")  # unknown keys too
