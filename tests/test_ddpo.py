@@ -86,7 +86,9 @@ def test_ddpo_settings_are_checked() -> None:
         DDPOConfig(kl_coef=0.1)
     with pytest.raises(ValueError, match="ddpo minibatches = 0"):
         DDPOConfig(minibatches=0)
-    for env_id in set(agent_tables("ddpo")) - {"default"}:
+    ids = set(agent_tables("ddpo")) - {"default"}
+    assert {SYN, "ReFiT-SeqSynthetic-v0", "ReFiT-Beauty-Concat-v0"} <= ids  # the tables are read
+    for env_id in ids:
         for device in ("cpu", "cuda"):  # every table builds, and samples and steps as ReFiT's
             ddpo = load_agent_hyperparams("ddpo", env_id, device)
             refit = load_agent_hyperparams("refit", env_id, device)
