@@ -336,10 +336,14 @@ def check_agent_hyperparams(algo: str, params: Mapping[str, Any], where: str, *,
         check_settings(params, hints, where, closed=closed, minima=minima)
 
 
-def agent_tables(algo: str) -> dict[str, Any]:
-    """agents/<algo>.toml as written: one table per id (and "default"); {} if it has none."""
+def _agent_file(algo: str) -> dict[str, Any]:
     path = resources.files("refit_gym.agents") / f"{algo}.toml"
     return tomllib.loads(path.read_text()) if path.is_file() else {}
+
+
+def agent_tables(algo: str) -> dict[str, Any]:
+    """agents/<algo>.toml's tables as written: one per id (and "default"); {} if it has none."""
+    return {key: value for key, value in _agent_file(algo).items() if isinstance(value, dict)}
 
 
 def load_agent_hyperparams(algo: str, env_id: str, device: str = "cpu") -> dict[str, Any]:
@@ -348,8 +352,12 @@ def load_agent_hyperparams(algo: str, env_id: str, device: str = "cpu") -> dict[
     An id's table may hold one sub-table per device type (``["ReFiT-ML1M-v0".cuda]``): on that
     device its keys replace the id's, so a GPU gets the batches it affords and a CPU the ones
     that finish there. Any other sub-table is a hyperparameter (SB3's ``policy_kwargs``).
-    ``same_as = "<id>"`` takes that id's table (keys beside it override)."""
-    table = agent_tables(algo)
+    ``same_as = "<id>"`` takes that id's table (keys beside it override). A file that opens with
+    ``extends = "<algo>"`` starts every id from that algorithm's hyperparameters for the id and
+    device and adds its own keys (DDPO samples what ReFiT samples and differs in the update)."""
+    written = _agent_file(algo)
+    base = written.get("extends")
+    table = {key: value for key, value in written.items() if isinstance(value, dict)}
     env_id = env_id.removeprefix("refit_gym:")
     entry = dict(table.get(env_id, table.get("default", {})))
     if "same_as" in entry:  # another id's table, the rule stated once: its keys, then these
@@ -360,6 +368,11 @@ def load_agent_hyperparams(algo: str, env_id: str, device: str = "cpu") -> dict[
         entry = {**table[other], **entry}
     by_device = {key: entry.pop(key) for key in DEVICE_TYPES & set(entry)}
     params = {**entry, **by_device.get(device.split(":")[0], {})}
+    if base is not None:
+        if not isinstance(base, str) or base == algo or "extends" in _agent_file(base):
+            raise SpecError(f"agents/{algo}.toml: extends = {base!r} must name another "
+                            "algorithm's file that extends none itself")
+        params = {**load_agent_hyperparams(base, env_id, device), **params}
     # Types and bounds now; unknown names are left to the agent's constructor, which names them.
     check_agent_hyperparams(algo, params, f"agents/{algo}.toml for {env_id}", closed=False)
     return params

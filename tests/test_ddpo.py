@@ -86,16 +86,16 @@ def test_ddpo_settings_are_checked() -> None:
         DDPOConfig(kl_coef=0.1)
     with pytest.raises(ValueError, match="ddpo minibatches = 0"):
         DDPOConfig(minibatches=0)
-    ids = set(agent_tables("ddpo")) - {"default"}
+    ids = set(agent_tables("refit"))
     assert {SYN, "ReFiT-SeqSynthetic-v0", "ReFiT-Beauty-Concat-v0"} <= ids  # the tables are read
     for env_id in ids:
-        for device in ("cpu", "cuda"):  # every table builds, and samples and steps as ReFiT's
+        for device in ("cpu", "cuda"):  # every id builds, and samples and steps as ReFiT's
             ddpo = load_agent_hyperparams("ddpo", env_id, device)
             refit = load_agent_hyperparams("refit", env_id, device)
             DDPOConfig(**ddpo)
-            shared = ("epochs", "users_per_epoch", "users_per_batch", "group_size", "kappa",
-                      "lr", "train_steps", "min_train_step", "explore_all_steps")
-            assert {k: ddpo.get(k) for k in shared} == {k: refit.get(k) for k in shared}
+            assert {k: ddpo[k] for k in refit} == refit
+            assert {k: ddpo[k] for k in set(ddpo) - set(refit)} == {
+                "update_epochs": 4, "minibatches": 4, "clip_range": 0.2, "advantage_clip": 5.0}
 
 
 def test_an_interrupted_ddpo_run_resumes_to_the_same_result(pretrained_synthetic: Path,

@@ -194,6 +194,23 @@ def test_an_agent_table_can_be_another_ids(tmp_path, monkeypatch) -> None:
         load_agent_hyperparams("refit", "C-v0")
 
 
+def test_an_agent_file_can_extend_another_algorithms(tmp_path, monkeypatch) -> None:
+    (tmp_path / "refit.toml").write_text('["A-v0"]\nepochs = 2\nlr = 1e-4\n'
+                                         '["A-v0".cuda]\nepochs = 9\n')
+    (tmp_path / "ddpo.toml").write_text('extends = "refit"\n[default]\nminibatches = 2\n'
+                                        '["A-v0"]\nlr = 3e-5\n')
+    (tmp_path / "ppo.toml").write_text('extends = "ddpo"\n')
+    (tmp_path / "a2c.toml").write_text('extends = "a2c"\n')
+    monkeypatch.setattr(specs.resources, "files", lambda package: tmp_path)
+    assert load_agent_hyperparams("ddpo", "A-v0") == {"epochs": 2, "lr": 3e-5}
+    assert load_agent_hyperparams("ddpo", "A-v0", "cuda") == {"epochs": 9, "lr": 3e-5}
+    assert load_agent_hyperparams("ddpo", "B-v0") == {"minibatches": 2}
+    assert agent_tables("ddpo") == {"default": {"minibatches": 2}, "A-v0": {"lr": 3e-5}}
+    for algo, base in (("ppo", "'ddpo'"), ("a2c", "'a2c'")):
+        with pytest.raises(specs.SpecError, match=rf"{algo}.toml: extends = {base} must name"):
+            load_agent_hyperparams(algo, "A-v0")
+
+
 def test_every_shipped_agent_table_passes_the_full_check() -> None:
     checked = 0
     for entry in resources.files("refit_gym.agents").iterdir():
