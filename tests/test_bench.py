@@ -49,6 +49,7 @@ def test_bench_writes_table_json_plots_and_reuses_cells(tmp_path: Path, monkeypa
     monkeypatch.setattr(bench, "tune_peer", no_more_training)
     assert main(args) == 0  # everything reused
     # A --set on the same folder is refused, naming the key, instead of reporting old cells.
+    capsys.readouterr()  # only the refusal's output (a cold cache's first run announces its work)
     assert main([*args[:-1], "refit.users_per_epoch=32"]) == 2
     error = capsys.readouterr().err.strip()
     assert "seed1/refit was computed with hyperparams.users_per_epoch = 64, this run gives " \
