@@ -336,14 +336,20 @@ def check_agent_hyperparams(algo: str, params: Mapping[str, Any], where: str, *,
         check_settings(params, hints, where, closed=closed, minima=minima)
 
 
-def _agent_file(algo: str) -> dict[str, Any]:
+def _agent_file(algo: str) -> tuple[Any, dict[str, Any]] | None:
+    """agents/<algo>.toml as written: its ``extends`` (None if it has none) and its tables;
+    None if there is no such file."""
     path = resources.files("refit_gym.agents") / f"{algo}.toml"
-    return tomllib.loads(path.read_text()) if path.is_file() else {}
+    if not path.is_file():
+        return None
+    written = tomllib.loads(path.read_text())
+    return written.get("extends"), {key: value for key, value in written.items()
+                                    if isinstance(value, dict)}
 
 
 def agent_tables(algo: str) -> dict[str, Any]:
     """agents/<algo>.toml's tables as written: one per id (and "default"); {} if it has none."""
-    return {key: value for key, value in _agent_file(algo).items() if isinstance(value, dict)}
+    return (_agent_file(algo) or (None, {}))[1]
 
 
 def load_agent_hyperparams(algo: str, env_id: str, device: str = "cpu") -> dict[str, Any]:
@@ -355,9 +361,7 @@ def load_agent_hyperparams(algo: str, env_id: str, device: str = "cpu") -> dict[
     ``same_as = "<id>"`` takes that id's table (keys beside it override). A file that opens with
     ``extends = "<algo>"`` starts every id from that algorithm's hyperparameters for the id and
     device and adds its own keys (DDPO samples what ReFiT samples and differs in the update)."""
-    written = _agent_file(algo)
-    base = written.get("extends")
-    table = {key: value for key, value in written.items() if isinstance(value, dict)}
+    base, table = _agent_file(algo) or (None, {})
     env_id = env_id.removeprefix("refit_gym:")
     entry = dict(table.get(env_id, table.get("default", {})))
     if "same_as" in entry:  # another id's table, the rule stated once: its keys, then these
@@ -369,7 +373,8 @@ def load_agent_hyperparams(algo: str, env_id: str, device: str = "cpu") -> dict[
     by_device = {key: entry.pop(key) for key in DEVICE_TYPES & set(entry)}
     params = {**entry, **by_device.get(device.split(":")[0], {})}
     if base is not None:
-        if not isinstance(base, str) or base == algo or "extends" in _agent_file(base):
+        written = _agent_file(base) if isinstance(base, str) and base != algo else None
+        if written is None or written[0] is not None:
             raise SpecError(f"agents/{algo}.toml: extends = {base!r} must name another "
                             "algorithm's file that extends none itself")
         params = {**load_agent_hyperparams(base, env_id, device), **params}

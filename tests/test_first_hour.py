@@ -206,7 +206,8 @@ def test_an_agent_file_can_extend_another_algorithms(tmp_path, monkeypatch) -> N
     assert load_agent_hyperparams("ddpo", "A-v0", "cuda") == {"epochs": 9, "lr": 3e-5}
     assert load_agent_hyperparams("ddpo", "B-v0") == {"minibatches": 2}
     assert agent_tables("ddpo") == {"default": {"minibatches": 2}, "A-v0": {"lr": 3e-5}}
-    for algo, base in (("ppo", "'ddpo'"), ("a2c", "'a2c'")):
+    (tmp_path / "trpo.toml").write_text('extends = "no-such-algo"\n')
+    for algo, base in (("ppo", "'ddpo'"), ("a2c", "'a2c'"), ("trpo", "'no-such-algo'")):
         with pytest.raises(specs.SpecError, match=rf"{algo}.toml: extends = {base} must name"):
             load_agent_hyperparams(algo, "A-v0")
 
