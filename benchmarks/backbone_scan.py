@@ -17,6 +17,12 @@ id's protocol, measured on the id's chain, and optionally fine-tuned with the id
         --seeds 1,2,3 --out /tmp/scan
 
 A field ``pretrain.<key>`` is a key of the spec's [pretrain] table, any other a [backbone] key.
+
+Every (value, seed) is a folder of cells under ``--out`` (pretrain, chain influence, ReFiT),
+each recording its identity as ``refit-gym bench``'s cells do: a finished cell is reused, an
+interrupted one resumes, so a scan run one (value, seed) at a time is reported whole by one
+more call over all of them, and ``--finished-only`` reports the finished cells and computes
+nothing.
 """
 
 from __future__ import annotations
@@ -24,15 +30,27 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import statistics
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from chain_influence import influence_rows, table_header
 from common import mean_std, write_result
 
+from refit_gym.data import Dataset
 from refit_gym.mdp.gym_env import cached_dataset
-from refit_gym.specs import EnvSpec, load_env_spec
+from refit_gym.specs import EnvSpec, load_agent_hyperparams, load_env_spec
+from refit_gym.training.bench import (
+    common_identity,
+    finetune_identity,
+    pretrain_identity,
+    record_cell,
+    reuse_cell,
+)
 from refit_gym.training.finetune import finetune
 from refit_gym.training.pretrain import pretrain
+
+DEVICE = "cpu"
 
 
 def with_value(spec: EnvSpec, field: str, value: float) -> EnvSpec:
@@ -48,6 +66,103 @@ def with_value(spec: EnvSpec, field: str, value: float) -> EnvSpec:
     return dataclasses.replace(spec, backbone={**spec.backbone, field: value})
 
 
+@dataclass
+class ScanCell:
+    """One (value, seed): its pretrained backbone, chain-influence rows and ReFiT run."""
+
+    value: float
+    seed: int
+    pretrained: dict[str, Any]  # the pretrain cell's metrics.json
+    influence: list[str]  # chain_influence.py's table rows
+    tuned: dict[str, Any] | None  # the ReFiT cell's metrics.json; None if not run
+
+
+def run_cell(variant: EnvSpec, data: Dataset, folder: Path, value: float, seed: int,
+             args: argparse.Namespace) -> ScanCell | None:
+    """The cells of one (value, seed), each reused when finished; with ``--finished-only``,
+    None when the backbone is not finished, and no ReFiT run when that is not."""
+    backbone = pretrain_identity(variant, data, seed, None, DEVICE)
+    cell = folder / "pretrain"
+    pretrained = reuse_cell(cell, backbone)
+    if pretrained is None:
+        if args.finished_only:
+            return None
+        result = pretrain(variant, data, cell, seed=seed, device=DEVICE, progress=False)
+        pretrained = record_cell(cell, result.to_json(variant.id, seed), backbone, DEVICE)
+    measured = {"algo": "chain_influence", "rows": args.rows,
+                "trajectories": args.trajectories, "pretrain": backbone}
+    cell = folder / "influence"
+    if (influence := reuse_cell(cell, measured)) is None:
+        rows = influence_rows(variant, data, pretrained["checkpoint"], f"{value:g}",
+                              rows=args.rows, trajectories=args.trajectories,
+                              extra=(str(seed),))
+        influence = record_cell(cell, {"rows": rows}, measured, DEVICE)
+    tuned = None
+    if args.finetune:
+        identity = finetune_identity("refit", seed, load_agent_hyperparams(
+            "refit", variant.id, DEVICE), None, backbone, common_identity(variant, data))
+        cell = folder / "refit"
+        tuned = reuse_cell(cell, identity)
+        if tuned is None and not args.finished_only:
+            run = finetune(variant, data, pretrained["checkpoint"], "refit", cell, seed=seed,
+                           device=DEVICE, progress=False)
+            tuned = record_cell(cell, run, identity, DEVICE)
+    return ScanCell(value, seed, pretrained, influence["rows"], tuned)
+
+
+def report(args: argparse.Namespace, spec: EnvSpec, cells: list[ScanCell],
+           missing: list[str]) -> list[str]:
+    metric = spec.pretrain.selection_metric
+    quality = [f"| {args.field} | seed | best epoch | valid {metric} | valid ndcg@20 | "
+               f"test {metric} | test ndcg@20 | wall s |", "|---|---|---|---|---|---|---|---|"]
+    influence = table_header(args.field, extra=("seed",))
+    tuned = [f"| {args.field} | seed | valid ndcg@20 start -> ReFiT | test ndcg@20 start -> "
+             "ReFiT | selected epoch | training s |", "|---|---|---|---|---|---|"]
+    passes = [f"| {args.field} | seed | valid ndcg@20 per pass | fixed reward, start -> last |",
+              "|---|---|---|---|"]
+    for c in cells:
+        p = c.pretrained
+        quality.append(f"| {c.value:g} | {c.seed} | {p['best_epoch']} | {p['valid'][metric]:.4f} | "
+                       f"{p['valid']['ndcg@20']:.4f} | {p['test'][metric]:.4f} | "
+                       f"{p['test']['ndcg@20']:.4f} | {p['wall_time_s']:.0f} |")
+        influence += c.influence
+        if (run := c.tuned) is not None:
+            tuned.append(f"| {c.value:g} | {c.seed} | {run['start']['valid']['ndcg@20']:.4f} -> "
+                         f"{run['valid']['ndcg@20']:.4f} | {run['start']['test']['ndcg@20']:.4f}"
+                         f" -> {run['test']['ndcg@20']:.4f} | {run['best_epoch']} | "
+                         f"{run['wall_time_s']:.0f} |")
+            history = run["history"]
+            curve = ", ".join(f"{h['valid']['ndcg@20']:.4f}" for h in history)
+            passes.append(f"| {c.value:g} | {c.seed} | {curve} | "
+                          f"{history[0]['fixed_reward']:.1f} -> "
+                          f"{history[-1]['fixed_reward']:.1f} |")
+    summary = [f"| {args.field} | seeds | valid {metric} | valid ndcg@20 | best epochs | "
+               "wall s (mean) |", "|---|---|---|---|---|---|"]
+    for value in dict.fromkeys(c.value for c in cells):
+        runs = [c.pretrained for c in cells if c.value == value]
+        summary.append(
+            f"| {value:g} | {', '.join(str(c.seed) for c in cells if c.value == value)} | "
+            f"{mean_std([r['valid'][metric] for r in runs])} | "
+            f"{mean_std([r['valid']['ndcg@20'] for r in runs])} | "
+            f"{', '.join(str(r['best_epoch']) for r in runs)} | "
+            f"{statistics.mean(r['wall_time_s'] for r in runs):.0f} |")
+    lines = [f"Metrics of each pretraining's selected epoch under the backbone's own sampler "
+             f"({spec.pretrain.final_sampling_seeds} sampling seeds).", "", *quality, "",
+             "Validation (mean ± sample std over the seeds run):", "", *summary, "",
+             "Chain influence (benchmarks/chain_influence.py's columns, the scanned "
+             f"{args.field} in place of lambda; {args.rows} validation rows x "
+             f"{args.trajectories} trajectories):", "", *influence]
+    if args.finetune:
+        lines += ["", "ReFiT with the id's table (agents/refit.toml), selected on validation "
+                  "NDCG@20 (the start is epoch 0); test reported, never used:", "", *tuned, "",
+                  "Validation NDCG@20 of every selection pass (one sampling seed; the first is "
+                  "the start) and the fixed-episode reward (the optimiser's own objective on "
+                  "fixed training episodes):", "", *passes]
+    if missing:
+        lines += ["", f"Not finished, so not in the tables: {', '.join(missing)}."]
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--env", default="ReFiT-SeqSynthetic-v1")
@@ -57,6 +172,11 @@ def main() -> None:
     parser.add_argument("--seeds", default="1", help="comma-separated, e.g. 1,2,3")
     parser.add_argument("--finetune", action="store_true",
                         help="also fine-tune each backbone with the id's ReFiT table")
+    parser.add_argument("--hold-out-latest", action="store_true",
+                        help="hold each training sequence's latest row out of pretraining and "
+                             "fine-tune on those rows (SequenceData.hold_out_latest)")
+    parser.add_argument("--finished-only", action="store_true",
+                        help="report the finished cells under --out; compute nothing")
     parser.add_argument("--out", default="runs/backbone-scan")
     parser.add_argument("--rows", type=int, default=256)
     parser.add_argument("--trajectories", type=int, default=16)
@@ -65,53 +185,25 @@ def main() -> None:
     if not spec.sequential:
         raise SystemExit(f"{args.env} is not a sequential id: chain influence is measured on "
                          "the next-item scenario's sampled chains")
-    data = cached_dataset(args.env)
-    metric = spec.pretrain.selection_metric
-    quality = [f"| {args.field} | seed | best epoch | valid {metric} | valid ndcg@20 | "
-               f"test {metric} | test ndcg@20 | wall s |", "|---|---|---|---|---|---|---|---|"]
-    tuned = [f"| {args.field} | seed | valid ndcg@20 start -> ReFiT | test ndcg@20 start -> "
-             "ReFiT | selected epoch | training s |", "|---|---|---|---|---|---|"]
-    influence = table_header(args.field, extra=("seed",))
-    summary = [f"| {args.field} | valid {metric} | valid ndcg@20 | best epochs | wall s (mean) |",
-               "|---|---|---|---|---|"]
-    seeds = [int(s) for s in args.seeds.split(",")]
+    data, suffix = cached_dataset(args.env), ""
+    if args.hold_out_latest:
+        data, suffix = data.hold_out_latest(), "_holdout_latest"
+    cells, missing = [], []
     for value in (float(v) for v in args.values.split(",")):
         variant = with_value(spec, args.field, value)
-        results = []
-        for seed in seeds:
-            folder = Path(args.out) / f"{args.field}{value:g}-seed{seed}"
-            result = pretrain(variant, data, folder / "pretrain", seed=seed, progress=False)
-            results.append(result)
-            quality.append(
-                f"| {value:g} | {seed} | {result.best_epoch} | {result.valid[metric]:.4f} | "
-                f"{result.valid['ndcg@20']:.4f} | {result.test[metric]:.4f} | "
-                f"{result.test['ndcg@20']:.4f} | {result.wall_time_s:.0f} |")
-            influence += influence_rows(variant, data, result.checkpoint, f"{value:g}",
-                                        rows=args.rows, trajectories=args.trajectories,
-                                        extra=(str(seed),))
-            if args.finetune:
-                run = finetune(variant, data, result.checkpoint, "refit", folder / "refit",
-                               seed=seed, progress=False)
-                tuned.append(
-                    f"| {value:g} | {seed} | {run['start']['valid']['ndcg@20']:.4f} -> "
-                    f"{run['valid']['ndcg@20']:.4f} | {run['start']['test']['ndcg@20']:.4f} -> "
-                    f"{run['test']['ndcg@20']:.4f} | {run['best_epoch']} | "
-                    f"{run['wall_time_s']:.0f} |")
-        summary.append(
-            f"| {value:g} | {mean_std([r.valid[metric] for r in results])} | "
-            f"{mean_std([r.valid['ndcg@20'] for r in results])} | "
-            f"{', '.join(str(r.best_epoch) for r in results)} | "
-            f"{statistics.mean(r.wall_time_s for r in results):.0f} |")
-    lines = [f"Metrics of each pretraining's selected epoch under the backbone's own sampler "
-             f"({spec.pretrain.final_sampling_seeds} sampling seeds).", "", *quality, "",
-             f"Validation over seeds {args.seeds} (mean ± sample std):", "", *summary, "",
-             "Chain influence (benchmarks/chain_influence.py's columns, the scanned "
-             f"{args.field} in place of lambda):", "", *influence]
-    if args.finetune:
-        lines += ["", "ReFiT with the id's table (agents/refit.toml), selected on validation:",
-                  "", *tuned]
-    write_result(f"backbone_scan_{args.env}_{args.field.replace('.', '_')}",
-                 f"{spec.backbone_type}'s {args.field} on {args.env}", lines)
+        for seed in (int(s) for s in args.seeds.split(",")):
+            folder = Path(args.out) / f"{args.field}{value:g}{suffix}-seed{seed}"
+            if (cell := run_cell(variant, data, folder, value, seed, args)) is None:
+                missing.append(f"{value:g} seed {seed}")
+            else:
+                cells.append(cell)
+    if not cells:
+        raise SystemExit(f"no finished (value, seed) under {args.out}: run without "
+                         "--finished-only to compute them")
+    held = ", each training sequence's latest row held out" if args.hold_out_latest else ""
+    write_result(f"backbone_scan_{args.env}_{args.field.replace('.', '_')}{suffix}",
+                 f"{spec.backbone_type}'s {args.field} on {args.env}{held}",
+                 report(args, spec, cells, missing))
 
 
 if __name__ == "__main__":

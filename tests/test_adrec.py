@@ -197,6 +197,38 @@ def test_sequence_end_rows_are_each_sequences_last_prefix() -> None:
         [s[:-1] for s in sequences], 4, 20))
 
 
+def test_hold_out_latest_moves_each_sequences_last_row_out_of_training() -> None:
+    from refit_gym.mdp.episodes import SequenceEpisodes
+
+    sequences = [np.array([0, 1, 2, 3]), np.array([4, 5]), np.arange(6, 16)]
+    history, target = prefix_rows(sequences, 4, 20)
+    data = SequenceData("toy", 20, {"train": history, "valid": history[:1], "test": history[:1]},
+                        {"train": target, "valid": target[:1], "test": target[:1]})
+    held = data.hold_out_latest()
+    assert (data.episode_split, held.episode_split) == ("train", "holdout")
+    np.testing.assert_array_equal(held.targets["holdout"], [3, 5, 15])
+    np.testing.assert_array_equal(held.histories["holdout"], history[[2, 3, 12]])
+    assert held.n_train_rows == data.n_train_rows - 3
+    assert not np.isin([3, 5, 15], held.targets["train"]).any()  # no model is fit to them
+    # The shortened sequences' last prefixes are the new end rows (what ADRec passes over).
+    np.testing.assert_array_equal(held.targets["train"][held.sequence_end_rows], [2, 14])
+    assert held.transitions().sum() == data.transitions().sum() - 3
+    np.testing.assert_array_equal(held.histories["valid"], data.histories["valid"])
+    with pytest.raises(ValueError, match="held out already"):
+        held.hold_out_latest()
+    only_ends = SequenceData("ends", 20, {s: history[[2]] for s in ("train", "valid", "test")},
+                             {s: target[[2]] for s in ("train", "valid", "test")})
+    with pytest.raises(ValueError, match="nothing to pretrain on"):
+        only_ends.hold_out_latest()
+    # The MDP's episodes are the held-out rows, and only those.
+    source = SequenceEpisodes(held, GaussianDiffusion(SCHEDULE), torch.randn(20, 4))
+    assert source.n_episodes == 3
+    start = source.start(torch.arange(3), torch.Generator().manual_seed(0))
+    assert start.target.argmax(1).tolist() == [3, 5, 15]
+    torch.testing.assert_close(start.inputs["history"], torch.from_numpy(
+        history[[2, 3, 12]]).long())
+
+
 def _tiny_spec(sessions: int, embedding_epochs: int, warmup_epochs: int = 1,
                final_sampling_seeds: int = 1, backbone_type: str = "adrec"):
     """ADRec (or ``backbone_type``, a variant with its fields) at toy size on a few of the

@@ -78,7 +78,7 @@ def test_failed_save_keeps_the_previous_file(tmp_path: Path, monkeypatch) -> Non
     path = save_backbone(tmp_path / "m.pt", _model(), "X", version=1)
 
     def explode(obj, f, *args, **kwargs):
-        Path(f).write_bytes(b"partial")
+        f.write(b"partial")  # save_backbone hands torch.save an open file
         raise OSError("disk full")
 
     monkeypatch.setattr(torch, "save", explode)

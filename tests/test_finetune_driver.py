@@ -160,3 +160,21 @@ def test_an_interrupted_sb3_run_resumes_from_its_last_epoch(pretrained_synthetic
     strip = [{k: v for k, v in h.items() if k != "elapsed"} for h in whole["history"][:2]]
     assert [{k: v for k, v in h.items() if k != "elapsed"}
             for h in resumed["history"][:2]] == strip
+
+
+def test_a_run_on_held_out_rows_is_its_own_run(pretrained_seq_synthetic: Path,
+                                               tmp_path: Path) -> None:
+    # Fine-tuning on the held-out latest rows (SequenceData.hold_out_latest) draws its fixed
+    # check episodes from those rows, and its folder is refused to a run on the whole split.
+    from refit_gym.backbones import CheckpointError
+
+    spec, data = load_env_spec(SEQ), cached_dataset(SEQ)
+    short = {"epochs": 1, "users_per_epoch": 64}
+    held = finetune(spec, data.hold_out_latest(), pretrained_seq_synthetic, "refit",
+                    tmp_path / "held", hyperparams=short, progress=False)
+    whole = finetune(spec, data, pretrained_seq_synthetic, "refit", tmp_path / "whole",
+                     hyperparams=short, progress=False)
+    assert held["history"][0]["fixed_reward"] != whole["history"][0]["fixed_reward"]
+    with pytest.raises(CheckpointError, match="episodes"):
+        finetune(spec, data, pretrained_seq_synthetic, "refit", tmp_path / "held",
+                 hyperparams=short, progress=False)

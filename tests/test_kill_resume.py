@@ -120,3 +120,30 @@ def test_pretraining_refuses_a_state_it_did_not_write(tmp_path: Path) -> None:
     (tmp_path / "pretrain_state.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match="corrupt"):
         pretrain(spec, data, tmp_path, seed=1, max_epochs=1, progress=False)
+
+
+def test_a_finished_pretraining_run_again_returns_its_result_and_rewrites_nothing(
+        tmp_path: Path, monkeypatch) -> None:
+    # Fine-tuning runs record their backbone's sha256: a rerun of the finished pretraining
+    # (refit-gym pretrain twice, a scan run again) must leave denoiser.pt's bytes alone.
+    import hashlib
+    import importlib
+
+    from refit_gym.mdp.gym_env import cached_dataset
+    from refit_gym.specs import load_env_spec
+
+    pretraining = importlib.import_module("refit_gym.training.pretrain")
+
+    seq = "ReFiT-SeqSynthetic-v0"  # stochastic: the selected model gets a final evaluation
+    spec, data = load_env_spec(seq), cached_dataset(seq, None)
+    first = pretraining.pretrain(spec, data, tmp_path, seed=1, max_epochs=2, progress=False)
+    digest = hashlib.sha256((tmp_path / "denoiser.pt").read_bytes()).hexdigest()
+
+    def refused(*args, **kwargs):
+        raise AssertionError("a finished pretraining trained or evaluated again")
+
+    monkeypatch.setattr(pretraining, "train_epoch", refused)
+    monkeypatch.setattr(pretraining, "evaluate", refused)
+    again = pretraining.pretrain(spec, data, tmp_path, seed=1, max_epochs=2, progress=False)
+    assert again == first
+    assert hashlib.sha256((tmp_path / "denoiser.pt").read_bytes()).hexdigest() == digest

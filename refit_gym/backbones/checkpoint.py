@@ -46,8 +46,11 @@ def save_backbone(path: str | os.PathLike[str], backbone: Backbone, env_id: str,
         "state_dict": {k: v.detach().cpu() for k, v in backbone.state_dict().items()},
         "extra": extra,
     }
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+    with atomic_path(path) as tmp, open(tmp, "wb") as file:
+        # Through a file object the archive is named "archive", not after the temporary file:
+        # the same weights and metadata give the same bytes, so the checksum that fine-tuning
+        # runs record still matches after a finished pretraining is run again.
+        torch.save(payload, file)
     return Path(path)
 
 

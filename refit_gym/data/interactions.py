@@ -48,6 +48,12 @@ class InteractionData:
         """Rows a training epoch passes over: the users."""
         return self.n_users
 
+    @property
+    def episode_split(self) -> str:
+        """The split whose rows are the MDP's episodes (a CF holdout hides part of each
+        training history instead: :class:`refit_gym.mdp.episodes.InteractionEpisodes`)."""
+        return "train"
+
     def train_batch(self, rows: np.ndarray, device: torch.device | str = "cpu"
                     ) -> dict[str, torch.Tensor]:
         """Training rows ``rows`` as a backbone batch: ``{"history": (B, n_items)}``."""

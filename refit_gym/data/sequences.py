@@ -27,6 +27,7 @@ import torch
 from refit_gym.data.fileio import DataError, atomic_path, sha256_of, verify_checksums
 
 SPLITS = ("train", "valid", "test")
+HOLDOUT = "holdout"  # the latest training rows, when held out (SequenceData.hold_out_latest)
 
 
 def id_dtype(n_items: int) -> np.dtype:
@@ -119,8 +120,35 @@ class SequenceData:
         continues[:-1] = (extended[:-1] == history[1:]).all(1)
         return np.flatnonzero(~continues)
 
+    @property
+    def episode_split(self) -> str:
+        """The split whose rows are the MDP's episodes: "holdout" once
+        :meth:`hold_out_latest` has made one, else "train"."""
+        return HOLDOUT if HOLDOUT in self.targets else "train"
+
+    def hold_out_latest(self) -> SequenceData:
+        """This data with each training sequence's latest row (:attr:`sequence_end_rows`) moved
+        from "train" into a "holdout" split: pretraining, the peers and the transition graph
+        never see those targets, and the MDP's episodes are those rows, so a reward on them
+        measures what validation measures (the next item after a whole training prefix) on
+        targets no model was fit to. DESIGN defines a holdout for collaborative filtering
+        only; this is the sequential counterpart, as a study option."""
+        if HOLDOUT in self.targets:
+            raise ValueError(f"{self.name}: the latest training rows are held out already")
+        held = self.sequence_end_rows
+        keep = np.ones(self.n_train_rows, dtype=bool)
+        keep[held] = False
+        if not keep.any():
+            raise ValueError(f"{self.name}: every training row is a sequence's latest; holding "
+                             "them out would leave nothing to pretrain on")
+        split = {"train": keep, HOLDOUT: held}
+        return SequenceData(
+            self.name, self.n_items,
+            {**self.histories, **{s: self.histories["train"][r] for s, r in split.items()}},
+            {**self.targets, **{s: self.targets["train"][r] for s, r in split.items()}})
+
     def summary(self) -> str:
-        rows = " / ".join(f"{s} {len(self.targets[s])}" for s in SPLITS)
+        rows = " / ".join(f"{s} {len(self.targets[s])}" for s in self.targets)
         return f"{self.name}: {self.n_items} items, history length {self.max_len}, rows {rows}"
 
 

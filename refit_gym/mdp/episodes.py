@@ -169,7 +169,8 @@ class InteractionEpisodes(EpisodeSource):
 
 
 class SequenceEpisodes(EpisodeSource):
-    """Training rows of ``data`` as DreamRec episodes, scored with the frozen table E."""
+    """Training rows of ``data`` (its held-out latest rows, if it has them) as DreamRec
+    episodes, scored with the frozen table E."""
 
     def __init__(self, data: SequenceData, chain: GaussianDiffusion, item_embeddings: Tensor,
                  device: torch.device | str = "cpu") -> None:
@@ -180,9 +181,10 @@ class SequenceEpisodes(EpisodeSource):
         self.device = torch.device(device)
         self.chain = chain
         self.embeddings = item_embeddings.detach().to(self.device, torch.float32)
-        self.histories = torch.from_numpy(data.histories["train"]).to(self.device)
-        self.targets = torch.from_numpy(data.targets["train"]).to(self.device)
-        self.n_episodes, self.n_items = data.n_train_rows, data.n_items
+        split = data.episode_split
+        self.histories = torch.from_numpy(data.histories[split]).to(self.device)
+        self.targets = torch.from_numpy(data.targets[split]).to(self.device)
+        self.n_episodes, self.n_items = len(data.targets[split]), data.n_items
         self.state_dim = self.embeddings.shape[1]
 
     def start(self, episodes: Tensor, generator: torch.Generator) -> EpisodeStart:

@@ -97,6 +97,15 @@ def pretrain_identity(spec: EnvSpec, data: Dataset, seed: int, max_epochs: int |
     return identity
 
 
+def finetune_identity(algo: str, seed: int, hyperparams: dict[str, Any],
+                      env_kwargs: dict[str, Any] | None, pretrain: dict[str, Any],
+                      common: dict[str, Any]) -> dict[str, Any]:
+    """What decides a fine-tuned cell: the algorithm, seed and settings, and the identity of
+    the pretrain cell it starts from (``common``: :func:`common_identity`)."""
+    return {"algo": algo, "seed": seed, "hyperparams": hyperparams,
+            "env_kwargs": env_kwargs or {}, "pretrain": pretrain, **common}
+
+
 def common_identity(spec: EnvSpec, data: Dataset) -> dict[str, Any]:
     return {"spec": spec_digest(spec), "data": data_digest(data),
             "version": refit_gym.__version__}
@@ -150,9 +159,8 @@ def run_bench(
             elif algo != "pretrained":
                 params = {**load_agent_hyperparams(algo, spec.id, device),
                           **hyperparams.get(algo, {})}
-                identities[seed, algo] = {"algo": algo, "seed": seed, "hyperparams": params,
-                                          "env_kwargs": env_kwargs or {},
-                                          "pretrain": backbone, **common}
+                identities[seed, algo] = finetune_identity(algo, seed, params, env_kwargs,
+                                                           backbone, common)
     # Every finished cell is checked before any work starts.
     finished = {key: reuse_cell(_cell_dir(out_dir, *key), identity)
                 for key, identity in identities.items()}

@@ -44,7 +44,7 @@ from refit_gym.rl.algorithm import Algorithm, EpochContext
 from refit_gym.specs import EnvSpec, load_agent_hyperparams
 from refit_gym.training.algorithms import ALGOS, CONTINUE_SETTINGS, Setup, build
 from refit_gym.training.metrics import SELECTION_METRIC, eval_mode, evaluate
-from refit_gym.training.resume import load_state, save_state
+from refit_gym.training.resume import held_out, load_state, save_state
 from refit_gym.training.selection import Selector
 
 __all__ = ["ALGOS", "CONTINUE_SETTINGS", "FIXED_EPISODES", "RunState", "evaluate_tuned_chain",
@@ -184,7 +184,7 @@ def finetune(
                                  seed, device, out_dir, budget_seconds))
     identity = {"env": spec.id, "algo": algo.name, "seed": seed, "checkpoint": sha256_of(
         Path(checkpoint)), "config": algo.config, "env_kwargs": dataclasses.asdict(settings),
-        "state_format": STATE_FORMAT}
+        "state_format": STATE_FORMAT, **held_out(data)}
     state = RunState(out_dir / "state.pt", identity)
     resumed = state.load()
     if resumed is not None:
@@ -193,7 +193,7 @@ def finetune(
     if resumed is not None:
         model.load_state_dict(resumed["model"])
     writer = SummaryWriter(str(out_dir / "tensorboard")) if dist.is_main else None
-    check_episodes = torch.randperm(data.n_train_rows, generator=torch.Generator().manual_seed(
+    check_episodes = torch.randperm(source.n_episodes, generator=torch.Generator().manual_seed(
         0))[:FIXED_EPISODES].to(device)
     check_core = DenoisingMDP(source, reward, len(check_episodes))
     # By validation NDCG@20, strictly better wins (the earliest of equals: the start first).

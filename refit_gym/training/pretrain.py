@@ -37,6 +37,7 @@ from refit_gym.specs import EnvSpec, PretrainConfig
 from refit_gym.training.metrics import evaluate, selection_chain
 from refit_gym.training.resume import (
     gather_random_states,
+    held_out,
     load_state,
     restore_random_states,
     save_state,
@@ -254,12 +255,14 @@ def pretrain(
     state_path = Path(out_dir) / "pretrain_state.pt"
     identity = {"env": spec.id, "seed": seed, "world_size": dist.world_size,
                 "pretrain": dataclasses.asdict(config), "backbone": spec.backbone,
-                "diffusion": dataclasses.asdict(spec.diffusion)}
+                "diffusion": dataclasses.asdict(spec.diffusion), **held_out(data)}
     selectable = backbone.selection_start
     selector = pretrain_selector(config, selectable)
     history: list[dict] = []
     epoch, elapsed = 0, 0.0
     resumed = load_state(state_path, identity, "pretraining")
+    if resumed is not None and "final" in resumed:  # finished: its result, nothing rewritten
+        return PretrainResult(checkpoint=checkpoint, **resumed["final"])
     if resumed is not None:
         epoch, elapsed, history = (resumed[k] for k in ("epoch", "elapsed", "history"))
         selector = _resumed_selector(resumed, config, selectable, checkpoint)
@@ -295,7 +298,7 @@ def pretrain(
             if selector.offer(epoch, metrics, backbone.state_dict()) and dist.is_main:
                 save_backbone(checkpoint, backbone, spec.id, seed=seed, epoch=epoch, **metrics)
         random = gather_random_states(dist, noise)  # a collective: every rank joins
-        save_state(state_path, {
+        save_state(state_path, state := {
             "identity": identity, "epoch": epoch, "selector": selector.state_dict(),
             "history": history, "elapsed": time.perf_counter() - started,
             "model": backbone.state_dict(),
@@ -318,11 +321,14 @@ def pretrain(
         if dist.is_main:
             save_backbone(checkpoint, selected, spec.id, seed=seed,
                           epoch=selector.best_epoch, **best)
-    return PretrainResult(
+    result = PretrainResult(
         checkpoint=checkpoint, best_epoch=selector.best_epoch, epochs=epoch,
         valid=best["valid"], test=best["test"], wall_time_s=time.perf_counter() - started,
         history=history, train_seconds=train_seconds,
         extra={k: v for k, v in best.items() if k not in ("valid", "test")},
         selection={**selector.summary(), "spec_patience": config.patience},
     )
+    final = {k: v for k, v in dataclasses.asdict(result).items() if k != "checkpoint"}
+    save_state(state_path, {**(state if first <= epoch else resumed), "final": final})
+    return result
 

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from refit_gym.backbones import CheckpointError
-from refit_gym.data import atomic_path
+from refit_gym.data import Dataset, atomic_path
 from refit_gym.distributed import Distributed, current
 from refit_gym.training.identity import describe_difference
 
@@ -28,8 +28,15 @@ def save_state(path: Path, payload: dict[str, Any]) -> None:
     """Write ``payload`` (with its ``identity``) to ``path`` atomically, on rank 0 only: every
     rank holds the same state."""
     if current().is_main:
-        with atomic_path(path) as tmp:
-            torch.save(payload, tmp)
+        with atomic_path(path) as tmp, open(tmp, "wb") as file:
+            torch.save(payload, file)  # a file object: the bytes do not depend on tmp's name
+
+
+def held_out(data: Dataset) -> dict[str, str]:
+    """The part of a run's identity that says its training rows are not the whole training
+    split (:meth:`refit_gym.data.SequenceData.hold_out_latest`); empty otherwise, so the states
+    of runs on the whole split, written before the key existed, still resume."""
+    return {} if data.episode_split == "train" else {"episodes": data.episode_split}
 
 
 def load_state(path: Path, identity: dict[str, Any], run: str,

@@ -38,7 +38,7 @@ class ReFiT:
         self.settings = self.config_class(**setup.params)
         self.config: dict[str, Any] = self.settings.identity()
         self.source, self.reward, self.seed = setup.source, setup.reward, setup.seed
-        self.n_episodes = setup.data.n_train_rows
+        self.n_episodes = setup.source.n_episodes
         self.dist = current()
         self.policy = setup.model
         self.agent = self.agent_class(setup.model, setup.reference, self.settings, self.dist)

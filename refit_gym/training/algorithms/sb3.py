@@ -47,7 +47,7 @@ class SB3Algorithm:
         self.model = make_model(name, self.venv, setup.model, self.sb3_args, setup.seed,
                                 setup.device)
         self._quiet()
-        self.episodes = episodes_per_epoch(self.driver, setup.data.n_train_rows)
+        self.episodes = episodes_per_epoch(self.driver, setup.source.n_episodes)
         self.steps = setup.source.chain.steps
         self.callback = EpisodeRewards()
         self.epochs = 0
