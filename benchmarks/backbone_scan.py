@@ -156,8 +156,9 @@ def report(args: argparse.Namespace, spec: EnvSpec, cells: list[ScanCell],
         lines += ["", "ReFiT with the id's table (agents/refit.toml), selected on validation "
                   "NDCG@20 (the start is epoch 0); test reported, never used:", "", *tuned, "",
                   "Validation NDCG@20 of every selection pass (one sampling seed; the first is "
-                  "the start) and the fixed-episode reward (the optimiser's own objective on "
-                  "fixed training episodes):", "", *passes]
+                  "the start) and the fixed-episode reward (the optimiser's own objective on 256 "
+                  "fixed episodes of the MDP: training rows, or held-out rows with "
+                  "--hold-out-latest):", "", *passes]
     if missing:
         lines += ["", f"Not finished, so not in the tables: {', '.join(missing)}."]
     return lines

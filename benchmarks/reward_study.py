@@ -76,6 +76,9 @@ SEQ_CONFIGS: dict[str, dict] = {
     "graded ndcg@20 a=0.5 transitions": {
         "reward": "ndcg", "reward_params": {"k": 20, **TRANSITIONS}},
     "neg. MSE to E[target] (DreamRec's loss)": {"reward": "neg_mse", "reward_params": {}},
+    # Appended, so the numbers of the committed reports' --only still name the same configs.
+    "log-lik of the next item, tau 10": {
+        "reward": "collaborative", "reward_params": {"tau": 10.0, "alphas": []}},
 }
 
 
@@ -90,6 +93,8 @@ def main() -> None:
     parser.add_argument("--only", default=None, help="comma-separated config numbers (1-based)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override one of the id's ReFiT hyperparameters (repeatable)")
+    parser.add_argument("--name", default=None,
+                        help="the report's name under results/ (default reward_study_<id>)")
     args = parser.parse_args()
     spec = load_env_spec(args.env)
     overrides = parse_sets(args.set)
@@ -119,7 +124,8 @@ def main() -> None:
             f"{result['wall_time_s']:.0f} |")
         print(rows[-1], flush=True)
         (out / "config.json").write_text(json.dumps(env_kwargs, indent=2))
-    write_result(f"reward_study_{spec.id}", f"Reward study, {spec.id} (validation only)", [
+    write_result(args.name or f"reward_study_{spec.id}",
+                 f"Reward study, {spec.id} (validation only)", [
         f"ReFiT agent, agents/refit.toml defaults for {spec.id} except epochs={args.epochs}, "
         f"users_per_epoch={args.users_per_epoch or data.n_train_rows}"
         + "".join(f", {key}={value}" for key, value in overrides.items()) + "; "

@@ -116,9 +116,10 @@ def chain_influence(backbone: Backbone, batch: dict[str, Tensor], chain: Gaussia
         hit_disagreement=disagree.double().mean().item())
 
 
-def validation_rows(data: SequenceData, rows: int, seed: int = 0) -> np.ndarray:
-    """A fixed, seeded choice of ``rows`` validation row indices (sorted)."""
-    n = len(data.targets["valid"])
+def fixed_rows(data: SequenceData, rows: int, seed: int = 0, split: str = "valid"
+               ) -> np.ndarray:
+    """A fixed, seeded choice of ``rows`` row indices of ``split`` (sorted)."""
+    n = len(data.targets[split])
     return np.sort(np.random.default_rng(seed).choice(n, size=min(rows, n), replace=False))
 
 
@@ -127,6 +128,6 @@ def chain_influence_report(backbone: Backbone, data: SequenceData, chain: Gaussi
                            kappa: float = 1.0, samplers: Sequence[str] = SAMPLERS,
                            device: torch.device | str = "cpu") -> list[ChainInfluence]:
     """:func:`chain_influence` of each sampler on the same fixed validation rows."""
-    batch = data.batch("valid", validation_rows(data, rows), device)
+    batch = data.batch("valid", fixed_rows(data, rows), device)
     return [chain_influence(backbone, batch, chain, trajectories=trajectories, sampler=sampler,
                             tau=tau, kappa=kappa) for sampler in samplers]
