@@ -99,13 +99,14 @@ def run_cell(variant: EnvSpec, data: Dataset, folder: Path, value: float, seed: 
         influence = record_cell(cell, {"rows": rows}, measured, DEVICE)
     tuned = None
     if args.finetune:
+        env_kwargs = {"reward_params": {"tau": args.tau}} if args.tau else None
         identity = finetune_identity("refit", seed, load_agent_hyperparams(
-            "refit", variant.id, DEVICE), None, backbone, common_identity(variant, data))
-        cell = folder / "refit"
+            "refit", variant.id, DEVICE), env_kwargs, backbone, common_identity(variant, data))
+        cell = folder / (f"refit-tau{args.tau:g}" if args.tau else "refit")
         tuned = reuse_cell(cell, identity)
         if tuned is None and not args.finished_only:
             run = finetune(variant, data, pretrained["checkpoint"], "refit", cell, seed=seed,
-                           device=DEVICE, progress=False)
+                           device=DEVICE, env_kwargs=env_kwargs, progress=False)
             tuned = record_cell(cell, run, identity, DEVICE)
     return ScanCell(value, seed, pretrained, influence["rows"], tuned)
 
@@ -153,7 +154,9 @@ def report(args: argparse.Namespace, spec: EnvSpec, cells: list[ScanCell],
              f"{args.field} in place of lambda; {args.rows} validation rows x "
              f"{args.trajectories} trajectories):", "", *influence]
     if args.finetune:
-        lines += ["", "ReFiT with the id's table (agents/refit.toml), selected on validation "
+        reward = f"the reward at tau {args.tau:g}" if args.tau else "the id's reward"
+        lines += ["", f"ReFiT with the id's table (agents/refit.toml) and {reward}, selected "
+                  "on validation "
                   "NDCG@20 (the start is epoch 0); test reported, never used:", "", *tuned, "",
                   "Validation NDCG@20 of every selection pass (one sampling seed; the first is "
                   "the start) and the fixed-episode reward (the optimiser's own objective on 256 "
@@ -176,6 +179,8 @@ def main() -> None:
     parser.add_argument("--hold-out-latest", action="store_true",
                         help="hold each training sequence's latest row out of pretraining and "
                              "fine-tune on those rows (SequenceData.hold_out_latest)")
+    parser.add_argument("--tau", type=float, default=None,
+                        help="ReFiT's reward temperature instead of the id's (its own cells)")
     parser.add_argument("--finished-only", action="store_true",
                         help="report the finished cells under --out; compute nothing")
     parser.add_argument("--out", default="runs/backbone-scan")
@@ -202,7 +207,8 @@ def main() -> None:
         raise SystemExit(f"no finished (value, seed) under {args.out}: run without "
                          "--finished-only to compute them")
     held = ", each training sequence's latest row held out" if args.hold_out_latest else ""
-    write_result(f"backbone_scan_{args.env}_{args.field.replace('.', '_')}{suffix}",
+    tau = f"_tau{args.tau:g}" if args.tau else ""
+    write_result(f"backbone_scan_{args.env}_{args.field.replace('.', '_')}{suffix}{tau}",
                  f"{spec.backbone_type}'s {args.field} on {args.env}{held}",
                  report(args, spec, cells, missing))
 

@@ -52,8 +52,9 @@ def test_finished_cells_are_reused_and_reported_without_recomputing(tmp_path: Pa
         calls.append(("influence", spec.backbone["embedding_std"]))
         return [f"| influence of {setting} |"]
 
-    def fake_finetune(spec, data, checkpoint, algo, out_dir, *, seed, **kwargs):
-        calls.append(("refit", spec.backbone["embedding_std"]))
+    def fake_finetune(spec, data, checkpoint, algo, out_dir, *, seed, env_kwargs=None,
+                      **kwargs):
+        calls.append(("refit", spec.backbone["embedding_std"], env_kwargs))
         pass_ = {"valid": metrics, "fixed_reward": -3.0}
         return {"start": {"valid": metrics, "test": metrics}, "valid": metrics, "test": metrics,
                 "best_epoch": 0, "wall_time_s": 2.0, "history": [pass_, pass_]}
@@ -74,7 +75,8 @@ def test_finished_cells_are_reused_and_reported_without_recomputing(tmp_path: Pa
 
     scan("0.1")
     scan("0.2")
-    assert calls == [(step, v) for v in (0.1, 0.2) for step in ("pretrain", "influence", "refit")]
+    assert calls == [call for v in (0.1, 0.2)
+                     for call in (("pretrain", v), ("influence", v), ("refit", v, None))]
     calls.clear()
     lines = scan("0.1,0.2,0.3", "--finished-only")
     assert calls == []
@@ -83,3 +85,7 @@ def test_finished_cells_are_reused_and_reported_without_recomputing(tmp_path: Pa
     assert any(line.startswith("| 0.2 | 1 | 0.0500 -> 0.0500 |") for line in lines)
     with pytest.raises(SystemExit, match="no finished"):
         scan("0.3", "--finished-only")
+    # Another reward temperature is another ReFiT cell on the same backbone.
+    lines = scan("0.1", "--tau", "1")
+    assert calls == [("refit", 0.1, {"reward_params": {"tau": 1.0}})]
+    assert any("reward at tau 1," in line for line in lines)
