@@ -153,8 +153,8 @@ def _scripted_pretrain(folder: Path, monkeypatch: pytest.MonkeyPatch,
 
     monkeypatch.setattr(pretraining, "train_epoch", train_epoch)
     monkeypatch.setattr(pretraining, "evaluate", evaluate)
-    result = pretraining.pretrain(spec, SimpleNamespace(n_items=50, episode_split="train"), folder, seed=1,
-                                  progress=False)
+    data = SimpleNamespace(n_items=50, episode_split="train")
+    result = pretraining.pretrain(spec, data, folder, seed=1, progress=False)
     weights = read_checkpoint(folder / "denoiser.pt")["state_dict"]
     return result, int(weights[name].view(-1)[0].item())
 
