@@ -22,7 +22,8 @@ Every (value, seed) is a folder of cells under ``--out`` (pretrain, chain influe
 each recording its identity as ``refit-gym bench``'s cells do: a finished cell is reused, an
 interrupted one resumes, so a scan run one (value, seed) at a time is reported whole by one
 more call over all of them, and ``--finished-only`` reports the finished cells and computes
-nothing.
+nothing. (A scan folder written before cells were recorded has no metrics.json: it is
+finished again, which rewrites its denoiser.pt, and its old ReFiT state is then refused.)
 """
 
 from __future__ import annotations
@@ -77,10 +78,16 @@ class ScanCell:
     tuned: dict[str, Any] | None  # the ReFiT cell's metrics.json; None if not run
 
 
+def tau_tag(args: argparse.Namespace, prefix: str) -> str:
+    """What names a ``--tau`` run's ReFiT cell and report ("" at the id's own tau)."""
+    return "" if args.tau is None else f"{prefix}{args.tau:g}"
+
+
 def run_cell(variant: EnvSpec, data: Dataset, folder: Path, value: float, seed: int,
              args: argparse.Namespace) -> ScanCell | None:
     """The cells of one (value, seed), each reused when finished; with ``--finished-only``,
-    None when the backbone is not finished, and no ReFiT run when that is not."""
+    None when the backbone or its chain influence is not finished, and no ReFiT run when
+    that is not."""
     backbone = pretrain_identity(variant, data, seed, None, DEVICE)
     cell = folder / "pretrain"
     pretrained = reuse_cell(cell, backbone)
@@ -91,21 +98,24 @@ def run_cell(variant: EnvSpec, data: Dataset, folder: Path, value: float, seed: 
         pretrained = record_cell(cell, result.to_json(variant.id, seed), backbone, DEVICE)
     measured = {"algo": "chain_influence", "rows": args.rows,
                 "trajectories": args.trajectories, "pretrain": backbone}
+    checkpoint = folder / "pretrain" / "denoiser.pt"  # not the recorded path: --out may move
     cell = folder / "influence"
     if (influence := reuse_cell(cell, measured)) is None:
-        rows = influence_rows(variant, data, pretrained["checkpoint"], f"{value:g}",
+        if args.finished_only:
+            return None
+        rows = influence_rows(variant, data, checkpoint, f"{value:g}",
                               rows=args.rows, trajectories=args.trajectories,
                               extra=(str(seed),))
         influence = record_cell(cell, {"rows": rows}, measured, DEVICE)
     tuned = None
     if args.finetune:
-        env_kwargs = {"reward_params": {"tau": args.tau}} if args.tau else None
+        env_kwargs = None if args.tau is None else {"reward_params": {"tau": args.tau}}
         identity = finetune_identity("refit", seed, load_agent_hyperparams(
             "refit", variant.id, DEVICE), env_kwargs, backbone, common_identity(variant, data))
-        cell = folder / (f"refit-tau{args.tau:g}" if args.tau else "refit")
+        cell = folder / f"refit{tau_tag(args, '-tau')}"
         tuned = reuse_cell(cell, identity)
         if tuned is None and not args.finished_only:
-            run = finetune(variant, data, pretrained["checkpoint"], "refit", cell, seed=seed,
+            run = finetune(variant, data, checkpoint, "refit", cell, seed=seed,
                            device=DEVICE, env_kwargs=env_kwargs, progress=False)
             tuned = record_cell(cell, run, identity, DEVICE)
     return ScanCell(value, seed, pretrained, influence["rows"], tuned)
@@ -154,7 +164,7 @@ def report(args: argparse.Namespace, spec: EnvSpec, cells: list[ScanCell],
              f"{args.field} in place of lambda; {args.rows} validation rows x "
              f"{args.trajectories} trajectories):", "", *influence]
     if args.finetune:
-        reward = f"the reward at tau {args.tau:g}" if args.tau else "the id's reward"
+        reward = f"the reward at tau {args.tau:g}" if args.tau is not None else "the id's reward"
         lines += ["", f"ReFiT with the id's table (agents/refit.toml) and {reward}, selected "
                   "on validation "
                   "NDCG@20 (the start is epoch 0); test reported, never used:", "", *tuned, "",
@@ -187,6 +197,8 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=256)
     parser.add_argument("--trajectories", type=int, default=16)
     args = parser.parse_args()
+    if args.tau is not None and not args.tau > 0:
+        raise SystemExit(f"--tau {args.tau}: the reward's temperature must be positive")
     spec = load_env_spec(args.env)
     if not spec.sequential:
         raise SystemExit(f"{args.env} is not a sequential id: chain influence is measured on "
@@ -201,14 +213,16 @@ def main() -> None:
             folder = Path(args.out) / f"{args.field}{value:g}{suffix}-seed{seed}"
             if (cell := run_cell(variant, data, folder, value, seed, args)) is None:
                 missing.append(f"{value:g} seed {seed}")
-            else:
-                cells.append(cell)
+                continue
+            cells.append(cell)
+            if args.finetune and cell.tuned is None:
+                missing.append(f"{value:g} seed {seed} (ReFiT)")
     if not cells:
         raise SystemExit(f"no finished (value, seed) under {args.out}: run without "
                          "--finished-only to compute them")
     held = ", each training sequence's latest row held out" if args.hold_out_latest else ""
-    tau = f"_tau{args.tau:g}" if args.tau else ""
-    write_result(f"backbone_scan_{args.env}_{args.field.replace('.', '_')}{suffix}{tau}",
+    write_result(f"backbone_scan_{args.env}_{args.field.replace('.', '_')}{suffix}"
+                 f"{tau_tag(args, '_tau')}",
                  f"{spec.backbone_type}'s {args.field} on {args.env}{held}",
                  report(args, spec, cells, missing))
 

@@ -89,3 +89,12 @@ def test_finished_cells_are_reused_and_reported_without_recomputing(tmp_path: Pa
     lines = scan("0.1", "--tau", "1")
     assert calls == [("refit", 0.1, {"reward_params": {"tau": 1.0}})]
     assert any("reward at tau 1," in line for line in lines)
+    calls.clear()
+    # --finished-only computes nothing, and names each missing cell.
+    lines = scan("0.1", "--tau", "2", "--finished-only")
+    assert lines[-1] == "Not finished, so not in the tables: 0.1 seed 1 (ReFiT)."
+    (tmp_path / "embedding_std0.2-seed1" / "influence" / "metrics.json").unlink()
+    lines = scan("0.1,0.2", "--finished-only")
+    assert calls == [] and lines[-1] == "Not finished, so not in the tables: 0.2 seed 1."
+    with pytest.raises(SystemExit, match="must be positive"):
+        scan("0.1", "--tau", "0")

@@ -147,3 +147,5 @@ def test_a_finished_pretraining_run_again_returns_its_result_and_rewrites_nothin
     again = pretraining.pretrain(spec, data, tmp_path, seed=1, max_epochs=2, progress=False)
     assert again == first
     assert hashlib.sha256((tmp_path / "denoiser.pt").read_bytes()).hexdigest() == digest
+    with pytest.raises(AssertionError, match="trained or evaluated again"):  # a larger cap
+        pretraining.pretrain(spec, data, tmp_path, seed=1, max_epochs=3, progress=False)

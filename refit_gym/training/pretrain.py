@@ -261,7 +261,8 @@ def pretrain(
     history: list[dict] = []
     epoch, elapsed = 0, 0.0
     resumed = load_state(state_path, identity, "pretraining")
-    if resumed is not None and "final" in resumed:  # finished: its result, nothing rewritten
+    if resumed is not None and resumed.get("final_max_epochs", -1) == max_epochs:
+        # Finished with this cap: its result, nothing rewritten. A larger cap trains on.
         return PretrainResult(checkpoint=checkpoint, **resumed["final"])
     if resumed is not None:
         epoch, elapsed, history = (resumed[k] for k in ("epoch", "elapsed", "history"))
@@ -329,6 +330,7 @@ def pretrain(
         selection={**selector.summary(), "spec_patience": config.patience},
     )
     final = {k: v for k, v in dataclasses.asdict(result).items() if k != "checkpoint"}
-    save_state(state_path, {**(state if first <= epoch else resumed), "final": final})
+    save_state(state_path, {**(state if first <= epoch else resumed), "final": final,
+                            "final_max_epochs": max_epochs})
     return result
 

@@ -49,7 +49,9 @@ class ReFiT:
         self._resumed_generator: Tensor | None = None
         self._cores: dict[int, DenoisingMDP] = {}
         cfg = self.settings
-        self.per_epoch = -(-(cfg.users_per_epoch or self.n_episodes) // cfg.users_per_batch)
+        # user_batches takes at most every episode, however many an epoch asks for.
+        episodes = min(cfg.users_per_epoch or self.n_episodes, self.n_episodes)
+        self.per_epoch = -(-episodes // cfg.users_per_batch)
         self.chunk = cfg.users_per_chunk or (-(-cfg.users_per_batch // self.dist.world_size)
                                              if self.dist.active else 0)
 
