@@ -18,8 +18,9 @@ from pathlib import Path
 
 from common import write_result
 
-from refit_gym.backbones import load_backbone
+from refit_gym.backbones import Backbone, load_backbone
 from refit_gym.data import SequenceData
+from refit_gym.diffusion import GaussianDiffusion
 from refit_gym.mdp.gym_env import EnvSettings, cached_dataset
 from refit_gym.specs import EnvSpec, load_env_spec, register_spec_file
 from refit_gym.training.chain_influence import chain_influence_report
@@ -35,14 +36,20 @@ def table_header(setting: str = "lambda", extra: tuple[str, ...] = ()) -> list[s
     return ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
 
 
+def backbone_on_chain(spec: EnvSpec, data: SequenceData, checkpoint: str | Path
+                      ) -> tuple[Backbone, GaussianDiffusion, float]:
+    """The backbone at ``checkpoint``, the chain of ``spec``'s environment (on the CPU) and
+    its reward's tau: what the environment's episodes would run and score."""
+    settings = EnvSettings.resolve(spec, {"checkpoint": str(checkpoint), "device": "cpu"})
+    model, _ = load_backbone(checkpoint, data.n_items)
+    return model, settings.chain(spec), float(settings.reward_params.get("tau", 1.0))
+
+
 def influence_rows(spec: EnvSpec, data: SequenceData, checkpoint: str | Path, setting: str | None,
                    *, rows: int, trajectories: int, extra: tuple[str, ...] = ()) -> list[str]:
     """Table rows of ``checkpoint`` on ``spec``'s chain, one per sampler. ``setting`` fills the
     third column (None: how the backbone reads x_t, ADRec's lambda or "concatenated")."""
-    settings = EnvSettings.resolve(spec, {"checkpoint": str(checkpoint), "device": "cpu"})
-    model, _ = load_backbone(checkpoint, data.n_items)
-    chain = settings.chain(spec)
-    tau = float(settings.reward_params.get("tau", 1.0))
+    model, chain, tau = backbone_on_chain(spec, data, checkpoint)
     if setting is None:
         setting = f"{model.config.state_scale:g}" if model.name == "adrec" else "concatenated"
     lines = []

@@ -17,13 +17,14 @@ import argparse
 import math
 
 import torch
+from chain_influence import backbone_on_chain
 from common import write_result
 
-from refit_gym.backbones import load_backbone
 from refit_gym.data import SequenceData
-from refit_gym.mdp.gym_env import EnvSettings, cached_dataset
+from refit_gym.mdp.gym_env import cached_dataset
 from refit_gym.specs import load_env_spec
 from refit_gym.training.chain_influence import fixed_rows, sample_final_states
+from refit_gym.training.metrics import eval_mode
 
 TAUS = (0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0)
 
@@ -36,22 +37,20 @@ def log_likelihoods(env_id: str, checkpoint: str, rows: int, batch_size: int = 5
     spec, data = load_env_spec(env_id), cached_dataset(env_id)
     if not isinstance(data, SequenceData):
         raise SystemExit(f"{env_id} is not a sequential id")
-    settings = EnvSettings.resolve(spec, {"checkpoint": checkpoint, "device": "cpu"})
-    model, _ = load_backbone(checkpoint, data.n_items)
-    model.eval()
-    chain, table = settings.chain(spec), model.item_table().detach()
+    model, chain, tau = backbone_on_chain(spec, data, checkpoint)
     chosen = fixed_rows(data, rows, split="train")
     x0, targets = [], []
-    for start in range(0, len(chosen), batch_size):
-        batch = data.batch("train", chosen[start : start + batch_size])
-        generator = torch.Generator().manual_seed(start)
-        x0.append(sample_final_states(model, batch, chain, "policy", generator))
-        targets.append(batch["target"])
+    with eval_mode(model):
+        for start in range(0, len(chosen), batch_size):
+            batch = data.batch("train", chosen[start : start + batch_size])
+            generator = torch.Generator().manual_seed(start)
+            x0.append(sample_final_states(model, batch, chain, "policy", generator))
+            targets.append(batch["target"])
     x, target = torch.cat(x0), torch.cat(targets)
-    scores, picked = x @ table.T, torch.arange(len(target))
-    means = [torch.log_softmax(scores / tau, 1)[picked, target].mean().item() for tau in TAUS]
-    tau = float(settings.reward_params.get("tau", 1.0))
-    return means, tau, x.norm(dim=1).mean().item(), table.norm(dim=1).mean().item()
+    scores, picked = model.scores(x), torch.arange(len(target))
+    means = [torch.log_softmax(scores / t, 1)[picked, target].mean().item() for t in TAUS]
+    table_norm = model.item_table().norm(dim=1).mean().item()
+    return means, tau, x.norm(dim=1).mean().item(), table_norm
 
 
 def main() -> None:

@@ -260,7 +260,7 @@ def pretrain(
     selector = pretrain_selector(config, selectable)
     history: list[dict] = []
     epoch, elapsed = 0, 0.0
-    resumed = load_state(state_path, identity, "pretraining")
+    resumed = last_state = load_state(state_path, identity, "pretraining")
     if resumed is not None and resumed.get("final_max_epochs", -1) == max_epochs:
         # Finished with this cap: its result, nothing rewritten. A larger cap trains on.
         return PretrainResult(checkpoint=checkpoint, **resumed["final"])
@@ -299,7 +299,7 @@ def pretrain(
             if selector.offer(epoch, metrics, backbone.state_dict()) and dist.is_main:
                 save_backbone(checkpoint, backbone, spec.id, seed=seed, epoch=epoch, **metrics)
         random = gather_random_states(dist, noise)  # a collective: every rank joins
-        save_state(state_path, state := {
+        save_state(state_path, last_state := {
             "identity": identity, "epoch": epoch, "selector": selector.state_dict(),
             "history": history, "elapsed": time.perf_counter() - started,
             "model": backbone.state_dict(),
@@ -330,7 +330,6 @@ def pretrain(
         selection={**selector.summary(), "spec_patience": config.patience},
     )
     final = {k: v for k, v in dataclasses.asdict(result).items() if k != "checkpoint"}
-    save_state(state_path, {**(state if first <= epoch else resumed), "final": final,
-                            "final_max_epochs": max_epochs})
+    save_state(state_path, {**last_state, "final": final, "final_max_epochs": max_epochs})
     return result
 
