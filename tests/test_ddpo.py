@@ -11,7 +11,7 @@ import torch
 from refit_gym.backbones import DiffRec, DiffRecConfig, load_backbone
 from refit_gym.mdp.gym_env import cached_dataset, make_core
 from refit_gym.rl.ddpo import DDPOAgent, DDPOConfig, Samples, ddpo_loss
-from refit_gym.rl.refit_agent import ReFiTAgent, ReFiTConfig
+from refit_gym.rl.refit_agent import ReFiTAgent, ReFiTConfig, policy_step
 from refit_gym.specs import agent_tables, load_agent_hyperparams, load_env_spec
 from refit_gym.training.finetune import finetune
 
@@ -61,6 +61,46 @@ def test_one_pass_of_one_minibatch_is_refits_gradient() -> None:
     got = torch.cat([p.grad.flatten() for p in ddpo.model.parameters()])
     want = torch.cat([p.grad.flatten() for p in refit.model.parameters()])
     assert want.norm() > 0 and (got - want).norm() <= 1e-5 * want.norm()
+
+
+def test_a_minibatch_encodes_each_trajectory_once_with_the_per_sample_gradients(
+        pretrained_seq_synthetic: Path) -> None:
+    """A sequential minibatch runs the history encoder once over the trajectories' inputs,
+    not once per (trajectory, step) sample, and every parameter's gradient (the encoder's
+    included) is the per-sample way's."""
+    _, _, core = make_core("ReFiT-SeqSynthetic-v0", 8, checkpoint=str(pretrained_seq_synthetic))
+    model, _ = load_backbone(pretrained_seq_synthetic)
+    ddpo = DDPOAgent(model, copy.deepcopy(model), DDPOConfig(group_size=4, train_steps=3))
+    rollout = ddpo.rollout(core, torch.tensor([5, 9]), torch.Generator().manual_seed(3))
+    samples = Samples.of([rollout])
+    indices = torch.randperm(len(samples), generator=torch.Generator().manual_seed(0))[:15]
+    cfg = ddpo.config
+    ddpo.optimizer.zero_grad()
+    rows = samples.row[indices]
+    condition = model.encode({key: value[rows] for key, value in samples.batch.items()})
+    _, log_prob, _ = policy_step(model, samples.x_t[indices], samples.t[indices], condition,
+                                 cfg.kappa, action=samples.action[indices], chain=samples.chain)
+    ddpo_loss(log_prob, samples.old_log_prob[indices], samples.advantages[indices],
+              cfg.clip_range, cfg.advantage_clip)[0].backward()
+    expected = {name: p.grad.clone() for name, p in model.named_parameters()
+                if p.grad is not None}
+    ddpo.optimizer.zero_grad()
+    encoded_rows = []
+    encode = model.encode
+
+    def counted(batch):
+        encoded_rows.append(len(batch["history"]))
+        return encode(batch)
+
+    model.encode = counted
+    ddpo.minibatch_loss(samples, indices)[0].backward()
+    del model.encode
+    assert len(samples) == 8 * 3 and encoded_rows == [8]  # 8 trajectories, not 15 samples
+    got = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+    assert got.keys() == expected.keys() and any("encoder" in name for name in got)
+    flat = torch.cat([grad.flatten() for grad in expected.values()])
+    difference = torch.cat([(got[name] - grad).flatten() for name, grad in expected.items()])
+    assert flat.norm() > 0 and difference.norm() <= 1e-6 * flat.norm()
 
 
 def test_update_steps_once_per_minibatch_and_sees_each_sample_once_a_pass() -> None:

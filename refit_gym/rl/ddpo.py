@@ -139,10 +139,12 @@ class DDPOAgent(ReFiTAgent):
         """:func:`ddpo_loss` of the samples at ``indices`` (M,) on the samples' device, under
         the current policy."""
         cfg = self.config
-        rows = samples.row[indices]
+        # Each trajectory's input is encoded once per minibatch, not once per sample: a
+        # minibatch holds many steps of every trajectory, and a history encoder costs far more
+        # than a denoising step (indexing sums the samples' gradients into their trajectory's).
         with self.forward():
-            condition = self.model.encode({key: value[rows]
-                                           for key, value in samples.batch.items()})
+            encoded = self.model.encode(samples.batch)
+        condition = None if encoded is None else encoded[samples.row[indices]]
         _, log_prob, _ = policy_step(self.model, samples.x_t[indices], samples.t[indices],
                                      condition, cfg.kappa, action=samples.action[indices],
                                      chain=samples.chain, precision=cfg.precision)
