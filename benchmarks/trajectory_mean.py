@@ -62,7 +62,8 @@ def validation_rows(env_id: str, checkpoint: str, trajectories: int, seeds: int)
             metrics = evaluate_sequential(ranker, data, ks=(10, 20), splits=("valid",),
                                           batch_size=spec.pretrain.eval_batch_size,
                                           sampling_seeds=range(seeds))
-            cells = [f"{metrics['valid'][m]:.4f} ± {metrics['valid_std'][m]:.4f}"
+            cells = [f"{metrics['valid'][m]:.4f}"
+                     + (f" ± {metrics['valid_std'][m]:.4f}" if seeds > 1 else "")
                      for m in METRICS]
             lines.append(f"| {checkpoint} | {k} | " + " | ".join(cells) + " |")
     return lines
@@ -84,7 +85,8 @@ def main() -> None:
         lines += validation_rows(env_id, checkpoint, args.trajectories, args.sampling_seeds)
     lines += ["", f"Every validation row; *1*: the backbone's own inference (one sampled x_0), "
               f"*{args.trajectories}*: items ranked by the mean of that many sampled x_0 of the "
-              f"row; mean ± sample std over {args.sampling_seeds} sampling seed(s)."]
+              f"row; " + (f"mean ± sample std over {args.sampling_seeds} sampling seeds."
+                          if args.sampling_seeds > 1 else "one sampling seed.")]
     write_result(args.name, "Ranking by one trajectory or by the mean of several", lines)
 
 

@@ -43,6 +43,8 @@ def test_mean_of_trajectories_averages_the_draws(pretrained_seq_synthetic: Path)
 
 
 def test_report_rows_name_one_and_k_trajectories(pretrained_seq_synthetic: Path) -> None:
-    rows = validation_rows(SEQ, str(pretrained_seq_synthetic), trajectories=2, seeds=1)
+    rows = validation_rows(SEQ, str(pretrained_seq_synthetic), trajectories=2, seeds=2)
     assert [row.split(" | ")[1] for row in rows] == ["1", "2"]
-    assert all(row.count("±") == 4 for row in rows)
+    assert all(row.count("±") == 4 for row in rows)  # a spread over the two sampling seeds
+    one_seed = validation_rows(SEQ, str(pretrained_seq_synthetic), trajectories=2, seeds=1)
+    assert all("±" not in row for row in one_seed)  # one seed has no spread to report
