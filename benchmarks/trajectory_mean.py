@@ -6,12 +6,13 @@ Scores are linear in x_0 (x_0 E^T), so the mean's scores are the trajectories' m
 Monte Carlo estimate of the expected score under the chain. A chain that decides nothing gains
 nothing from it; where it decides, the gap says how much ranking one trajectory gives up and
 the mean says what the backbone's expected x_0 ranks at. For each ``--run ID=CHECKPOINT``, every
-validation row, ``--sampling-seeds`` runs of each ranking (the first trajectory of a mean is the
-single ranking's draw):
+validation row, ``--sampling-seeds`` runs of each ranking (sampling seed s of the mean averages
+the draws of seeds s K, ..., s K + K - 1 of the single ranking, so seed 0's mean starts with
+seed 0's single draw). From benchmarks/:
 
     REFIT_DATA_DIR=../shared/data python benchmarks/trajectory_mean.py \\
-        --run ReFiT-Beauty-Concat-v0=runs/bench/seed1/pretrain/denoiser.pt \\
-        --run ReFiT-Beauty-Concat-v0=runs/bench/seed1/refit/finetuned.pt
+        --run ReFiT-Beauty-Concat-v0=../runs/bench/seed1/pretrain/denoiser.pt \\
+        --run ReFiT-Beauty-Concat-v0=../runs/bench/seed1/refit/finetuned.pt
 """
 
 from __future__ import annotations

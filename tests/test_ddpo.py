@@ -63,17 +63,18 @@ def test_one_pass_of_one_minibatch_is_refits_gradient() -> None:
     assert want.norm() > 0 and (got - want).norm() <= 1e-5 * want.norm()
 
 
-def test_a_minibatch_encodes_each_trajectory_once_with_the_per_sample_gradients(
-        pretrained_seq_synthetic: Path) -> None:
-    """A sequential minibatch runs the history encoder once over the trajectories' inputs,
-    not once per (trajectory, step) sample, and every parameter's gradient (the encoder's
-    included) is the per-sample way's."""
+@pytest.mark.parametrize("size", [15, 5])
+def test_a_minibatch_encodes_the_fewer_of_its_samples_and_the_trajectories(
+        pretrained_seq_synthetic: Path, size: int) -> None:
+    """A sequential minibatch runs the history encoder over the trajectories' inputs when it
+    holds more samples than there are trajectories, else over its samples' inputs; either way
+    every parameter's gradient (the encoder's included) is the per-sample way's."""
     _, _, core = make_core("ReFiT-SeqSynthetic-v0", 8, checkpoint=str(pretrained_seq_synthetic))
     model, _ = load_backbone(pretrained_seq_synthetic)
     ddpo = DDPOAgent(model, copy.deepcopy(model), DDPOConfig(group_size=4, train_steps=3))
     rollout = ddpo.rollout(core, torch.tensor([5, 9]), torch.Generator().manual_seed(3))
     samples = Samples.of([rollout])
-    indices = torch.randperm(len(samples), generator=torch.Generator().manual_seed(0))[:15]
+    indices = torch.randperm(len(samples), generator=torch.Generator().manual_seed(0))[:size]
     cfg = ddpo.config
     ddpo.optimizer.zero_grad()
     rows = samples.row[indices]
@@ -95,7 +96,8 @@ def test_a_minibatch_encodes_each_trajectory_once_with_the_per_sample_gradients(
     model.encode = counted
     ddpo.minibatch_loss(samples, indices)[0].backward()
     del model.encode
-    assert len(samples) == 8 * 3 and encoded_rows == [8]  # 8 trajectories, not 15 samples
+    assert len(samples) == 8 * 3 and samples.trajectories == 8
+    assert encoded_rows == [min(size, 8)]
     got = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
     assert got.keys() == expected.keys() and any("encoder" in name for name in got)
     flat = torch.cat([grad.flatten() for grad in expected.values()])

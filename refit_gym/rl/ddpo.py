@@ -91,6 +91,11 @@ class Samples:
     def __len__(self) -> int:
         return len(self.t)
 
+    @property
+    def trajectories(self) -> int:
+        """How many trajectories the samples come from (rows of ``batch``)."""
+        return len(next(iter(self.batch.values())))
+
 
 class DDPOAgent(ReFiTAgent):
     """ReFiT's agent with DDPO's update; one process (its minibatches are not split over
@@ -139,12 +144,18 @@ class DDPOAgent(ReFiTAgent):
         """:func:`ddpo_loss` of the samples at ``indices`` (M,) on the samples' device, under
         the current policy."""
         cfg = self.config
-        # Each trajectory's input is encoded once per minibatch, not once per sample: a
-        # minibatch holds many steps of every trajectory, and a history encoder costs far more
-        # than a denoising step (indexing sums the samples' gradients into their trajectory's).
+        rows = samples.row[indices]
+        # A history encoder costs far more than a denoising step: encode the fewer of the
+        # minibatch's samples and all trajectories' inputs (indexing the trajectories'
+        # conditions sums each sample's gradient into its trajectory's, as encoding it would).
         with self.forward():
-            encoded = self.model.encode(samples.batch)
-        condition = None if encoded is None else encoded[samples.row[indices]]
+            if len(indices) < samples.trajectories:
+                condition = self.model.encode({key: value[rows]
+                                               for key, value in samples.batch.items()})
+            elif (encoded := self.model.encode(samples.batch)) is not None:
+                condition = encoded[rows]
+            else:
+                condition = None
         _, log_prob, _ = policy_step(self.model, samples.x_t[indices], samples.t[indices],
                                      condition, cfg.kappa, action=samples.action[indices],
                                      chain=samples.chain, precision=cfg.precision)
