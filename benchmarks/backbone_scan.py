@@ -98,7 +98,7 @@ def run_cell(variant: EnvSpec, data: Dataset, folder: Path, value: float, seed: 
         pretrained = record_cell(cell, result.to_json(variant.id, seed), backbone, DEVICE)
     measured = {"algo": "chain_influence", "rows": args.rows,
                 "trajectories": args.trajectories, "pretrain": backbone}
-    checkpoint = folder / "pretrain" / "denoiser.pt"  # not the recorded path: --out may move
+    checkpoint = cell / "denoiser.pt"  # not the recorded path: --out may move
     cell = folder / "influence"
     if (influence := reuse_cell(cell, measured)) is None:
         if args.finished_only:

@@ -16,13 +16,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from common import write_result
+from common import sequential_id, write_result
 
 from refit_gym.backbones import Backbone, load_backbone
 from refit_gym.data import SequenceData
 from refit_gym.diffusion import GaussianDiffusion
-from refit_gym.mdp.gym_env import EnvSettings, cached_dataset
-from refit_gym.specs import EnvSpec, load_env_spec, register_spec_file
+from refit_gym.mdp.gym_env import EnvSettings
+from refit_gym.specs import EnvSpec, register_spec_file
 from refit_gym.training.chain_influence import chain_influence_report
 
 COLUMNS = ("id", "backbone", "lambda", "chain steps", "sampler", "reward mean",
@@ -78,11 +78,8 @@ def main() -> None:
     lines = table_header()
     for run in args.run:
         env_id, _, checkpoint = run.partition("=")
-        data = cached_dataset(env_id)
-        if not isinstance(data, SequenceData):
-            raise SystemExit(f"{env_id} is not a sequential id: chain influence is measured on "
-                             "the next-item scenario's sampled chains")
-        lines += influence_rows(load_env_spec(env_id), data, checkpoint, None, rows=args.rows,
+        spec, data = sequential_id(env_id)
+        lines += influence_rows(spec, data, checkpoint, None, rows=args.rows,
                                 trajectories=args.trajectories)
     lines += ["", "Per run: the same seeded validation rows, each drawn `--trajectories` times "
               "in one batch; reward = log softmax(x_0 E^T / tau)[target] with the id's tau. "

@@ -13,14 +13,24 @@ from pathlib import Path
 
 import torch
 
-from refit_gym.data import atomic_path
-from refit_gym.mdp.gym_env import EnvSettings
-from refit_gym.specs import EnvSpec
+from refit_gym.data import SequenceData, atomic_path
+from refit_gym.mdp.gym_env import EnvSettings, cached_dataset
+from refit_gym.specs import EnvSpec, load_env_spec
 from refit_gym.training.identity import cpu_model
 from refit_gym.training.metrics import sample_std
 from refit_gym.training.pretrain import make_timestep_sampler
 
 RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def sequential_id(env_id: str) -> tuple[EnvSpec, SequenceData]:
+    """The spec and data of a sequential id; a one-line exit for any other id (the studies of
+    sampled next-item chains have nothing to measure there)."""
+    data = cached_dataset(env_id)
+    if not isinstance(data, SequenceData):
+        raise SystemExit(f"{env_id} is not a sequential id: this study measures the next-item "
+                         "scenario's sampled chains")
+    return load_env_spec(env_id), data
 
 
 def machine() -> str:

@@ -18,11 +18,8 @@ import math
 
 import torch
 from chain_influence import backbone_on_chain
-from common import write_result
+from common import sequential_id, write_result
 
-from refit_gym.data import SequenceData
-from refit_gym.mdp.gym_env import cached_dataset
-from refit_gym.specs import load_env_spec
 from refit_gym.training.chain_influence import fixed_rows, sample_final_states
 from refit_gym.training.metrics import eval_mode
 
@@ -34,9 +31,7 @@ def log_likelihoods(env_id: str, checkpoint: str, rows: int, batch_size: int = 5
                     ) -> tuple[list[float], float, float, float]:
     """Mean target log-likelihood at each of :data:`TAUS`, the id's tau, and the mean norms
     of x_0 and of the rows of E."""
-    spec, data = load_env_spec(env_id), cached_dataset(env_id)
-    if not isinstance(data, SequenceData):
-        raise SystemExit(f"{env_id} is not a sequential id")
+    spec, data = sequential_id(env_id)
     model, chain, tau = backbone_on_chain(spec, data, checkpoint)
     chosen = fixed_rows(data, rows, split="train")
     x0, targets = [], []
@@ -65,7 +60,7 @@ def main() -> None:
     for run in args.run:
         env_id, _, checkpoint = run.partition("=")
         means, tau, x_norm, e_norm = log_likelihoods(env_id, checkpoint, args.rows)
-        n_items = cached_dataset(env_id).n_items
+        n_items = sequential_id(env_id)[1].n_items
         best = TAUS[max(range(len(TAUS)), key=means.__getitem__)]
         lines.append(f"| {checkpoint} | {tau:g} | {x_norm:.2f} | {e_norm:.2f} | "
                      f"{-math.log(n_items):.2f} | " + " | ".join(f"{m:.2f}" for m in means)

@@ -10,7 +10,7 @@ validation row, ``--sampling-seeds`` runs of each ranking (sampling seed s of th
 the draws of seeds s K, ..., s K + K - 1 of the single ranking, so seed 0's mean starts with
 seed 0's single draw). From benchmarks/:
 
-    REFIT_DATA_DIR=../shared/data python benchmarks/trajectory_mean.py \\
+    REFIT_DATA_DIR=../shared/data python trajectory_mean.py \\
         --run ReFiT-Beauty-Concat-v0=../runs/bench/seed1/pretrain/denoiser.pt \\
         --run ReFiT-Beauty-Concat-v0=../runs/bench/seed1/refit/finetuned.pt
 """
@@ -20,14 +20,11 @@ from __future__ import annotations
 import argparse
 
 import torch
-from common import write_result
+from common import sequential_id, write_result
 from torch import Tensor
 
 from refit_gym.backbones import Backbone, load_backbone
-from refit_gym.data import SequenceData
 from refit_gym.diffusion import GaussianDiffusion
-from refit_gym.mdp.gym_env import cached_dataset
-from refit_gym.specs import load_env_spec
 from refit_gym.training.metrics import eval_mode, evaluate_sequential
 
 METRICS = ("hr@10", "ndcg@10", "hr@20", "ndcg@20")
@@ -53,9 +50,7 @@ class TrajectoryMean:
 
 def validation_rows(env_id: str, checkpoint: str, trajectories: int, seeds: int) -> list[str]:
     """Table rows of one checkpoint: one trajectory, then the mean of ``trajectories``."""
-    spec, data = load_env_spec(env_id), cached_dataset(env_id)
-    if not isinstance(data, SequenceData):
-        raise SystemExit(f"{env_id} is not a sequential id")
+    spec, data = sequential_id(env_id)
     model, _ = load_backbone(checkpoint, data.n_items)
     lines = []
     with eval_mode(model):

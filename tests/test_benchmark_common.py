@@ -1,4 +1,5 @@
-"""benchmarks/common.py: result files are written whole or not at all."""
+"""benchmarks/common.py: result files are written whole or not at all; the chain studies refuse
+a collaborative-filtering id."""
 
 from __future__ import annotations
 
@@ -71,3 +72,12 @@ def test_bench_details_takes_finetune_results_beside_a_bench_and_names_each_sour
     assert lines[3] == ("| probe.json | 3 | refit | 2 (10) | 0.10000, 0.20000, 0.30000 | "
                         "-2.000 -> 0.000 | 2 | 0.5000 / 0.25000 |")
     assert bench_details.details(probe)[2] == lines[3].removeprefix("| probe.json ")
+
+
+def test_the_chain_studies_take_sequential_ids_only() -> None:
+    from refit_gym.data import SequenceData
+
+    spec, data = common.sequential_id("ReFiT-SeqSynthetic-v0")
+    assert spec.id == "ReFiT-SeqSynthetic-v0" and isinstance(data, SequenceData)
+    with pytest.raises(SystemExit, match="ReFiT-Synthetic-v0 is not a sequential id"):
+        common.sequential_id("ReFiT-Synthetic-v0")

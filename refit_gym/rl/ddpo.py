@@ -152,10 +152,9 @@ class DDPOAgent(ReFiTAgent):
             if len(indices) < samples.trajectories:
                 condition = self.model.encode({key: value[rows]
                                                for key, value in samples.batch.items()})
-            elif (encoded := self.model.encode(samples.batch)) is not None:
-                condition = encoded[rows]
             else:
-                condition = None
+                encoded = self.model.encode(samples.batch)
+                condition = None if encoded is None else encoded[rows]
         _, log_prob, _ = policy_step(self.model, samples.x_t[indices], samples.t[indices],
                                      condition, cfg.kappa, action=samples.action[indices],
                                      chain=samples.chain, precision=cfg.precision)
