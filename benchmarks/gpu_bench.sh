@@ -1,12 +1,17 @@
 #!/usr/bin/env bash
-# The prepared device run of issue 30: on one GPU, ReFiT-ML1M-v0 seeds 1-3 pretrained on the
-# GPU, then pretrained, ReFiT, DDPO, PPO, A2C, TRPO and `continue` (ReFiT's training seconds)
-# for each seed with the id's cuda tables, the CF peers beside them, as many runs at once as
-# --jobs says, stopped cleanly at a deadline; then one bench table of what finished and a small
-# archive of the runs' metrics.
+# The prepared device run of issue 30: on one GPU, an id's seeds 1-3 (ReFiT-ML1M-v0 unless --env
+# names another) pretrained on the GPU, then pretrained, ReFiT, DDPO, PPO, A2C, TRPO and
+# `continue` (ReFiT's training seconds) for each seed with the id's cuda tables, the peers of its
+# scenario beside them (every registered one: pop, itemknn, rp3beta, ease, dlae for CF; pop,
+# markov, sasrec for sequential), as many runs at once as --jobs says, stopped cleanly at a
+# deadline; then one bench table of what finished and a small archive of the runs' metrics.
 #
-#   bash benchmarks/gpu_bench.sh [--smoke] [--deadline-seconds S] [--jobs N] [--out DIR]
+#   bash benchmarks/gpu_bench.sh [--env ID] [--smoke] [--deadline-seconds S] [--jobs N] [--out DIR]
 #
+# --env (default ReFiT-ML1M-v0): the id; e.g. ReFiT-ML1MSeq-Concat-v0, the sequential ML-1M
+#   bench of issue 29. Its data must be on the device: copy the dataset's folder under a folder
+#   of the repository that .git/info/exclude ignores, name that folder in the device's carry,
+#   and set REFIT_DATA_DIR to it (../shared does not travel).
 # --deadline-seconds (default 540, 9 minutes, from the script's start): runs still going then
 #   get SIGINT (a killed run keeps its resumable state; rerunning the script with the same --out
 #   resumes them), and SIGKILL $GPU_BENCH_KILL_AFTER seconds later (default 30) if the SIGINT
@@ -18,8 +23,9 @@
 # --out (default runs/gpu-bench/<env>): bench's folder; results.md (and flop_floor.md) are also
 #   copied to benchmarks/results/gpu_bench_<env>[_flop_floor].md (not in --smoke),
 #   metrics.tar.gz is the archive.
-# --smoke: the same script end to end on ReFiT-Synthetic-v0 on the CPU, two seeds, tiny sizes
-#   (under two minutes on 2 cores; tests/test_gpu_bench.py runs it), nothing installed.
+# --smoke: the same script end to end on the CPU on the embedded data of --env's scenario
+#   (ReFiT-Synthetic-v0, or ReFiT-SeqSynthetic-Concat-v0 for a sequential id), two seeds, tiny
+#   sizes (a few minutes on 2 cores; tests/test_gpu_bench.py runs both), nothing installed.
 #
 # Install: with the project importable in $PYTHON (default python3) nothing is installed; else,
 # on a machine without registries, carry wheels of gymnasium, stable-baselines3, sb3-contrib and
@@ -34,15 +40,16 @@ cd "$(dirname "$0")/.."
 # off sys.path.
 export PYTHONSAFEPATH=1
 PY=${PYTHON:-python3}
-SMOKE=0 DEADLINE=540 JOBS=4 OUT=""
+SMOKE=0 DEADLINE=540 JOBS=4 OUT="" ENV=ReFiT-ML1M-v0
 while [ $# -gt 0 ]; do
   case "$1" in
+    --env) ENV=$2; shift ;;
     --smoke) SMOKE=1 ;;
     --deadline-seconds) DEADLINE=$2; shift ;;
     --jobs) JOBS=$2; shift ;;
     --out) OUT=$2; shift ;;
-    *) echo "gpu_bench: unknown option $1; use --smoke, --deadline-seconds S, --jobs N," \
-         "--out DIR" >&2; exit 2 ;;
+    *) echo "gpu_bench: unknown option $1; use --env ID, --smoke, --deadline-seconds S," \
+         "--jobs N, --out DIR" >&2; exit 2 ;;
   esac
   shift
 done
@@ -67,9 +74,17 @@ if ! "$PY" -c "import refit_gym, stable_baselines3, sb3_contrib" 2>/dev/null; th
     "$PY" -m pip install -q --no-index --no-deps --no-build-isolation -e . || exit 1
 fi
 
+# The id's scenario (an unknown id fails here, before any work) and every peer registered for it.
+if ! SCENARIO=$("$PY" -c "import sys; from refit_gym.specs import load_env_spec
+from refit_gym.training.peers import PEERS
+sequential = load_env_spec(sys.argv[1]).sequential
+print(int(sequential), ','.join(sorted(name for name, seq in PEERS if seq == sequential)))" "$ENV"); then
+  echo "gpu_bench: --env $ENV is not an id this project registers" >&2
+  exit 2
+fi
+read -r SEQUENTIAL PEERS <<< "$SCENARIO"
 if [ "$SMOKE" = 1 ]; then
-  ENV=ReFiT-Synthetic-v0 DEVICE=cpu SEEDS="1 2" PEERS="pop,itemknn"
-  PRETRAIN=(--pretrain-max-epochs 3)
+  DEVICE=cpu SEEDS="1 2"
   # Tiny runs: one epoch each, a few users (ALGO.KEY=VALUE, as bench --set takes them).
   declare -A SETS=(
     [refit]="refit.epochs=1 refit.users_per_epoch=64"
@@ -78,8 +93,14 @@ if [ "$SMOKE" = 1 ]; then
     [a2c]="a2c.epochs=1 a2c.n_envs=8 a2c.users_per_epoch=5"
     [trpo]="trpo.epochs=1 trpo.n_envs=8 trpo.users_per_epoch=5 trpo.batch_size=40"
   )
+  if [ "$SEQUENTIAL" = 1 ]; then
+    # ADRec's first two stages take 7 epochs here; selection needs one of the last.
+    ENV=ReFiT-SeqSynthetic-Concat-v0 PRETRAIN=(--pretrain-max-epochs 8)
+  else
+    ENV=ReFiT-Synthetic-v0 PEERS="pop,itemknn" PRETRAIN=(--pretrain-max-epochs 3)
+  fi
 else
-  ENV=ReFiT-ML1M-v0 DEVICE=cuda SEEDS="1 2 3" PEERS="pop,itemknn,rp3beta,ease,dlae"
+  DEVICE=cuda SEEDS="1 2 3"
   PRETRAIN=()
   declare -A SETS=()  # the id's cuda tables as they are
   if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
@@ -141,7 +162,8 @@ for seed in $SEEDS; do
   [ -f "$OUT/seed$seed/pretrain/metrics.json" ] && done_seeds+=("$seed")
 done
 if [ ${#done_seeds[@]} -eq 0 ]; then
-  echo "gpu_bench: no backbone finished before the deadline; nothing to tabulate" >&2
+  echo "gpu_bench: no backbone finished before the deadline (or every pretraining failed:" \
+       "$OUT/log-*-pretrained.txt say why); nothing to tabulate" >&2
   exit 1
 fi
 for algo in ${AGENTS//,/ } ${PEERS//,/ }; do

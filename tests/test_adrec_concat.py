@@ -117,7 +117,8 @@ def test_checkpoint_round_trip(tmp_path) -> None:
 def test_the_variants_ids_are_registered_and_sequential() -> None:
     from refit_gym.specs import load_env_spec
 
-    for env_id in ("ReFiT-SeqSynthetic-Concat-v0", "ReFiT-Beauty-Concat-v0"):
+    for env_id in ("ReFiT-SeqSynthetic-Concat-v0", "ReFiT-Beauty-Concat-v0",
+                   "ReFiT-ML1MSeq-Concat-v0"):
         spec = load_env_spec(env_id)
         assert spec.backbone_type == "adrec_concat" and spec.sequential
 

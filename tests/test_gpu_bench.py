@@ -37,6 +37,18 @@ def test_smoke_mode_runs_every_algorithm_and_tabulates_them(tmp_path: Path) -> N
     assert not (SCRIPT.parents[0] / "results" / "gpu_bench_ReFiT-Synthetic-v0.md").exists()
 
 
+def test_a_sequential_id_smokes_on_its_scenarios_embedded_data(tmp_path: Path) -> None:
+    # The sequential ML-1M bench of issue 29 (--env ReFiT-ML1MSeq-Concat-v0): ADRec-Concat's
+    # agents (TRPO differentiates its attention twice) and the sequential peers.
+    run = _run("--env", "ReFiT-ML1MSeq-Concat-v0", "--smoke", "--out", str(tmp_path))
+    assert run.returncode == 0, run.stdout + run.stderr
+    table = (tmp_path / "results.md").read_text()
+    assert table.startswith("# ReFiT-SeqSynthetic-Concat-v0: mean ± std over seeds 1, 2")
+    for algo in ("pretrained", "refit", "continue", "ddpo", "ppo", "a2c", "trpo", "markov",
+                 "pop", "sasrec"):
+        assert f"\n| {algo} | " in table, algo
+
+
 def test_runs_past_the_deadline_are_stopped_and_said_so(tmp_path: Path) -> None:
     # In one CI run (2026-12-05) a smoke pretraining outlived its deadline's SIGINT and
     # finished within the default 30 s before SIGKILL, so the script tabulated it and exited 0
@@ -55,3 +67,6 @@ def test_a_bad_option_is_one_line(tmp_path: Path) -> None:
     assert run.stderr.strip() == ("gpu_bench: --deadline-seconds and --jobs take a positive "
                                   "integer, got 0")
     assert "unknown option --fast" in _run("--fast").stderr
+    unknown = _run("--env", "ReFiT-Nowhere-v0", "--smoke")
+    assert unknown.returncode == 2
+    assert "gpu_bench: --env ReFiT-Nowhere-v0 is not an id this project registers" in unknown.stderr

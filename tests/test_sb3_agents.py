@@ -195,6 +195,25 @@ def test_the_critic_reads_adrecs_row_summary_not_its_cache(tmp_path) -> None:
     model.learn(64)  # two episodes of the 32-step chain per environment
 
 
+def test_trpo_updates_an_actor_with_attention(tmp_path) -> None:
+    # TRPO's KL Hessian-vector product differentiates the policy twice; PyTorch's fused
+    # attention kernels (ADRec's encoder) have no second derivative: a RuntimeError there
+    # until the update ran on the math kernel.
+    from refit_gym.backbones import save_backbone
+    from refit_gym.specs import load_env_spec
+
+    env_id = "ReFiT-SeqSynthetic-Concat-v0"
+    torch.manual_seed(0)
+    backbone = load_env_spec(env_id).build_backbone(300)
+    save_backbone(tmp_path / "b.pt", backbone, env_id, seed=0, epoch=0)
+    venv = ReFiTVecEnv(env_id, num_envs=4, seed=0, checkpoint=str(tmp_path / "b.pt"))
+    model = make_model("trpo", venv, backbone, {"n_steps": 32, "batch_size": 64}, seed=0,
+                       device="cpu")
+    before = [p.detach().clone() for p in model.policy.backbone.parameters()]
+    model.learn(32)  # one episode of the 32-step chain per environment, then one update
+    assert any(not torch.equal(b, a) for b, a in zip(before, model.policy.backbone.parameters()))
+
+
 @pytest.mark.parametrize("env_id", ["ReFiT-SeqSynthetic-v0", "ReFiT-SeqSynthetic-v1"])
 def test_the_update_scores_the_rollouts_actions_as_the_rollout_did(env_id: str,
                                                                    tmp_path) -> None:

@@ -112,7 +112,7 @@ def test_sb3_face_carries_the_history(checkpoint: str) -> None:
 @pytest.mark.ml1m
 @pytest.mark.filterwarnings("ignore::UserWarning")
 @pytest.mark.parametrize("env_id", ["ReFiT-Zhihu-v0", "ReFiT-Beauty-v0", "ReFiT-Beauty-Concat-v0",
-                                    "ReFiT-ML1MSeq-v0"])
+                                    "ReFiT-ML1MSeq-v0", "ReFiT-ML1MSeq-Concat-v0"])
 def test_real_sequential_ids_pass_both_checkers(env_id: str, data_dir: Path,
                                                 tmp_path: Path) -> None:
     """The real ids with a tiny untrained checkpoint of their backbone (the checkers test the

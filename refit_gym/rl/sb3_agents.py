@@ -18,6 +18,7 @@ from stable_baselines3 import A2C, PPO
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.on_policy_algorithm import OnPolicyAlgorithm
 from stable_baselines3.common.vec_env import VecEnv, VecEnvWrapper
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from refit_gym.backbones import Backbone, backbone_configs
 from refit_gym.data import Dataset
@@ -26,7 +27,19 @@ from refit_gym.mdp.sb3_vec_env import ReFiTVecEnv
 from refit_gym.rl.sb3_policy import DiffusionActorCriticPolicy
 from refit_gym.specs import EnvSpec
 
-SB3_ALGOS: dict[str, type[OnPolicyAlgorithm]] = {"ppo": PPO, "a2c": A2C, "trpo": TRPO}
+
+class TwiceDifferentiableTRPO(TRPO):
+    """sb3-contrib's TRPO with attention on PyTorch's math kernel in its update: the KL's
+    Hessian-vector product differentiates the policy twice, and the fused attention kernels
+    (ADRec's encoder) have no second derivative."""
+
+    def train(self) -> None:
+        with sdpa_kernel(SDPBackend.MATH):
+            super().train()
+
+
+SB3_ALGOS: dict[str, type[OnPolicyAlgorithm]] = {"ppo": PPO, "a2c": A2C,
+                                                 "trpo": TwiceDifferentiableTRPO}
 DRIVER_KEYS = ("n_envs", "group_size", "epochs", "users_per_epoch")
 
 
