@@ -20,8 +20,9 @@
 #   runs' FLOP count and its floor time at the GPU's peak rate are printed beside their
 #   measured training seconds (benchmarks/flop_floor.py, OUT/flop_floor.md).
 # --jobs (default 4): runs at once (four pipelines shared one H200 well, gpu_runs_*_H200.md).
-# --out (default runs/gpu-bench/<env>): bench's folder; results.md (and flop_floor.md) are also
-#   copied to benchmarks/results/gpu_bench_<env>[_flop_floor].md (not in --smoke),
+# --out (default runs/gpu-bench/<env>, with --smoke runs/gpu-bench-smoke/<env>): bench's
+#   folder; results.md (and flop_floor.md) are also copied to
+#   benchmarks/results/gpu_bench_<env>[_flop_floor].md (not in --smoke),
 #   metrics.tar.gz is the archive.
 # --smoke: the same script end to end on the CPU on the embedded data of --env's scenario
 #   (ReFiT-Synthetic-v0, or ReFiT-SeqSynthetic-Concat-v0 for a sequential id), two seeds, tiny
@@ -75,14 +76,20 @@ if ! "$PY" -c "import refit_gym, stable_baselines3, sb3_contrib" 2>/dev/null; th
 fi
 
 # The id's scenario (an unknown id fails here, before any work) and every peer registered for it.
-if ! SCENARIO=$("$PY" -c "import sys; from refit_gym.specs import load_env_spec
+SCENARIO=$("$PY" -c "import sys
+from refit_gym.specs import SpecError, load_env_spec
 from refit_gym.training.peers import PEERS
-sequential = load_env_spec(sys.argv[1]).sequential
-print(int(sequential), ','.join(sorted(name for name, seq in PEERS if seq == sequential)))" "$ENV"); then
-  echo "gpu_bench: --env $ENV is not an id this project registers" >&2
+try:
+    sequential = load_env_spec(sys.argv[1]).sequential
+except SpecError as error:
+    sys.exit(f'gpu_bench: --env: {error}')
+print(int(sequential), ','.join(sorted(name for name, seq in PEERS if seq == sequential)))" "$ENV") ||
   exit 2
-fi
 read -r SEQUENTIAL PEERS <<< "$SCENARIO"
+if ! [[ "$SEQUENTIAL" =~ ^[01]$ && "$PEERS" =~ ^[a-z0-9,]+$ ]]; then
+  echo "gpu_bench: could not read --env $ENV's scenario (got: $SCENARIO)" >&2
+  exit 1
+fi
 if [ "$SMOKE" = 1 ]; then
   DEVICE=cpu SEEDS="1 2"
   # Tiny runs: one epoch each, a few users (ALGO.KEY=VALUE, as bench --set takes them).
@@ -109,33 +116,38 @@ else
     exit 1
   fi
 fi
+# A smoke's tiny cells would be reused by a real run of the same id: they get their own folder.
+[ "$SMOKE" = 1 ] && OUT=${OUT:-runs/gpu-bench-smoke/$ENV}
 OUT=${OUT:-runs/gpu-bench/$ENV}
-# DDPO joins the table where bench knows it (its ORDER lists the algorithms it can draw).
 AGENTS="refit,continue ddpo ppo a2c trpo"
-if ! "$PY" -c "import sys; from refit_gym.training.bench import ORDER; sys.exit('ddpo' not in ORDER)"; then
-  echo "gpu_bench: this bench cannot tabulate ddpo yet; running without it"
-  AGENTS="refit,continue ppo a2c trpo"
-fi
 KILL_AFTER=${GPU_BENCH_KILL_AFTER:-30}
 mkdir -p "$OUT"
 STARTED=$SECONDS
 
-# One bench over one seed and some algorithms, with the --set values of those algorithms;
-# given what is left of the deadline, then SIGINT ($KILL_AFTER s later SIGKILL).
+# BENCH: the bench command over seeds $1 and algorithms $2, with the --set values of those
+# algorithms.
+bench_command() {
+  local algo item
+  BENCH=("$PY" -c "import sys; from refit_gym.cli import main; sys.exit(main())" bench
+         --env "$ENV" --device "$DEVICE" --seeds "$1" --algos "$2" --out "$OUT" "${PRETRAIN[@]}")
+  for algo in ${2//,/ }; do
+    for item in ${SETS[$algo]:-}; do BENCH+=(--set "$item"); done
+  done
+  BENCH+=(--quiet)
+}
+
+# One bench over seeds $1 and algorithms $2, given what is left of the deadline, then SIGINT
+# ($KILL_AFTER s later SIGKILL).
 run() {
   local seeds=$1 algos=$2 left=$(( DEADLINE - (SECONDS - STARTED) ))
   if [ "$left" -le 0 ]; then
     echo "gpu_bench: deadline reached, not starting $algos for seeds $seeds"
     return 0
   fi
-  local sets=() algo item
-  for algo in ${algos//,/ }; do
-    for item in ${SETS[$algo]:-}; do sets+=(--set "$item"); done
-  done
-  local started=$SECONDS
-  timeout -s INT -k "$KILL_AFTER" "$left" "$PY" -c "import sys; from refit_gym.cli import main; sys.exit(main())" \
-    bench --env "$ENV" --device "$DEVICE" --seeds "$seeds" --algos "$algos" --out "$OUT" \
-    "${PRETRAIN[@]}" "${sets[@]}" --quiet > "$OUT/log-${seeds//,/_}-${algos//,/_}.txt" 2>&1
+  local started=$SECONDS BENCH
+  bench_command "$seeds" "$algos"
+  timeout -s INT -k "$KILL_AFTER" "$left" "${BENCH[@]}" \
+    > "$OUT/log-${seeds//,/_}-${algos//,/_}.txt" 2>&1
   local rc=$?
   echo "gpu_bench: seeds $seeds $algos: exit $rc after $(( SECONDS - started )) s"
 }
@@ -179,13 +191,8 @@ if [[ " ${done_algos[*]} " == *" continue "* && " ${done_algos[*]} " != *" refit
 fi
 table=$(IFS=,; echo "pretrained,${done_algos[*]}" | tr -s , | sed 's/,$//')
 seeds=$(IFS=,; echo "${done_seeds[*]}")
-sets=()
-for algo in ${table//,/ }; do
-  for item in ${SETS[$algo]:-}; do sets+=(--set "$item"); done
-done
-"$PY" -c "import sys; from refit_gym.cli import main; sys.exit(main())" bench --env "$ENV" \
-  --device "$DEVICE" --seeds "$seeds" --algos "$table" --out "$OUT" "${PRETRAIN[@]}" \
-  "${sets[@]}" --quiet > "$OUT/log-table.txt" 2>&1 || {
+bench_command "$seeds" "$table"
+"${BENCH[@]}" > "$OUT/log-table.txt" 2>&1 || {
   echo "gpu_bench: the table failed; see $OUT/log-table.txt" >&2
   exit 1
 }

@@ -195,6 +195,22 @@ def test_the_critic_reads_adrecs_row_summary_not_its_cache(tmp_path) -> None:
     model.learn(64)  # two episodes of the 32-step chain per environment
 
 
+def test_every_adrec_id_takes_the_sb3_tables_of_beauty_v1() -> None:
+    # The rule agents/{ppo,a2c,trpo}.toml state: whole 32-step episodes, the sampler's own
+    # noise; an id left out would fall back to the CF default (kappa 10, 10-step rollouts).
+    from refit_gym.specs import all_env_specs, load_agent_hyperparams
+
+    adrec = [i for i, s in all_env_specs().items() if s.backbone_type in ("adrec", "adrec_concat")]
+    assert len(adrec) >= 6
+    for algo in ("ppo", "a2c", "trpo"):
+        table = load_agent_hyperparams(algo, "ReFiT-Beauty-v1")
+        assert table["n_steps"] == 32 and table["policy_kwargs"]["kappa"] == 1.0
+        for env_id in adrec:
+            assert load_agent_hyperparams(algo, env_id) == table, (algo, env_id)
+    assert (load_agent_hyperparams("refit", "ReFiT-ML1MSeq-Concat-v0")
+            == load_agent_hyperparams("refit", "ReFiT-Beauty-Concat-v0"))
+
+
 def test_trpo_updates_an_actor_with_attention(tmp_path) -> None:
     # TRPO's KL Hessian-vector product differentiates the policy twice; PyTorch's fused
     # attention kernels (ADRec's encoder) have no second derivative: a RuntimeError there
