@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from common import sequential_id, write_result
+from common import RESULTS, sequential_id, write_result
 
 from refit_gym.backbones import Backbone, load_backbone
 from refit_gym.data import SequenceData
@@ -72,6 +72,8 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=256, help="validation rows (seeded)")
     parser.add_argument("--trajectories", type=int, default=16, help="draws per row")
     parser.add_argument("--name", default="chain_influence")
+    parser.add_argument("--folder", type=Path, default=RESULTS,
+                        help="where <name>.md goes (default benchmarks/results)")
     args = parser.parse_args()
     for path in args.spec:
         register_spec_file(path)
@@ -88,7 +90,7 @@ def main() -> None:
               "step but the last); *policy*: the agents' Gaussian policy with kappa 1 (noise at "
               "every step, the last one included). *lambda*: the scale at which ADRec's "
               "decoder reads x_t (DreamRec and ADRec-Concat concatenate x_t with the condition)."]
-    write_result(args.name, "Chain influence of sequential backbones", lines)
+    write_result(args.name, "Chain influence of sequential backbones", lines, args.folder)
 
 
 if __name__ == "__main__":

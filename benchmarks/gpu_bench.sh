@@ -21,8 +21,9 @@
 #   measured training seconds (benchmarks/flop_floor.py, OUT/flop_floor.md).
 # --jobs (default 4): runs at once (four pipelines shared one H200 well, gpu_runs_*_H200.md).
 # --out (default runs/gpu-bench/<env>, with --smoke runs/gpu-bench-smoke/<env>): bench's
-#   folder; results.md (and flop_floor.md) are also copied to
-#   benchmarks/results/gpu_bench_<env>[_flop_floor].md (not in --smoke),
+#   folder; results.md (and flop_floor.md, and a sequential id's chain_influence.md) are also
+#   copied to benchmarks/results/gpu_bench_<env>[_flop_floor|_chain_influence].md (not in
+#   --smoke),
 #   metrics.tar.gz is the archive.
 # --smoke: the same script end to end on the CPU on the embedded data of --env's scenario
 #   (ReFiT-Synthetic-v0, or ReFiT-SeqSynthetic-Concat-v0 for a sequential id), two seeds, tiny
@@ -101,8 +102,11 @@ if [ "$SMOKE" = 1 ]; then
     [trpo]="trpo.epochs=1 trpo.n_envs=8 trpo.users_per_epoch=5 trpo.batch_size=40"
   )
   if [ "$SEQUENTIAL" = 1 ]; then
-    # ADRec's first two stages take 7 epochs here; selection needs one of the last.
+    # ADRec's first two stages take 7 epochs here; selection needs one of the last. TRPO
+    # differentiates the Transformer twice per conjugate-gradient step: one update, 3 steps.
     ENV=ReFiT-SeqSynthetic-Concat-v0 PRETRAIN=(--pretrain-max-epochs 8)
+    SETS[trpo]="trpo.epochs=1 trpo.n_envs=8 trpo.users_per_epoch=1 trpo.batch_size=256
+                trpo.cg_max_steps=3"
   else
     ENV=ReFiT-Synthetic-v0 PEERS="pop,itemknn" PRETRAIN=(--pretrain-max-epochs 3)
   fi
@@ -152,9 +156,22 @@ run() {
   echo "gpu_bench: seeds $seeds $algos: exit $rc after $(( SECONDS - started )) s"
 }
 
-# 1. The backbones, one per seed, side by side.
+# 1. The backbones, one per seed, side by side; a sequential id's chain influence on each
+#    (benchmarks/chain_influence.py: does the chain's randomness move the reward?), before the
+#    agents.
 for seed in $SEEDS; do run "$seed" pretrained & done
 wait
+if [ "$SEQUENTIAL" = 1 ]; then
+  backbones=()
+  for seed in $SEEDS; do
+    checkpoint=$OUT/seed$seed/pretrain/denoiser.pt
+    [ -f "$checkpoint" ] && backbones+=(--run "$ENV=$checkpoint")
+  done
+  # The script imports its folder's common.py, which PYTHONSAFEPATH would hide.
+  [ ${#backbones[@]} -gt 0 ] && { env -u PYTHONSAFEPATH "$PY" benchmarks/chain_influence.py \
+    "${backbones[@]}" --folder "$OUT" > "$OUT/log-chain-influence.txt" 2>&1 ||
+    echo "gpu_bench: the chain influence failed; see $OUT/log-chain-influence.txt" >&2; }
+fi
 # 2. Every (seed, algorithm group) as a job, at most $JOBS at once; `continue` runs after its
 #    seed's ReFiT in the same job (it gets ReFiT's training seconds).
 QUEUE=()
@@ -204,10 +221,12 @@ if [[ ",$table," == *",refit,"* ]]; then
 fi
 # 5. The archive: every cell's metrics.json and the tables, a few MiB at most.
 (cd "$OUT" && find . -name metrics.json -o -name 'results.*' -o -name 'log-*.txt' \
-  -o -name flop_floor.md | tar -czf metrics.tar.gz -T -)
+  -o -name flop_floor.md -o -name chain_influence.md | tar -czf metrics.tar.gz -T -)
 if [ "$SMOKE" = 0 ]; then
   cp "$OUT/results.md" "benchmarks/results/gpu_bench_$ENV.md"
-  [ -f "$OUT/flop_floor.md" ] && cp "$OUT/flop_floor.md" "benchmarks/results/gpu_bench_${ENV}_flop_floor.md"
+  for report in flop_floor chain_influence; do
+    [ -f "$OUT/$report.md" ] && cp "$OUT/$report.md" "benchmarks/results/gpu_bench_${ENV}_$report.md"
+  done
 fi
 echo "gpu_bench: $ENV seeds $seeds, $table in $OUT/results.md ($(( SECONDS - STARTED )) s);" \
      "archive $OUT/metrics.tar.gz ($(du -k "$OUT/metrics.tar.gz" | cut -f1) KiB)"

@@ -44,6 +44,11 @@ def test_a_sequential_id_smokes_on_its_scenarios_embedded_data(tmp_path: Path) -
     for algo in ("pretrained", "refit", "continue", "ddpo", "ppo", "a2c", "trpo", "markov",
                  "pop", "sasrec"):
         assert f"\n| {algo} | " in table, algo
+    # Each backbone's chain influence, measured before the agents ran: two samplers a seed.
+    influence = (tmp_path / "chain_influence.md").read_text()
+    rows = [line for line in influence.splitlines()
+            if line.startswith("| ReFiT-SeqSynthetic-Concat-v0 | adrec_concat | concatenated |")]
+    assert len(rows) == 2 * 2
 
 
 def test_runs_past_the_deadline_are_stopped_and_said_so(tmp_path: Path) -> None:
