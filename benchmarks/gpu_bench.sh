@@ -20,11 +20,10 @@
 #   runs' FLOP count and its floor time at the GPU's peak rate are printed beside their
 #   measured training seconds (benchmarks/flop_floor.py, OUT/flop_floor.md).
 # --jobs (default 4): runs at once (four pipelines shared one H200 well, gpu_runs_*_H200.md).
-# --out (default runs/gpu-bench/<env>, with --smoke runs/gpu-bench-smoke/<env>): bench's
-#   folder; results.md (and flop_floor.md, and a sequential id's chain_influence.md) are also
-#   copied to benchmarks/results/gpu_bench_<env>[_flop_floor|_chain_influence].md (not in
-#   --smoke),
-#   metrics.tar.gz is the archive.
+# --out (default runs/gpu-bench/<env>, with --smoke runs/gpu-bench-smoke/<the id it smokes>):
+#   bench's folder; results.md (and flop_floor.md, and a sequential id's chain_influence.md)
+#   are also copied to benchmarks/results/gpu_bench_<env>[_flop_floor|_chain_influence].md
+#   (not in --smoke), metrics.tar.gz is the archive.
 # --smoke: the same script end to end on the CPU on the embedded data of --env's scenario
 #   (ReFiT-Synthetic-v0, or ReFiT-SeqSynthetic-Concat-v0 for a sequential id), two seeds, tiny
 #   sizes (a few minutes on 2 cores; tests/test_gpu_bench.py runs both), nothing installed.
@@ -161,15 +160,17 @@ run() {
 #    agents.
 for seed in $SEEDS; do run "$seed" pretrained & done
 wait
-if [ "$SEQUENTIAL" = 1 ]; then
+left=$(( DEADLINE - (SECONDS - STARTED) ))
+if [ "$SEQUENTIAL" = 1 ] && [ "$left" -gt 0 ]; then  # again on a resumed run: seconds
   backbones=()
-  for seed in $SEEDS; do
-    checkpoint=$OUT/seed$seed/pretrain/denoiser.pt
-    [ -f "$checkpoint" ] && backbones+=(--run "$ENV=$checkpoint")
+  for seed in $SEEDS; do  # finished pretrainings only (a stopped one keeps its best so far)
+    [ -f "$OUT/seed$seed/pretrain/metrics.json" ] &&
+      backbones+=(--run "$ENV=$OUT/seed$seed/pretrain/denoiser.pt")
   done
   # The script imports its folder's common.py, which PYTHONSAFEPATH would hide.
-  [ ${#backbones[@]} -gt 0 ] && { env -u PYTHONSAFEPATH "$PY" benchmarks/chain_influence.py \
-    "${backbones[@]}" --folder "$OUT" > "$OUT/log-chain-influence.txt" 2>&1 ||
+  [ ${#backbones[@]} -gt 0 ] && { timeout -s INT -k "$KILL_AFTER" "$left" \
+    env -u PYTHONSAFEPATH "$PY" benchmarks/chain_influence.py "${backbones[@]}" --folder "$OUT" \
+    > "$OUT/log-chain-influence.txt" 2>&1 ||
     echo "gpu_bench: the chain influence failed; see $OUT/log-chain-influence.txt" >&2; }
 fi
 # 2. Every (seed, algorithm group) as a job, at most $JOBS at once; `continue` runs after its
