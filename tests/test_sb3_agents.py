@@ -30,6 +30,19 @@ def _model(algo: str, pretrained: Path, **sb3_args):
     return make_model(algo, venv, backbone, args, seed=0, device="cpu"), backbone, venv
 
 
+def _untrained_sequential_model(algo: str, env_id: str, tmp_path: Path, **sb3_args):
+    """An SB3 model on 4 environments of ``env_id`` (300 items) whose actor is a seeded,
+    untrained backbone of the id's type; also that backbone and the environments."""
+    from refit_gym.backbones import save_backbone
+    from refit_gym.specs import load_env_spec
+
+    torch.manual_seed(0)
+    backbone = load_env_spec(env_id).build_backbone(300)
+    save_backbone(tmp_path / "b.pt", backbone, env_id, seed=0, epoch=0)
+    venv = ReFiTVecEnv(env_id, num_envs=4, seed=0, checkpoint=str(tmp_path / "b.pt"))
+    return make_model(algo, venv, backbone, sb3_args, seed=0, device="cpu"), backbone, venv
+
+
 def test_actor_is_the_pretrained_chain_with_exact_log_density(pretrained: Path) -> None:
     model, backbone, venv = _model("ppo", pretrained, batch_size=40)
     obs = venv.reset()
@@ -179,17 +192,8 @@ def test_ml1m_gpu_tables_sample_as_refits_gpu_pick() -> None:
 def test_the_critic_reads_adrecs_row_summary_not_its_cache(tmp_path) -> None:
     # ADRec's condition carries its decoder's keys and values (tens of thousands of numbers on
     # Beauty); the value head reads the last position's representation only.
-    from refit_gym.backbones import save_backbone
-    from refit_gym.specs import load_env_spec
-
-    env_id = "ReFiT-SeqSynthetic-v1"
-    spec = load_env_spec(env_id)
-    torch.manual_seed(0)
-    backbone = spec.build_backbone(300)
-    save_backbone(tmp_path / "adrec.pt", backbone, env_id, seed=0, epoch=0)
-    venv = ReFiTVecEnv(env_id, num_envs=4, seed=0, checkpoint=str(tmp_path / "adrec.pt"))
-    model = make_model("ppo", venv, backbone, {"n_steps": 32, "batch_size": 64}, seed=0,
-                       device="cpu")
+    model, backbone, _ = _untrained_sequential_model("ppo", "ReFiT-SeqSynthetic-v1", tmp_path,
+                                                     n_steps=32, batch_size=64)
     width = model.policy.value_net[0].in_features
     assert width == backbone.state_dim + 33 + backbone.config.hidden < backbone.condition_dim
     model.learn(64)  # two episodes of the 32-step chain per environment
@@ -215,16 +219,8 @@ def test_trpo_updates_an_actor_with_attention(tmp_path) -> None:
     # TRPO's KL Hessian-vector product differentiates the policy twice; PyTorch's fused
     # attention kernels (ADRec's encoder) have no second derivative: a RuntimeError there
     # until the update ran on the math kernel.
-    from refit_gym.backbones import save_backbone
-    from refit_gym.specs import load_env_spec
-
-    env_id = "ReFiT-SeqSynthetic-Concat-v0"
-    torch.manual_seed(0)
-    backbone = load_env_spec(env_id).build_backbone(300)
-    save_backbone(tmp_path / "b.pt", backbone, env_id, seed=0, epoch=0)
-    venv = ReFiTVecEnv(env_id, num_envs=4, seed=0, checkpoint=str(tmp_path / "b.pt"))
-    model = make_model("trpo", venv, backbone, {"n_steps": 32, "batch_size": 64}, seed=0,
-                       device="cpu")
+    model, _, _ = _untrained_sequential_model("trpo", "ReFiT-SeqSynthetic-Concat-v0", tmp_path,
+                                              n_steps=32, batch_size=64)
     before = [p.detach().clone() for p in model.policy.backbone.parameters()]
     model.learn(32)  # one episode of the 32-step chain per environment, then one update
     assert any(not torch.equal(b, a) for b, a in zip(before, model.policy.backbone.parameters()))
@@ -235,15 +231,8 @@ def test_the_update_scores_the_rollouts_actions_as_the_rollout_did(env_id: str,
                                                                    tmp_path) -> None:
     # SB3 puts the policy in training mode for its update: the backbone's dropout (DreamRec's
     # and ADRec's) must stay off there, or the first importance ratio is already noise.
-    from refit_gym.backbones import save_backbone
-    from refit_gym.specs import load_env_spec
-
-    torch.manual_seed(0)
-    backbone = load_env_spec(env_id).build_backbone(300)
-    save_backbone(tmp_path / "b.pt", backbone, env_id, seed=0, epoch=0)
-    venv = ReFiTVecEnv(env_id, num_envs=4, seed=0, checkpoint=str(tmp_path / "b.pt"))
-    model = make_model("ppo", venv, backbone, {"n_steps": 4, "batch_size": 16}, seed=0,
-                       device="cpu")
+    model, _, venv = _untrained_sequential_model("ppo", env_id, tmp_path, n_steps=4,
+                                                 batch_size=16)
     obs_t, _ = model.policy.obs_to_tensor(venv.reset())
     model.policy.set_training_mode(False)  # as SB3's rollout
     actions, _, rollout_log_prob = model.policy(obs_t)
