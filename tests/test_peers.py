@@ -8,7 +8,10 @@ import scipy.sparse as sp
 import torch
 
 from refit_gym.backbones import CheckpointError
+from refit_gym.backbones.dreamrec import DreamRecConfig, HistoryEncoder
+from refit_gym.backbones.next_item import every_position_targets
 from refit_gym.data import InteractionData, SequenceData, make_sequential_synthetic
+from refit_gym.data.sequences import prefix_rows
 from refit_gym.specs import PretrainConfig, load_env_spec
 from refit_gym.training.metrics import evaluate
 from refit_gym.training.peers import (
@@ -131,13 +134,14 @@ def sessions() -> SequenceData:
                                      seed=1)
 
 
+@pytest.mark.parametrize("every_position", [False, True])
 def test_sasrec_is_deterministic_on_one_thread_and_restores_its_best_epoch(
-        sessions: SequenceData) -> None:
+        sessions: SequenceData, every_position: bool) -> None:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        fits = [SASRec(hidden=16, max_epochs=5, patience=2, lr=3e-3).fit(sessions, 7)
-                for _ in range(2)]
+        fits = [SASRec(hidden=16, max_epochs=5, patience=2, lr=3e-3,
+                       every_position=every_position).fit(sessions, 7) for _ in range(2)]
     finally:
         torch.set_num_threads(threads)
     first, second = fits
@@ -156,6 +160,53 @@ def test_sasrec_is_deterministic_on_one_thread_and_restores_its_best_epoch(
     assert evaluate(first, sessions, config)["valid"]["ndcg@20"] == selection["best_score"]
     batch = sessions.batch("test", np.arange(5))
     assert first.rank_scores(batch).shape == (5, sessions.n_items)
+
+
+def _prefix_data(lengths: list[int], max_len: int, seed: int = 0) -> SequenceData:
+    """Random sequences of ``lengths`` over 12 items, every prefix a training row."""
+    rng = np.random.default_rng(seed)
+    histories, targets = prefix_rows([rng.integers(0, 12, n) for n in lengths], max_len, 12)
+    return SequenceData("prefixes", 12, {"train": histories}, {"train": targets})
+
+
+@pytest.mark.parametrize("lengths, terms", [
+    ([2, 5, 7, 3, 7], None),  # no sequence longer than max_len + 1: every row's pair
+    ([2, 12, 9], 1 + 6 + 6),  # longer ones: the latest window's 6 positions of each
+])
+def test_sasrec_every_position_trains_on_the_rows_pairs_of_each_latest_window(
+        lengths: list[int], terms: int | None) -> None:
+    data = _prefix_data(lengths, max_len=6)
+    torch.manual_seed(0)
+    sasrec = SASRec(hidden=8, dropout=0.0, every_position=True).build(data).eval()
+    windows = data.train_batch(data.sequence_end_rows)
+    logits, targets = sasrec._training_logits(windows)
+    rows = data.train_batch(np.arange(data.n_train_rows))
+    if terms is None:  # the same (prefix, target) pairs: as a multiset, the same losses
+        assert len(targets) == data.n_train_rows
+        assert sorted(targets.tolist()) == sorted(rows["target"].tolist())
+        every = torch.nn.functional.cross_entropy(logits, targets)
+        each = torch.nn.functional.cross_entropy(sasrec._logits(rows), rows["target"])
+        assert every.item() == pytest.approx(each.item(), rel=1e-5)
+    else:
+        assert len(targets) == terms < data.n_train_rows
+    sasrec.every_position = False
+    assert torch.equal(sasrec._training_logits(windows)[1], windows["target"])
+
+
+def test_the_encoders_every_position_output_is_that_prefix_alone() -> None:
+    data = _prefix_data([7, 4, 6], max_len=6, seed=3)
+    config = DreamRecConfig(n_items=12, max_len=6, hidden=8, dropout=0.0)
+    torch.manual_seed(1)
+    encoder = HistoryEncoder(config, torch.nn.Embedding(13, 8)).eval()
+    windows = data.train_batch(data.sequence_end_rows)
+    targets, has_target = every_position_targets(windows["history"], windows["target"], 12)
+    rows = data.train_batch(np.arange(data.n_train_rows))
+    with torch.no_grad():
+        every = encoder.sequence(windows["history"])[has_target]
+        alone = encoder(rows["history"])
+    # the rows are the windows' prefixes in order: sequences of at most max_len + 1 items
+    assert torch.equal(targets[has_target], rows["target"])
+    torch.testing.assert_close(every, alone, rtol=1e-5, atol=1e-6)
 
 
 def test_popularity_ties_are_judged_by_the_metrics_rule() -> None:

@@ -46,7 +46,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from refit_gym.backbones.base import Batch
-from refit_gym.backbones.next_item import NextItemBackbone
+from refit_gym.backbones.next_item import (
+    NextItemBackbone,
+    every_position_targets,
+    last_positions,
+)
 from refit_gym.data import Dataset, SequenceData
 from refit_gym.diffusion import DiffusionConfig
 
@@ -209,11 +213,6 @@ class ADRec(NextItemBackbone):
 
     # ------------------------------------------------------------------ the reverse process
 
-    @staticmethod
-    def _last_positions(history: Tensor, pad: int) -> Tensor:
-        """(B,) index of each row's latest history item (0 for an empty history)."""
-        return ((history != pad).sum(1) - 1).clamp(min=0)
-
     def encode(self, batch: Batch) -> Tensor:
         """The per-row condition c (B, condition_dim), flat: [r at the last position (d) |
         the decoder's keys and values of the earlier positions, per block (blocks, 2, L, d) |
@@ -252,7 +251,7 @@ class ADRec(NextItemBackbone):
             raise ValueError(f"histories of {length} items, but this {self.name} model was "
                              f"built for max_len = {self.config.max_len}: use data of its own "
                              "environment id")
-        last = self._last_positions(history, pad)
+        last = last_positions(history, pad)
         parts, order = [], []
         for rows, width in self._length_groups(history):
             parts.append(encode_group(history[rows, :width], last[rows]))
@@ -330,10 +329,9 @@ class ADRec(NextItemBackbone):
         history, target = batch["history"], batch["target"]
         pad, (b, length) = self.config.n_items, history.shape
         device = history.device
-        last = self._last_positions(history, pad)
+        last = last_positions(history, pad)
         rows = torch.arange(b, device=device)
-        targets = torch.roll(history, -1, dims=1)
-        targets[rows, last] = target
+        targets, has_target = every_position_targets(history, target, pad)
         diffused = self.stage != "embeddings"
         if diffused:  # drawn for the whole batch at once: grouping does not change the draws
             steps = torch.randint(0, self.diffusion.steps, (b, length), generator=generator)
@@ -342,7 +340,7 @@ class ADRec(NextItemBackbone):
             noise = torch.randn((b, length, self.config.hidden), generator=generator).to(device)
         owners, ce, sq = [], [], []
         for group, width in self._length_groups(history):
-            real = torch.arange(width, device=device)[None] <= last[group, None]  # targets
+            real = has_target[group, :width]
             owners.append(group.repeat_interleave(real.sum(1)))  # each token's row, in order
             out = self.encode_sequence(history[group, :width])
             y = targets[group, :width]

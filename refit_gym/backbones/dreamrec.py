@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from refit_gym.backbones.base import Batch
-from refit_gym.backbones.next_item import NextItemBackbone
+from refit_gym.backbones.next_item import NextItemBackbone, last_positions
 from refit_gym.diffusion import DiffusionConfig, classifier_free_guidance
 
 
@@ -79,15 +79,21 @@ class HistoryEncoder(nn.Module):
         out = (self.dropout(weights) @ v).transpose(1, 2).reshape(b, length, d)
         return out + queries
 
-    def forward(self, history: Tensor) -> Tensor:
+    def sequence(self, history: Tensor) -> Tensor:
+        """(B, L) right-padded ids -> (B, L, d): the output at every position, each seeing
+        that position and the earlier ones only (so position i of a history is the output
+        its first i + 1 items would give alone)."""
         real = history != self.config.n_items
         seq = self.item_embeddings(history) + self.positions.weight[: history.shape[1]]
         seq = self.dropout(seq) * real.unsqueeze(-1)
         attended = self.attention(self.norm_in(seq), seq, real)
         x = self.norm_mid(attended)
         ff = self.ff_norm(self.dropout(self.ff_out(torch.relu(self.ff_in(x)))) + x)
-        out = self.norm_out(ff * real.unsqueeze(-1))
-        last = (real.sum(1) - 1).clamp(min=0)
+        return self.norm_out(ff * real.unsqueeze(-1))
+
+    def forward(self, history: Tensor) -> Tensor:
+        out = self.sequence(history)
+        last = last_positions(history, self.config.n_items)
         return out[torch.arange(len(history), device=history.device), last]
 
 

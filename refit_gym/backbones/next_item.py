@@ -12,6 +12,23 @@ from refit_gym.backbones.base import Backbone, Batch
 from refit_gym.diffusion import GaussianDiffusion
 
 
+def last_positions(history: Tensor, pad: int) -> Tensor:
+    """(B,) index of each right-padded (B, L) history's latest item (0 for an empty one)."""
+    return ((history != pad).sum(1) - 1).clamp(min=0)
+
+
+def every_position_targets(history: Tensor, target: Tensor, pad: int) -> tuple[Tensor, Tensor]:
+    """The next item at every position of right-padded histories (B, L) with their targets
+    (B,): (targets (B, L), has_target (B, L) bool). Position j's target is the history's item
+    j + 1, the row's target at its latest item; positions after it have none. Position j of
+    the history then carries the row "first j + 1 items -> next item" of the same sequence."""
+    last = last_positions(history, pad)
+    targets = torch.roll(history, -1, dims=1)
+    targets[torch.arange(len(history), device=history.device), last] = target
+    positions = torch.arange(history.shape[1], device=history.device)
+    return targets, positions[None] <= last[:, None]
+
+
 class NextItemBackbone(Backbone):
     """A backbone over item-embedding states of size ``config.hidden`` whose ``item_embeddings``
     table has ``config.n_items + 1`` rows, the last one padding histories."""

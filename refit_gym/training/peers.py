@@ -37,6 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from refit_gym.backbones.dreamrec import DreamRecConfig, HistoryEncoder
+from refit_gym.backbones.next_item import every_position_targets
 from refit_gym.data import Dataset, InteractionData, SequenceData
 from refit_gym.data.progress import Progress
 from refit_gym.data.sequences import last_history_items
@@ -281,12 +282,21 @@ class SASRec(Peer, nn.Module):
     """The self-attentive history encoder (DreamRec's) with item logits c E^T, trained with
     cross-entropy over all items; epochs selected by validation NDCG@20 with the project's one
     :class:`Selector` (``patience`` in epochs), its best weights restored. Given a state file,
-    a killed fit resumes at its last finished epoch and ends as the uninterrupted one would."""
+    a killed fit resumes at its last finished epoch and ends as the uninterrupted one would.
+
+    ``every_position=False`` passes over every training row, each its history's last output
+    against its target. ``True`` is Kang and McAuley's recipe (and ADRec's): an epoch passes
+    over each training sequence's latest window only (:attr:`SequenceData.sequence_end_rows`),
+    every position of it a target at once under the causal mask. Both see the same (prefix,
+    target) pairs while no sequence is longer than ``max_len + 1``; beyond that the long
+    sequences' earlier windows are left out, which is what makes the recipe affordable on
+    long-history data (ML-1M: 6,040 windows an epoch instead of 982,089 rows)."""
 
     name, sequential = "sasrec", True
 
     def __init__(self, hidden: int = 64, dropout: float = 0.1, lr: float = 1e-3,
-                 batch_size: int = 256, max_epochs: int = 30, patience: int = 3) -> None:
+                 batch_size: int = 256, max_epochs: int = 30, patience: int = 3,
+                 every_position: bool = False) -> None:
         nn.Module.__init__(self)
         if hidden < 1 or not 0 <= dropout < 1 or lr <= 0 or max_epochs < 1 or patience < 1:
             raise ValueError("sasrec needs hidden >= 1, 0 <= dropout < 1, lr > 0, "
@@ -295,6 +305,7 @@ class SASRec(Peer, nn.Module):
                              f"patience={patience}")
         self.hidden, self.dropout_p, self.lr = hidden, dropout, lr
         self.batch_size, self.max_epochs, self.patience = batch_size, max_epochs, patience
+        self.every_position = every_position
 
     def fit(self, data: SequenceData, seed: int, state_path: Path | None = None,
             progress: str | None = None) -> SASRec:
@@ -302,12 +313,7 @@ class SASRec(Peer, nn.Module):
         every epoch (model, optimizer, order generator, dropout RNG, selection). ``progress``:
         the label of a line per epoch on standard error (None: silent)."""
         torch.manual_seed(seed)
-        config = DreamRecConfig(n_items=data.n_items, max_len=data.max_len, hidden=self.hidden,
-                                dropout=self.dropout_p)
-        self.items = nn.Embedding(data.n_items + 1, self.hidden)
-        nn.init.normal_(self.items.weight, 0.0, self.hidden ** -0.5)
-        self.encoder = HistoryEncoder(config, self.items)
-        self.n_items = data.n_items
+        self.build(data)
         optimizer = torch.optim.Adam(self.parameters(), lr=self.lr)
         generator = torch.Generator().manual_seed(seed)
         selection = PretrainConfig(ks=(20,), eval_batch_size=4096, final_sampling_seeds=1)
@@ -315,7 +321,9 @@ class SASRec(Peer, nn.Module):
         identity = {"peer": self.name, "seed": seed, "data": data_digest(data),
                     "params": {"hidden": self.hidden, "dropout": self.dropout_p, "lr": self.lr,
                                "batch_size": self.batch_size, "max_epochs": self.max_epochs,
-                               "patience": self.patience}}
+                               "patience": self.patience,
+                               "every_position": self.every_position}}
+        rows = data.sequence_end_rows if self.every_position else np.arange(data.n_train_rows)
         first = 1
         resumed = load_state(state_path, identity, "SASRec") if state_path else None
         if resumed is not None:
@@ -331,19 +339,21 @@ class SASRec(Peer, nn.Module):
             if self.selector.should_stop(epoch):
                 break
             self.train()
-            order = torch.randperm(data.n_train_rows, generator=generator).numpy()
-            total_loss = torch.zeros(())
-            for start in range(0, data.n_train_rows, self.batch_size):
+            order = rows[torch.randperm(len(rows), generator=generator).numpy()]
+            total_loss, terms = torch.zeros(()), torch.zeros((), dtype=torch.long)
+            for start in range(0, len(rows), self.batch_size):
                 batch = data.train_batch(order[start : start + self.batch_size])
-                loss = nn.functional.cross_entropy(self._logits(batch), batch["target"])
+                logits, targets = self._training_logits(batch)
+                loss = nn.functional.cross_entropy(logits, targets)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
-                total_loss += loss.detach() * len(batch["target"])
+                total_loss += loss.detach() * len(targets)
+                terms += len(targets)
             metrics = evaluate(self, data, selection, splits=("valid",))
             self.selector.offer(epoch, metrics, self.state_dict())
             bar.advance()
-            bar.epoch(f"epoch {epoch}", loss=total_loss.item() / data.n_train_rows, **{
+            bar.epoch(f"epoch {epoch}", loss=(total_loss / terms).item(), **{
                 f"valid {SELECTION_METRIC}": metrics["valid"][SELECTION_METRIC],
                 "best epoch": self.selector.best_epoch})
             if state_path is not None:
@@ -356,12 +366,32 @@ class SASRec(Peer, nn.Module):
         self.eval()
         return self
 
+    def build(self, data: SequenceData) -> SASRec:
+        """Fresh weights for ``data``'s items and history length (drawn from torch's RNG)."""
+        config = DreamRecConfig(n_items=data.n_items, max_len=data.max_len, hidden=self.hidden,
+                                dropout=self.dropout_p)
+        self.items = nn.Embedding(data.n_items + 1, self.hidden)
+        nn.init.normal_(self.items.weight, 0.0, self.hidden ** -0.5)
+        self.encoder = HistoryEncoder(config, self.items)
+        self.n_items = data.n_items
+        return self
+
     def selection(self) -> dict[str, Any]:
         """The epoch selection of the last :meth:`fit`: best epoch, curve, weights digest."""
         return self.selector.summary()
 
     def _logits(self, batch: dict[str, Tensor]) -> Tensor:
         return self.encoder(batch["history"]) @ self.items.weight[: self.n_items].T
+
+    def _training_logits(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """The batch's training terms: logits (T, n_items) and their targets (T,); T is the
+        batch's rows, or with ``every_position`` every position that has a next item."""
+        if not self.every_position:
+            return self._logits(batch), batch["target"]
+        targets, has_target = every_position_targets(batch["history"], batch["target"],
+                                                      self.n_items)
+        outputs = self.encoder.sequence(batch["history"])[has_target]
+        return outputs @ self.items.weight[: self.n_items].T, targets[has_target]
 
     @torch.no_grad()
     def rank_scores(self, batch, chain=None, generator=None) -> Tensor:
