@@ -191,6 +191,8 @@ def test_sasrec_every_position_trains_on_the_rows_pairs_of_each_latest_window(
         assert len(targets) == terms < data.n_train_rows
     sasrec.every_position = False
     assert torch.equal(sasrec._training_logits(windows)[1], windows["target"])
+    with pytest.raises(ValueError, match="every_position true or false; .*every_position=1"):
+        SASRec(every_position=1)  # a TOML 1 is not a switch
 
 
 def test_the_encoders_every_position_output_is_that_prefix_alone() -> None:

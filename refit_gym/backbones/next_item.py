@@ -21,7 +21,8 @@ def every_position_targets(history: Tensor, target: Tensor, pad: int) -> tuple[T
     """The next item at every position of right-padded histories (B, L) with their targets
     (B,): (targets (B, L), has_target (B, L) bool). Position j's target is the history's item
     j + 1, the row's target at its latest item; positions after it have none. Position j of
-    the history then carries the row "first j + 1 items -> next item" of the same sequence."""
+    the history then carries the pair "its items up to j -> the next item" (a sequence's first
+    j + 1 items while the window is not truncated)."""
     last = last_positions(history, pad)
     targets = torch.roll(history, -1, dims=1)
     targets[torch.arange(len(history), device=history.device), last] = target

@@ -288,9 +288,10 @@ class SASRec(Peer, nn.Module):
     against its target. ``True`` is Kang and McAuley's recipe (and ADRec's): an epoch passes
     over each training sequence's latest window only (:attr:`SequenceData.sequence_end_rows`),
     every position of it a target at once under the causal mask. Both see the same (prefix,
-    target) pairs while no sequence is longer than ``max_len + 1``; beyond that the long
-    sequences' earlier windows are left out, which is what makes the recipe affordable on
-    long-history data (ML-1M: 6,040 windows an epoch instead of 982,089 rows)."""
+    target) pairs while no sequence is longer than ``max_len + 1`` and no row's history is
+    empty (DiffuRec's rows); beyond that the long sequences' earlier windows are left out,
+    which is what makes the recipe affordable on long-history data (ML-1M: 6,040 windows an
+    epoch instead of 982,089 rows)."""
 
     name, sequential = "sasrec", True
 
@@ -298,11 +299,13 @@ class SASRec(Peer, nn.Module):
                  batch_size: int = 256, max_epochs: int = 30, patience: int = 3,
                  every_position: bool = False) -> None:
         nn.Module.__init__(self)
-        if hidden < 1 or not 0 <= dropout < 1 or lr <= 0 or max_epochs < 1 or patience < 1:
+        if (hidden < 1 or not 0 <= dropout < 1 or lr <= 0 or max_epochs < 1 or patience < 1
+                or not isinstance(every_position, bool)):
             raise ValueError("sasrec needs hidden >= 1, 0 <= dropout < 1, lr > 0, "
-                             f"max_epochs >= 1, patience >= 1; got hidden={hidden}, "
-                             f"dropout={dropout}, lr={lr}, max_epochs={max_epochs}, "
-                             f"patience={patience}")
+                             "max_epochs >= 1, patience >= 1, every_position true or false; "
+                             f"got hidden={hidden}, dropout={dropout}, lr={lr}, "
+                             f"max_epochs={max_epochs}, patience={patience}, "
+                             f"every_position={every_position!r}")
         self.hidden, self.dropout_p, self.lr = hidden, dropout, lr
         self.batch_size, self.max_epochs, self.patience = batch_size, max_epochs, patience
         self.every_position = every_position
@@ -321,8 +324,9 @@ class SASRec(Peer, nn.Module):
         identity = {"peer": self.name, "seed": seed, "data": data_digest(data),
                     "params": {"hidden": self.hidden, "dropout": self.dropout_p, "lr": self.lr,
                                "batch_size": self.batch_size, "max_epochs": self.max_epochs,
-                               "patience": self.patience,
-                               "every_position": self.every_position}}
+                               "patience": self.patience}}
+        if self.every_position:  # only then: row-by-row states written before the key resume
+            identity["params"]["every_position"] = True
         rows = data.sequence_end_rows if self.every_position else np.arange(data.n_train_rows)
         first = 1
         resumed = load_state(state_path, identity, "SASRec") if state_path else None
