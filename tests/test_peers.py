@@ -9,7 +9,7 @@ import torch
 
 from refit_gym.backbones import CheckpointError
 from refit_gym.backbones.dreamrec import DreamRecConfig, HistoryEncoder
-from refit_gym.backbones.next_item import every_position_targets
+from refit_gym.backbones.next_item import every_position_targets, last_positions
 from refit_gym.data import InteractionData, SequenceData, make_sequential_synthetic
 from refit_gym.data.sequences import prefix_rows
 from refit_gym.specs import PretrainConfig, load_env_spec
@@ -189,10 +189,15 @@ def test_sasrec_every_position_trains_on_the_rows_pairs_of_each_latest_window(
         assert every.item() == pytest.approx(each.item(), rel=1e-5)
     else:
         assert len(targets) == terms < data.n_train_rows
-    sasrec.every_position = False
-    assert torch.equal(sasrec._training_logits(windows)[1], windows["target"])
+    sasrec.every_position = False  # row by row: each row's ranking scores against its target
+    row_logits, row_targets = sasrec._training_logits(windows)
+    assert torch.equal(row_targets, windows["target"])
+    assert torch.equal(row_logits, sasrec.rank_scores(windows))
+
+
+def test_sasrec_refuses_an_every_position_that_is_not_a_switch() -> None:
     with pytest.raises(ValueError, match="every_position true or false; .*every_position=1"):
-        SASRec(every_position=1)  # a TOML 1 is not a switch
+        SASRec(every_position=1)  # a TOML 1 is not a bool
 
 
 def test_the_encoders_every_position_output_is_that_prefix_alone() -> None:
@@ -201,7 +206,8 @@ def test_the_encoders_every_position_output_is_that_prefix_alone() -> None:
     torch.manual_seed(1)
     encoder = HistoryEncoder(config, torch.nn.Embedding(13, 8)).eval()
     windows = data.train_batch(data.sequence_end_rows)
-    targets, has_target = every_position_targets(windows["history"], windows["target"], 12)
+    targets, has_target = every_position_targets(
+        windows["history"], windows["target"], last_positions(windows["history"], 12))
     rows = data.train_batch(np.arange(data.n_train_rows))
     with torch.no_grad():
         every = encoder.sequence(windows["history"])[has_target]

@@ -331,7 +331,7 @@ class ADRec(NextItemBackbone):
         device = history.device
         last = last_positions(history, pad)
         rows = torch.arange(b, device=device)
-        targets, has_target = every_position_targets(history, target, pad)
+        targets, has_target = every_position_targets(history, target, last)
         diffused = self.stage != "embeddings"
         if diffused:  # drawn for the whole batch at once: grouping does not change the draws
             steps = torch.randint(0, self.diffusion.steps, (b, length), generator=generator)

@@ -17,13 +17,14 @@ def last_positions(history: Tensor, pad: int) -> Tensor:
     return ((history != pad).sum(1) - 1).clamp(min=0)
 
 
-def every_position_targets(history: Tensor, target: Tensor, pad: int) -> tuple[Tensor, Tensor]:
+def every_position_targets(history: Tensor, target: Tensor, last: Tensor
+                           ) -> tuple[Tensor, Tensor]:
     """The next item at every position of right-padded histories (B, L) with their targets
-    (B,): (targets (B, L), has_target (B, L) bool). Position j's target is the history's item
-    j + 1, the row's target at its latest item; positions after it have none. Position j of
-    the history then carries the pair "its items up to j -> the next item" (a sequence's first
-    j + 1 items while the window is not truncated)."""
-    last = last_positions(history, pad)
+    (B,) and :func:`last_positions` ``last`` (B,): (targets (B, L), has_target (B, L) bool).
+    Position j's target is the history's item j + 1, the row's target at its latest item;
+    positions after it have none. Position j of the history then carries the pair "its items
+    up to j -> the next item" (a sequence's first j + 1 items while the window is not
+    truncated)."""
     targets = torch.roll(history, -1, dims=1)
     targets[torch.arange(len(history), device=history.device), last] = target
     positions = torch.arange(history.shape[1], device=history.device)

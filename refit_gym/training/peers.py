@@ -37,7 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from refit_gym.backbones.dreamrec import DreamRecConfig, HistoryEncoder
-from refit_gym.backbones.next_item import every_position_targets
+from refit_gym.backbones.next_item import every_position_targets, last_positions
 from refit_gym.data import Dataset, InteractionData, SequenceData
 from refit_gym.data.progress import Progress
 from refit_gym.data.sequences import last_history_items
@@ -392,9 +392,10 @@ class SASRec(Peer, nn.Module):
         batch's rows, or with ``every_position`` every position that has a next item."""
         if not self.every_position:
             return self._logits(batch), batch["target"]
-        targets, has_target = every_position_targets(batch["history"], batch["target"],
-                                                      self.n_items)
-        outputs = self.encoder.sequence(batch["history"])[has_target]
+        history = batch["history"]
+        targets, has_target = every_position_targets(
+            history, batch["target"], last_positions(history, self.n_items))
+        outputs = self.encoder.sequence(history)[has_target]
         return outputs @ self.items.weight[: self.n_items].T, targets[has_target]
 
     @torch.no_grad()
