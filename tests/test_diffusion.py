@@ -173,6 +173,27 @@ def test_respacing_keeps_abar_and_exact_posteriors() -> None:
         full.respaced(501)
 
 
+
+def test_a_chain_that_stops_ends_at_the_x0_prediction() -> None:
+    full = GaussianDiffusion(DiffusionConfig(steps=32, schedule="linear", beta_start=0.01,
+                                             beta_end=0.6, reverse_variance="beta"))
+    chain = full.respaced(20, stop_step=12)
+    assert chain.steps == 20 and chain.stop_step == 12
+    np.testing.assert_array_equal(chain.network_t(torch.arange(20)).numpy(), np.arange(12, 32))
+    torch.testing.assert_close(chain.alphas_cumprod, full.alphas_cumprod[12:])
+    # Its last step jumps from x_12 to x_0: the posterior mean is the x_0 prediction itself.
+    x0_pred, x_t = torch.randn(3, 5, dtype=torch.float64), torch.randn(3, 5, dtype=torch.float64)
+    last = torch.zeros(3, dtype=torch.long)
+    torch.testing.assert_close(chain.posterior_mean(x0_pred, x_t, last), x0_pred)
+    assert chain.to("cpu").stop_step == 12 and full.respaced(3, stop_step=12).steps == 3
+    np.testing.assert_array_equal(spaced_timesteps(32, 3, 12), [12, 22, 31])
+    with pytest.raises(ValueError, match="stop step must be in"):
+        full.respaced(1, stop_step=32)
+    with pytest.raises(ValueError, match="K <= T - stop = 20"):
+        full.respaced(21, stop_step=12)
+    with pytest.raises(ValueError, match="pass respaced_steps"):
+        GaussianDiffusion(full.config, stop_step=12)
+
 def test_classifier_free_guidance() -> None:
     cond, null = torch.tensor([[1.0, 2.0]]), torch.tensor([[0.5, -1.0]])
     torch.testing.assert_close(classifier_free_guidance(cond, null, 4.0),

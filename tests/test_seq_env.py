@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import gymnasium as gym
@@ -15,6 +16,7 @@ import refit_gym  # noqa: F401  (registers the ids)
 from refit_gym.backbones import CheckpointError, load_backbone
 from refit_gym.mdp import ReFiTVecEnv, make_core
 from refit_gym.mdp.gym_env import cached_dataset
+from refit_gym.specs import load_env_spec
 
 SEQ = "ReFiT-SeqSynthetic-v0"
 
@@ -56,6 +58,34 @@ def test_episode_starts_from_noise_and_rewards_once(checkpoint: str) -> None:
     logits = torch.from_numpy(obs["x"]) @ embeddings.T / 0.1
     target = int(core.source.targets[7])
     assert rewards[-1] == pytest.approx(torch.log_softmax(logits, -1)[target].item(), rel=1e-5)
+
+
+
+def test_a_chain_that_stops_early(checkpoint: str) -> None:
+    spec = load_env_spec(SEQ)
+    steps, stop = spec.diffusion.steps, spec.diffusion.steps - 20  # the spec's K is 20
+    _, settings, core = make_core(SEQ, 2, checkpoint=checkpoint, stop_step=stop)
+    chain = core.source.chain
+    assert core.steps == chain.steps == 20
+    np.testing.assert_array_equal(chain.network_t(torch.arange(20)).numpy(),
+                                  np.arange(stop, steps))
+    # Without a K, every trained step from T - 1 down to the stop.
+    assert dataclasses.replace(settings, steps=None).chain_steps(spec) == 20
+    assert settings.identity()["stop_step"] == stop
+    assert "stop_step" not in make_core(SEQ, 2, checkpoint=checkpoint)[1].identity()
+    # The episode's last step returns the denoiser's x_0 prediction at the stop step.
+    backbone, _ = load_backbone(checkpoint)
+    condition = backbone.encode({"history": core.source.histories[:2].long()})
+    x = torch.randn(2, backbone.state_dim)
+    torch.testing.assert_close(
+        backbone.reverse_mean(x, torch.zeros(2, dtype=torch.long), condition, chain),
+        backbone.predict_x0(x, torch.full((2,), stop, dtype=torch.long), condition))
+    with pytest.raises(ValueError, match="stop step must be in"):
+        make_core(SEQ, 2, checkpoint=checkpoint, stop_step=steps)
+    with pytest.raises(ValueError, match="K <= T - stop = 20"):
+        make_core(SEQ, 2, checkpoint=checkpoint, stop_step=stop, steps=21)
+    with pytest.raises(ValueError, match="sequential ids only"):
+        make_core("ReFiT-Synthetic-v0", 2, stop_step=1)
 
 
 def test_seeding_and_bad_actions(checkpoint: str) -> None:

@@ -4,7 +4,9 @@ the reverse step's mean and fixed std, classifier-free guidance and exact log-de
 Indexing follows DiffRec and DreamRec: a chain step ``t`` is an integer in ``[0, K)``; the
 forward process q(x_{t+1} | x_0) of the paper's step t+1 is ``q_sample(x0, t)``. A respaced chain
 (K < T steps) maps its step ``t`` to the network timestep ``timesteps[t]`` the denoiser was
-trained on (:meth:`GaussianDiffusion.network_t`). Schedule tensors are float64: DiffRec's noise is
+trained on (:meth:`GaussianDiffusion.network_t`); a chain that *stops* at network timestep s > 0
+visits timesteps in [s, T) only and its last step jumps from x_s to the denoiser's x_0
+prediction there. Schedule tensors are float64: DiffRec's noise is
 tiny (ML-1M: per-step std ~ 8e-4) and the ratios of its terms matter.
 """
 
@@ -25,14 +27,15 @@ from refit_gym.diffusion.schedules import (
 
 
 class GaussianDiffusion:
-    """A K-step chain over a schedule of T steps (K = T unless ``respaced_steps`` is given).
+    """A K-step chain over a schedule of T steps (K = T unless ``respaced_steps`` is given),
+    stopping at network timestep ``stop_step`` (needs ``respaced_steps``, K <= T - stop_step).
 
     Holds no network: the backbone that owns the denoiser passes its x0 prediction in, so the
     same object serves pretraining, the environment (which must not own a policy) and agents.
     """
 
     def __init__(self, config: DiffusionConfig, device: torch.device | str = "cpu",
-                 respaced_steps: int | None = None) -> None:
+                 respaced_steps: int | None = None, stop_step: int = 0) -> None:
         if config.reverse_variance not in REVERSE_VARIANCES:
             raise ValueError(f"unknown reverse_variance {config.reverse_variance!r}; choose one "
                              f"of {REVERSE_VARIANCES}")
@@ -40,8 +43,12 @@ class GaussianDiffusion:
         self.device = torch.device(device)
         betas_np = make_betas(config)
         self.timesteps: Tensor | None = None  # network timestep of each chain step; None = same
-        if respaced_steps is not None and respaced_steps != config.steps:
-            spaced = spaced_timesteps(config.steps, respaced_steps)
+        if stop_step and respaced_steps is None:
+            raise ValueError("a chain that stops early is a respaced chain: pass respaced_steps "
+                             f"(K <= T - stop_step = {config.steps - stop_step})")
+        self.stop_step = stop_step
+        if respaced_steps is not None and (respaced_steps != config.steps or stop_step):
+            spaced = spaced_timesteps(config.steps, respaced_steps, stop_step)
             betas_np = respace_betas(betas_np, spaced)
             self.timesteps = torch.from_numpy(spaced).to(self.device)
         self.steps = len(betas_np)
@@ -66,13 +73,15 @@ class GaussianDiffusion:
         self.posterior_mean_coef1 = betas * abar_prev.sqrt() / (1.0 - abar)
         self.posterior_mean_coef2 = (1.0 - abar_prev) * alphas.sqrt() / (1.0 - abar)
 
-    def respaced(self, steps: int) -> GaussianDiffusion:
-        """The ``steps``-step chain over this schedule's T training steps."""
-        return GaussianDiffusion(self.config, self.device, respaced_steps=steps)
+    def respaced(self, steps: int, stop_step: int = 0) -> GaussianDiffusion:
+        """The ``steps``-step chain over this schedule's T training steps, stopping at network
+        timestep ``stop_step`` (0: it runs to the end)."""
+        return GaussianDiffusion(self.config, self.device, respaced_steps=steps,
+                                 stop_step=stop_step)
 
     def to(self, device: torch.device | str) -> GaussianDiffusion:
         k = self.steps if self.timesteps is not None else None
-        return GaussianDiffusion(self.config, device, respaced_steps=k)
+        return GaussianDiffusion(self.config, device, respaced_steps=k, stop_step=self.stop_step)
 
     def network_t(self, t: Tensor) -> Tensor:
         """The denoiser's timestep input of chain steps ``t`` (B,) long."""

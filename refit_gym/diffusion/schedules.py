@@ -84,13 +84,18 @@ def make_betas(config: DiffusionConfig) -> np.ndarray:
     return betas
 
 
-def spaced_timesteps(steps: int, k: int) -> np.ndarray:
-    """K network timesteps (ascending, distinct, first 0 and last T-1) evenly spread over [0, T)."""
-    if not 1 <= k <= steps:
-        raise ValueError(f"a respaced chain needs 1 <= K <= T = {steps} steps, got K = {k}")
+def spaced_timesteps(steps: int, k: int, stop: int = 0) -> np.ndarray:
+    """K network timesteps (ascending, distinct, first ``stop`` and last T-1) evenly spread over
+    [stop, T). A chain over them ends with one jump from x_stop to x_0, whose posterior mean is
+    the denoiser's x_0 prediction at timestep ``stop``: the chain stops there."""
+    if not 0 <= stop < steps:
+        raise ValueError(f"a chain's stop step must be in [0, T) = [0, {steps}), got {stop}")
+    if not 1 <= k <= steps - stop:
+        raise ValueError(f"a respaced chain needs 1 <= K <= T - stop = {steps - stop} steps "
+                         f"(T = {steps}, stop = {stop}), got K = {k}")
     if k == 1:
         return np.array([steps - 1])
-    return np.round(np.linspace(0, steps - 1, k)).astype(np.int64)
+    return np.round(np.linspace(stop, steps - 1, k)).astype(np.int64)
 
 
 def respace_betas(betas: np.ndarray, timesteps: np.ndarray) -> np.ndarray:

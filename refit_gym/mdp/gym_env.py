@@ -22,7 +22,7 @@ from torch import Tensor
 from refit_gym.backbones import CheckpointError, load_backbone
 from refit_gym.data import Dataset, InteractionData, default_cache_dir, load_dataset
 from refit_gym.data.loading import GENERATED
-from refit_gym.diffusion import GaussianDiffusion
+from refit_gym.diffusion import GaussianDiffusion, spaced_timesteps
 from refit_gym.distributed import resolve_device
 from refit_gym.mdp.core import ACTION_BOUND, DenoisingMDP
 from refit_gym.mdp.episodes import EpisodeSource, InteractionEpisodes, SequenceEpisodes
@@ -51,6 +51,9 @@ class EnvSettings:
     holdout: str = "random"  # "random" or "temporal" (the latest interactions)
     sampling_steps: int = 0  # x_K = a draw of q(x_k | h_u) with k = this (0: h_u itself)
     steps: int | None = None  # K, the chain's steps (a respacing of the T trained); None: T
+    # Sequential only: the chain stops at this network timestep s, its last step jumping from x_s
+    # to the denoiser's x_0 prediction there (0: it runs to the end); K defaults to T - s.
+    stop_step: int = 0
     checkpoint: str | None = None  # sequential: the pretrained backbone whose E scores x_0
     user_sampling: str = "uniform"  # episodes (users or rows): "uniform" draws, "sequential"
     device: str = "auto"  # "auto": CUDA when available, else CPU
@@ -66,7 +69,7 @@ class EnvSettings:
         if isinstance(overrides.get("device"), torch.device):
             overrides = {**overrides, "device": str(overrides["device"])}
         check_settings(overrides, dataclass_hints(cls), f"{spec.id} keyword",
-                       minima={"steps": 1, "sampling_steps": 0})
+                       minima={"steps": 1, "sampling_steps": 0, "stop_step": 0})
         base = {k: v for k, v in spec.env.items() if k in allowed}
         if "reward" in overrides and overrides["reward"] != base.get("reward"):
             base.pop("reward_params", None)  # the spec's parameters belong to its own reward
@@ -86,14 +89,36 @@ class EnvSettings:
             raise ValueError(f"{spec.id}: {misplaced} applies to sequential ids only (their "
                              "reward scores x_0 with a pretrained model's item table; a "
                              "collaborative-filtering id's reward needs none)")
+        if settings.stop_step and spec.backbone_type == "diffrec":
+            raise ValueError(f"{spec.id}: stop_step applies to sequential ids only (DiffRec's "
+                             "chain runs its mean from the user's own history to the end)")
+        try:
+            spaced_timesteps(spec.diffusion.steps, settings.chain_steps(spec), settings.stop_step)
+        except ValueError as err:
+            raise ValueError(f"{spec.id}: {err}; with stop_step = s, pass steps <= T - s as "
+                             "well (steps = T - s: every trained step down to s)") from None
         if settings.data_dir is not None and spec.dataset["format"] in GENERATED:
             raise ValueError(f"{spec.id}: data_dir applies to ids with data files; this id's "
                              f"dataset is generated ({spec.dataset['format']!r})")
         return settings
 
+    def chain_steps(self, spec: EnvSpec) -> int:
+        """K: ``steps``, else every trained step from T - 1 down to ``stop_step``."""
+        return self.steps if self.steps is not None else spec.diffusion.steps - self.stop_step
+
     def chain(self, spec: EnvSpec) -> GaussianDiffusion:
-        """The K-step reverse chain of the episodes (all T trained steps unless ``steps``)."""
-        return GaussianDiffusion(spec.diffusion, self.device, respaced_steps=self.steps)
+        """The K-step reverse chain of the episodes (all T trained steps unless ``steps`` or
+        ``stop_step`` say otherwise)."""
+        return GaussianDiffusion(spec.diffusion, self.device, respaced_steps=self.chain_steps(spec),
+                                 stop_step=self.stop_step)
+
+    def identity(self) -> dict[str, Any]:
+        """The settings as a run's resume identity records them: ``stop_step`` only when set,
+        so runs written before it existed still resume."""
+        fields = dataclasses.asdict(self)
+        if not self.stop_step:
+            del fields["stop_step"]
+        return fields
 
     def item_embeddings(self, spec: EnvSpec, data: Dataset) -> Tensor | None:
         """Sequential ids: the frozen item table E of the pretrained backbone (``checkpoint``,

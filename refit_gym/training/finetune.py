@@ -183,7 +183,7 @@ def finetune(
         algo = build(algo, Setup(spec, data, settings, source, reward, model, reference, params,
                                  seed, device, out_dir, budget_seconds))
     identity = {"env": spec.id, "algo": algo.name, "seed": seed, "checkpoint": sha256_of(
-        Path(checkpoint)), "config": algo.config, "env_kwargs": dataclasses.asdict(settings),
+        Path(checkpoint)), "config": algo.config, "env_kwargs": settings.identity(),
         "state_format": STATE_FORMAT, **held_out(data)}
     state = RunState(out_dir / "state.pt", identity)
     resumed = state.load()
@@ -328,8 +328,10 @@ def _start_metrics(model: Backbone, checkpoint: Path, data: Dataset, spec: EnvSp
     """:func:`_final_metrics` of the pretrained start, cached under the cache directory by
     checkpoint, spec and chain: every algorithm and seed of a comparison shares its start, and
     the seeded evaluation gives the same numbers each time."""
+    # A stopping chain adds its stop step; the key of one that runs to the end is as it was.
+    length = [chain.steps, chain.stop_step] if chain.stop_step else chain.steps
     key = hashlib.sha256(json.dumps([START_METRICS_FORMAT, sha256_of(checkpoint), spec.id,
-                                     spec.dataset, chain.steps,
+                                     spec.dataset, length,
                                      dataclasses.asdict(spec.pretrain)], sort_keys=True,
                                     default=str).encode()).hexdigest()[:20]
     path = default_cache_dir() / "evaluations" / f"{key}.json"
@@ -351,5 +353,6 @@ def _final_metrics(model: Backbone, data: Dataset, spec: EnvSpec, chain: Gaussia
     ``test`` and their spreads and splits) and the tuned chain (``tuned_chain``)."""
     own = evaluate(model, data, spec.pretrain, device=device)
     tuned = evaluate(model, data, spec.pretrain, device=device, chain=chain)
-    return {**own, "tuned_chain": {"steps": chain.steps, "valid": tuned["valid"],
+    stop = {"stop_step": chain.stop_step} if chain.stop_step else {}
+    return {**own, "tuned_chain": {"steps": chain.steps, **stop, "valid": tuned["valid"],
                                    "test": tuned["test"]}}
