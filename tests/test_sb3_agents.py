@@ -30,16 +30,19 @@ def _model(algo: str, pretrained: Path, **sb3_args):
     return make_model(algo, venv, backbone, args, seed=0, device="cpu"), backbone, venv
 
 
-def _untrained_sequential_model(algo: str, env_id: str, tmp_path: Path, **sb3_args):
-    """An SB3 model on 4 environments of ``env_id`` (300 items) whose actor is a seeded,
-    untrained backbone of the id's type; also that backbone and the environments."""
+def _untrained_sequential_model(algo: str, env_id: str, tmp_path: Path,
+                                env_kwargs: dict | None = None, **sb3_args):
+    """An SB3 model on 4 environments of ``env_id`` (300 items; ``env_kwargs`` as for
+    gym.make) whose actor is a seeded, untrained backbone of the id's type; also that backbone
+    and the environments."""
     from refit_gym.backbones import save_backbone
     from refit_gym.specs import load_env_spec
 
     torch.manual_seed(0)
     backbone = load_env_spec(env_id).build_backbone(300)
     save_backbone(tmp_path / "b.pt", backbone, env_id, seed=0, epoch=0)
-    venv = ReFiTVecEnv(env_id, num_envs=4, seed=0, checkpoint=str(tmp_path / "b.pt"))
+    venv = ReFiTVecEnv(env_id, num_envs=4, seed=0, checkpoint=str(tmp_path / "b.pt"),
+                       **(env_kwargs or {}))
     return make_model(algo, venv, backbone, sb3_args, seed=0, device="cpu"), backbone, venv
 
 
@@ -213,6 +216,27 @@ def test_every_adrec_id_takes_the_sb3_tables_of_beauty_v1() -> None:
             assert load_agent_hyperparams(algo, env_id) == table, (algo, env_id)
     assert (load_agent_hyperparams("refit", "ReFiT-ML1MSeq-Concat-v0")
             == load_agent_hyperparams("refit", "ReFiT-Beauty-Concat-v0"))
+
+
+def test_the_actor_walks_the_environments_stopped_chain(tmp_path) -> None:
+    # With stop_step the policy's chain is the environment's: at its last step the mean is the
+    # denoiser's x_0 prediction at the stop, not a step of the chain that runs to the end.
+    model, backbone, venv = _untrained_sequential_model(
+        "ppo", "ReFiT-SeqSynthetic-Concat-v0", tmp_path, {"stop_step": 24, "steps": 8},
+        n_steps=8, batch_size=32)
+    steps = torch.arange(8)
+    assert torch.equal(model.policy.chain.network_t(steps), venv.core.chain.network_t(steps))
+    assert model.policy.chain.network_t(steps)[0] == 24
+    obs = venv.reset()
+    for _ in range(7):  # to the last step
+        obs, *_ = venv.step(np.zeros((4, backbone.state_dim), np.float32))
+    model.policy.set_training_mode(False)  # as SB3's rollout
+    obs_t, _ = model.policy.obs_to_tensor(obs)
+    x, _, t, condition = model.policy._unpack(obs_t)
+    assert t.tolist() == [0] * 4
+    mean = model.policy.get_distribution(obs_t).mean
+    torch.testing.assert_close(mean, backbone.eval().predict_x0(x, torch.full((4,), 24),
+                                                                condition))
 
 
 def test_trpo_updates_an_actor_with_attention(tmp_path) -> None:

@@ -69,7 +69,8 @@ def make_model(algo: str, venv: VecEnv, pretrained: Backbone, sb3_args: dict[str
     sb3_args = dict(sb3_args)
     core = venv.get_attr("core")[0]
     policy_kwargs = {"backbone_configs": backbone_configs(pretrained),
-                     "chain_steps": core.steps, **sb3_args.pop("policy_kwargs", {})}
+                     "chain_steps": core.steps, "stop_step": core.chain.stop_step,
+                     **sb3_args.pop("policy_kwargs", {})}
     model = SB3_ALGOS[algo](DiffusionActorCriticPolicy, venv, policy_kwargs=policy_kwargs,
                             seed=seed, device=device, verbose=0, **sb3_args)
     model.policy.backbone.load_state_dict(pretrained.state_dict())

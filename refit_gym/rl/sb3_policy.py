@@ -76,7 +76,8 @@ class DiffusionGaussian(Distribution):
 
 class DiffusionActorCriticPolicy(ActorCriticPolicy):
     """Actor: the backbone (load pretrained weights into ``.backbone``), stepping the
-    environment's K-step chain (``chain_steps``; None: all T); critic: a small MLP on
+    environment's K-step chain (``chain_steps``; None: all T; stopping at network timestep
+    ``stop_step``, as the environment's); critic: a small MLP on
     [x_t, one-hot t, the condition c (detached)]. Observation ``{"x": (d,), "t":
     Discrete(K + 1)}``, plus ``"history"`` (item ids) for a conditional backbone.
     """
@@ -88,6 +89,7 @@ class DiffusionActorCriticPolicy(ActorCriticPolicy):
         lr_schedule: Any,
         backbone_configs: dict[str, Any] | None = None,
         chain_steps: int | None = None,
+        stop_step: int = 0,
         kappa: float = 10.0,
         value_hidden: int = 64,
         **kwargs: Any,
@@ -100,8 +102,10 @@ class DiffusionActorCriticPolicy(ActorCriticPolicy):
         self.backbone_configs = {**backbone_configs,
                                  "config": {**backbone_configs["config"], "dropout": 0.0}}
         self.chain_steps, self.kappa, self.value_hidden = chain_steps, kappa, value_hidden
+        self.stop_step = stop_step
         self._extra = {"backbone_configs": backbone_configs, "chain_steps": chain_steps,
-                       "kappa": kappa, "value_hidden": value_hidden}
+                       "kappa": kappa, "value_hidden": value_hidden,
+                       **({"stop_step": stop_step} if stop_step else {})}
         self._chain: GaussianDiffusion | None = None
         super().__init__(observation_space, action_space, lr_schedule, **kwargs)
 
@@ -144,7 +148,7 @@ class DiffusionActorCriticPolicy(ActorCriticPolicy):
         """The environment's chain, on the backbone's device (rebuilt after a move)."""
         if self._chain is None or self._chain.device != self.backbone.diffusion.device:
             self._chain = self.backbone.diffusion.respaced(
-                self.chain_steps or self.backbone.diffusion.config.steps)
+                self.chain_steps or self.backbone.diffusion.config.steps, self.stop_step)
         return self._chain
 
     def _unpack(self, obs: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
