@@ -89,12 +89,14 @@ def study(spec: EnvSpec, data: SequenceData, runs: list[tuple[str, str]], stops:
     for stop in stops:
         selector.offer(stop, {"valid": {"ndcg@20": statistics.mean(valid[stop])}})
     chosen = selector.best_epoch
+    if chosen is None:
+        raise SystemExit("every stop scored NaN on validation: nothing to choose")
     tests = []
     for label, model in models.items():
         with eval_mode(model):
-            whole, stopped = (evaluate(model, data, spec.pretrain, chain=chains[stop])
-                              for stop in (0, chosen))
-        tests.append((label, whole, stopped))
+            scored = {stop: evaluate(model, data, spec.pretrain, chain=chains[stop],
+                                     splits=("test",)) for stop in {0, chosen}}
+        tests.append((label, scored[0], scored[chosen]))
     return StopStudy(valid, lines, chosen, tests)
 
 

@@ -173,7 +173,6 @@ def test_respacing_keeps_abar_and_exact_posteriors() -> None:
         full.respaced(501)
 
 
-
 def test_a_chain_that_stops_ends_at_the_x0_prediction() -> None:
     full = GaussianDiffusion(DiffusionConfig(steps=32, schedule="linear", beta_start=0.01,
                                              beta_end=0.6, reverse_variance="beta"))
@@ -185,14 +184,23 @@ def test_a_chain_that_stops_ends_at_the_x0_prediction() -> None:
     x0_pred, x_t = torch.randn(3, 5, dtype=torch.float64), torch.randn(3, 5, dtype=torch.float64)
     last = torch.zeros(3, dtype=torch.long)
     torch.testing.assert_close(chain.posterior_mean(x0_pred, x_t, last), x0_pred)
+    # The agents' last-step std is the whole chain's stand-in, not the variance of the large
+    # step before the jump; every other step keeps the chain's own.
+    torch.testing.assert_close(chain.reverse_variance[:1], full.reverse_variance[:1])
+    torch.testing.assert_close(chain.reverse_variance[1:], chain.betas[1:])
+    assert chain.posterior_variance[1] > 10 * full.reverse_variance[0]
     assert chain.to("cpu").stop_step == 12 and full.respaced(3, stop_step=12).steps == 3
+    assert full.respaced(1, stop_step=31).network_t(torch.tensor([0])).item() == 31
     np.testing.assert_array_equal(spaced_timesteps(32, 3, 12), [12, 22, 31])
     with pytest.raises(ValueError, match="stop step must be in"):
         full.respaced(1, stop_step=32)
     with pytest.raises(ValueError, match="K <= T - stop = 20"):
         full.respaced(21, stop_step=12)
+    with pytest.raises(ValueError, match="cannot stop at 12"):
+        full.respaced(1, stop_step=12)
     with pytest.raises(ValueError, match="pass respaced_steps"):
         GaussianDiffusion(full.config, stop_step=12)
+
 
 def test_classifier_free_guidance() -> None:
     cond, null = torch.tensor([[1.0, 2.0]]), torch.tensor([[0.5, -1.0]])

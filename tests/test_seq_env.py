@@ -60,7 +60,6 @@ def test_episode_starts_from_noise_and_rewards_once(checkpoint: str) -> None:
     assert rewards[-1] == pytest.approx(torch.log_softmax(logits, -1)[target].item(), rel=1e-5)
 
 
-
 def test_a_chain_that_stops_early(checkpoint: str) -> None:
     spec = load_env_spec(SEQ)
     steps, stop = spec.diffusion.steps, spec.diffusion.steps - 20  # the spec's K is 20

@@ -66,6 +66,11 @@ class GaussianDiffusion:
         self.posterior_variance_clipped = torch.cat(
             [self.posterior_variance[1:2], self.posterior_variance[1:]]
         ) if self.steps > 1 else betas.clone()
+        if stop_step:  # its last step returns x_0 as the whole chain's does: the same stand-in,
+            # not the variance of the large step before it (noise of the order of x_0 itself).
+            whole = GaussianDiffusion(config, self.device).posterior_variance_clipped[:1]
+            self.posterior_variance_clipped = torch.cat(
+                [whole, self.posterior_variance_clipped[1:]])
         # DDPM's "fixed large" alternative: beta_t, with the same stand-in at the last step.
         self.reverse_variance = (
             self.posterior_variance_clipped if config.reverse_variance == "posterior"

@@ -94,6 +94,9 @@ def spaced_timesteps(steps: int, k: int, stop: int = 0) -> np.ndarray:
         raise ValueError(f"a respaced chain needs 1 <= K <= T - stop = {steps - stop} steps "
                          f"(T = {steps}, stop = {stop}), got K = {k}")
     if k == 1:
+        if stop not in (0, steps - 1):
+            raise ValueError(f"a 1-step chain starts and ends at timestep T - 1 = {steps - 1}; "
+                             f"it cannot stop at {stop} (use stop = {steps - 1}, or K >= 2)")
         return np.array([steps - 1])
     return np.round(np.linspace(stop, steps - 1, k)).astype(np.int64)
 

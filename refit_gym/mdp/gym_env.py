@@ -95,8 +95,10 @@ class EnvSettings:
         try:
             spaced_timesteps(spec.diffusion.steps, settings.chain_steps(spec), settings.stop_step)
         except ValueError as err:
-            raise ValueError(f"{spec.id}: {err}; with stop_step = s, pass steps <= T - s as "
-                             "well (steps = T - s: every trained step down to s)") from None
+            hint = ("; with stop_step = s, pass steps <= T - s as well (steps = T - s: every "
+                    "trained step down to s)" if 0 < settings.stop_step < spec.diffusion.steps
+                    else "")
+            raise ValueError(f"{spec.id}: {err}{hint}") from None
         if settings.data_dir is not None and spec.dataset["format"] in GENERATED:
             raise ValueError(f"{spec.id}: data_dir applies to ids with data files; this id's "
                              f"dataset is generated ({spec.dataset['format']!r})")
