@@ -33,7 +33,7 @@ def run_floor(metrics: dict[str, Any]) -> dict[str, Any]:
     model, _ = load_backbone(metrics["checkpoint"])
     data = cached_dataset(spec.id, env.get("data_dir"))
     flops = refit_run_flops(training_row_flops(model, data), config, data.n_train_rows,
-                            env.get("steps") or spec.diffusion.steps,
+                            env.get("steps") or spec.diffusion.steps - env.get("stop_step", 0),
                             shared_start=env.get("sampling_steps", 0) == 0)
     device = metrics.get("machine", {}).get("device", "unknown")
     peak = peak_tflops(device, config.precision)
