@@ -32,6 +32,7 @@ from refit_gym.data import SequenceData
 from refit_gym.mdp.gym_env import EnvSettings
 from refit_gym.specs import EnvSpec
 from refit_gym.training.chain_influence import chain_influence_report
+from refit_gym.training.chain_stop import stopped_chain
 from refit_gym.training.metrics import eval_mode, evaluate
 from refit_gym.training.selection import Selector
 
@@ -57,17 +58,15 @@ class StopStudy:
 
 def study(spec: EnvSpec, data: SequenceData, runs: list[tuple[str, str]], stops: list[int], *,
           rows: int = 256, trajectories: int = 16, every_step: bool = False) -> StopStudy:
-    """Every run at every stop, on the id's K-step chain or, ``every_step``, on every trained
-    step from T - 1 down to the stop; refuses a stop the chain cannot take before any work."""
+    """Every run at every stop, on the id's K-step chain (at most the T - s steps above the
+    stop) or, ``every_step``, on every trained step from T - 1 down to the stop; refuses a stop
+    the chain cannot take before any work."""
     try:
-        settings = {stop: EnvSettings.resolve(spec, {
-            "device": "cpu", "stop_step": stop, "checkpoint": runs[0][1],
-            **({"steps": spec.diffusion.steps - stop} if every_step else {})})
-            for stop in sorted({0, *stops})}
+        chains = {stop: stopped_chain(spec, stop, steps=spec.diffusion.steps - stop
+                                      if every_step else None) for stop in sorted({0, *stops})}
     except ValueError as err:
         raise SystemExit(f"--stops: {err}") from None
-    chains = {stop: s.chain(spec) for stop, s in settings.items()}
-    tau = float(settings[0].reward_params.get("tau", 1.0))
+    tau = float(EnvSettings.resolve(spec, {}).reward_params.get("tau", 1.0))
     valid: dict[int, list[float]] = {stop: [] for stop in stops}
     lines, models = [], {}
     for label, path in runs:
@@ -140,7 +139,7 @@ def main() -> None:
     parser.add_argument("--trajectories", type=int, default=16, help="draws per row")
     parser.add_argument("--every-step", action="store_true",
                         help="K = T - s: every trained step down to the stop (default: the "
-                             "id's K, which must then be <= T - s)")
+                             "id's K, at most T - s)")
     parser.add_argument("--name", default=None, help="report name (default chain_stop_<env>)")
     parser.add_argument("--folder", type=Path, default=RESULTS)
     args = parser.parse_args()

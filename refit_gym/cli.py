@@ -277,7 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="compare algorithms over seeds: table, JSON, plots")
     _common(p)
     p.add_argument("--algos", default="pretrained,continue,refit,ppo,a2c,trpo",
-                   help="comma-separated, of: pretrained (the backbone as pretrained), "
+                   help="comma-separated, of: pretrained (the backbone as pretrained), stop (the "
+                   "same, its chain stopped at the step chosen on validation; sequential ids), "
                    f"{', '.join(ALGOS)} (fine-tuning; continue needs refit, whose wall time it "
                    f"gets), {', '.join(PEER_NAMES)} (baselines tuned on validation); "
                    "default %(default)s")

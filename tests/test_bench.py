@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -11,8 +12,10 @@ import refit_gym.training.bench as bench
 from refit_gym.cli import main
 from refit_gym.mdp.gym_env import cached_dataset
 from refit_gym.specs import load_env_spec
+from refit_gym.training import chain_stop
 
 SYN = "ReFiT-Synthetic-v0"
+SEQ = "ReFiT-SeqSynthetic-v0"
 
 
 def test_bench_writes_table_json_plots_and_reuses_cells(tmp_path: Path, monkeypatch,
@@ -62,10 +65,13 @@ def test_bench_rejects_bad_algorithm_lists(tmp_path: Path) -> None:
         bench.run_bench(spec, data, ["pretrained", "dqn"], [1], tmp_path)
     with pytest.raises(ValueError, match="include refit"):
         bench.run_bench(spec, data, ["continue"], [1], tmp_path)
-    for stray in ("ppo", "ease"):  # not run; a peer, whose grid is its toml
+    with pytest.raises(ValueError, match="ReFiT-Synthetic-v0 is a collaborative-filtering id"):
+        bench.run_bench(spec, data, ["pretrained", "stop"], [1], tmp_path)  # before pretraining
+    assert not any(tmp_path.iterdir())
+    for stray in ("ppo", "ease", "stop"):  # not run; a peer or the stop, whose grid is its toml
         with pytest.raises(ValueError, match=rf"--set names \['{stray}'\]"):
-            bench.run_bench(spec, data, ["refit", "ease"], [1], tmp_path,
-                            hyperparams={stray: {"epochs": 1}})
+            bench.run_bench(spec, data, ["refit", "ease", *(["stop"] if stray == "stop" else [])],
+                            [1], tmp_path, hyperparams={stray: {"epochs": 1}})
 
 
 def test_bench_orders_every_algorithm_it_accepts() -> None:
@@ -73,11 +79,33 @@ def test_bench_orders_every_algorithm_it_accepts() -> None:
     from refit_gym.training.peers import PEER_NAMES
 
     # Every name the validation accepts has a place in the table (ddpo crashed the sort).
-    assert set(bench.ORDER) == {"pretrained", *ALGOS, *PEER_NAMES}
-    assert bench.order_algos(["ddpo", "ppo", "refit", "pretrained"]) == [
-        "pretrained", "refit", "ddpo", "ppo"]
+    assert set(bench.ORDER) == {"pretrained", "stop", *ALGOS, *PEER_NAMES}
+    assert bench.order_algos(["ddpo", "ppo", "refit", "stop", "pretrained"]) == [
+        "pretrained", "stop", "refit", "ddpo", "ppo"]
     with pytest.raises(ValueError, match=r"unknown algorithms \['dqn'\]"):
         bench.order_algos(["ddpo", "dqn"])
+
+
+def test_bench_stops_the_pretrained_chain_where_validation_says(
+        tmp_path: Path, pretrained_seq_synthetic: Path, monkeypatch) -> None:
+    # The fixture's pretrain folder is the bench's seed-1 cell: the same identity (5 epochs).
+    shutil.copytree(pretrained_seq_synthetic.parent, tmp_path / "seed1" / "pretrain")
+    monkeypatch.setattr(bench, "pretrain", lambda *a, **k: pytest.fail("pretrained again"))
+    monkeypatch.setattr(chain_stop, "grid", lambda algo, env_id: [
+        {"stop_step": s} for s in (0, 50, 99)])
+    args = ["bench", "--env", SEQ, "--algos", "stop,pretrained", "--seeds", "1", "--out",
+            str(tmp_path), "--pretrain-max-epochs", "5", "--quiet"]
+    assert main(args) == 0
+    cells = json.loads((tmp_path / "results.json").read_text())["cells"]
+    stop, pretrained = cells["stop"][0], cells["pretrained"][0]
+    assert stop["checkpoint"] == pretrained["checkpoint"]
+    best = max(stop["grid"], key=lambda g: g["valid"])
+    assert stop["params"]["stop_step"] == best["params"]["stop_step"]
+    assert stop["valid"]["ndcg@20"] == best["valid"] and "test_unseen" in stop
+    assert stop["identity"]["hyperparams"] == {"stop_step": [0, 50, 99]}
+    assert "| stop |" in (tmp_path / "results.md").read_text()
+    monkeypatch.setattr(bench, "tune_stop", lambda *a, **k: pytest.fail("scanned again"))
+    assert main(args) == 0  # the finished cell is reused
 
 
 def test_sequential_tables_split_test_by_target() -> None:

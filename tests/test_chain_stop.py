@@ -1,5 +1,6 @@
-"""benchmarks/chain_stop.py: a backbone evaluated on chains that stop at several steps, the stop
-chosen on validation only, and stops the id's chain cannot take refused before any work."""
+"""Stopping the chain: benchmarks/chain_stop.py (a backbone evaluated on chains that stop at
+several steps) and bench's ``stop`` baseline (refit_gym.training.chain_stop); the stop chosen on
+validation only, and stops the id's chain cannot take refused before any work."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from chain_stop import parse_stops, report, study
 from refit_gym.backbones import load_backbone
 from refit_gym.mdp.gym_env import EnvSettings, cached_dataset
 from refit_gym.specs import load_env_spec
+from refit_gym.training import chain_stop
 from refit_gym.training.metrics import eval_mode, evaluate
 
 SEQ = "ReFiT-SeqSynthetic-v0"  # T = 100, the episode's chain K = 20 steps
@@ -41,10 +43,63 @@ def test_stops_are_chosen_on_validation(pretrained_seq_synthetic: Path) -> None:
 
 def test_stops_the_chain_cannot_take_are_refused(pretrained_seq_synthetic: Path) -> None:
     spec, data = load_env_spec(SEQ), cached_dataset(SEQ)
-    with pytest.raises(SystemExit, match="K <= T - stop = 10.*pass steps <= T - s"):
-        study(spec, data, [("1", str(pretrained_seq_synthetic))], [0, 90])
-    every = study(spec, data, [("1", str(pretrained_seq_synthetic))], [90], rows=8,
-                  trajectories=2, every_step=True)  # K = T - s = 10 steps
-    assert every.rows[0].split(" | ")[1:3] == ["90", "10"] and every.chosen == 90
+    with pytest.raises(SystemExit, match=r"--stops: .*stop step must be in \[0, T\) = \[0, 100\)"):
+        study(spec, data, [("1", str(pretrained_seq_synthetic))], [0, 100])
+    # The id's K = 20, at most the T - s = 10 steps above s = 90; every_step: T - s.
+    for stop, every_step, steps in ((90, False, "10"), (40, False, "20"), (40, True, "60")):
+        result = study(spec, data, [("1", str(pretrained_seq_synthetic))], [stop], rows=8,
+                       trajectories=2, every_step=every_step)
+        assert result.rows[0].split(" | ")[1:3] == [str(stop), steps] and result.chosen == stop
     with pytest.raises(SystemExit, match="comma-separated integers"):
         parse_stops("0,a")
+
+
+def test_the_stop_baseline_keeps_the_best_stop_on_validation(pretrained_seq_synthetic: Path,
+                                                              monkeypatch) -> None:
+    spec, data = load_env_spec(SEQ), cached_dataset(SEQ)
+    monkeypatch.setattr(chain_stop, "grid", lambda algo, env_id: [
+        {"stop_step": s} for s in (0, 40, 90)])
+    cell = chain_stop.tune_stop(spec, data, pretrained_seq_synthetic, seed=1)
+    scores = {g["params"]["stop_step"]: g["valid"] for g in cell["grid"]}
+    assert list(scores) == [0, 40, 90]
+    chosen = max(scores, key=lambda s: (scores[s], -s))  # ties: the earliest stop
+    # K is the id's 20 steps, at most the T - s = 10 left above s = 90.
+    assert cell["params"] == {"stop_step": chosen, "steps": 10 if chosen == 90 else 20}
+    model, _ = load_backbone(pretrained_seq_synthetic, data.n_items)
+    settings = EnvSettings.resolve(spec, {"stop_step": chosen, "steps": cell["params"]["steps"]})
+    with eval_mode(model):
+        expected = evaluate(model, data, spec.pretrain, chain=settings.chain(spec))
+        whole = evaluate(model, data, spec.pretrain, chain=EnvSettings.resolve(spec, {}).chain(
+            spec), splits=("valid",))
+    assert scores[0] == whole["valid"]["ndcg@20"]  # s = 0: the environment's own chain
+    for split in ("valid", "test", "test_seen", "test_unseen", "valid_std"):
+        assert cell[split] == expected[split]
+    assert cell["valid"]["ndcg@20"] == scores[chosen] and cell["history"] == []
+
+
+def test_the_stop_baseline_refuses_what_it_cannot_stop(pretrained_seq_synthetic: Path,
+                                                       monkeypatch) -> None:
+    spec, data = load_env_spec(SEQ), cached_dataset(SEQ)
+    with pytest.raises(ValueError, match="ReFiT-Synthetic-v0 is a collaborative-filtering id"):
+        chain_stop.stopped_chains(load_env_spec("ReFiT-Synthetic-v0"))
+    with pytest.raises(ValueError, match="drop stop_step from --env-kwargs"):
+        chain_stop.tune_stop(spec, data, pretrained_seq_synthetic, 1,
+                             env_kwargs={"stop_step": 10})
+    for bad, message in (({"stop_step": 100}, r"stop step must be in \[0, T\) = \[0, 100\)"),
+                         ({"stop_step": 1.5}, "a grid of integer stop_step values only"),
+                         ({"steps": 4}, "a grid of integer stop_step values only")):
+        monkeypatch.setattr(chain_stop, "grid", lambda algo, env_id, bad=bad: [bad])
+        with pytest.raises(ValueError, match=rf"agents/stop.toml \[{SEQ}\]: .*{message}"):
+            chain_stop.stopped_chains(spec)
+
+
+def test_every_shipped_stop_grid_fits_its_chain() -> None:
+    for env_id in ("ReFiT-SeqSynthetic-v0", "ReFiT-Zhihu-v0", "ReFiT-Beauty-v0",
+                   "ReFiT-Beauty-v1", "ReFiT-Beauty-Concat-v0", "ReFiT-ML1MSeq-v0",
+                   "ReFiT-ML1MSeq-Concat-v0", "ReFiT-SeqSynthetic-v1",
+                   "ReFiT-SeqSynthetic-Concat-v0"):
+        spec = load_env_spec(env_id)
+        chains = chain_stop.stopped_chains(spec)
+        stops = [stop for stop, _ in chains]
+        assert stops[0] == 0 and stops[-1] == spec.diffusion.steps - 1, env_id
+        assert all(chain.stop_step == stop for stop, chain in chains)

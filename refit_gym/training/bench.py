@@ -11,7 +11,8 @@ data, the project version, and for a fine-tuned cell its pretrain cell's identit
 finished cell is reused only when its identity is the one this bench would give it; otherwise
 bench refuses, before any work, with one line naming the first key that differs. The machine
 is not part of the identity (a cell computed elsewhere is reused), so results.md lists every
-cell with where it ran. ``pretrained`` is the backbone itself; ``continue``
+cell with where it ran. ``pretrained`` is the backbone itself; ``stop`` (sequential ids) is
+the same weights with the chain stopped at the step chosen on validation; ``continue``
 trains it with its own loss for the wall time the ReFiT run of the same seed took; the peers
 (pop, itemknn, ..., sasrec) are tuned on validation over their agents/<peer>.toml grids.
 """
@@ -30,6 +31,8 @@ import refit_gym
 from refit_gym.data import Dataset, atomic_path, write_json
 from refit_gym.distributed import current
 from refit_gym.specs import EnvSpec, load_agent_hyperparams
+from refit_gym.training.chain_stop import NAME as STOP
+from refit_gym.training.chain_stop import stopped_chains, tune_stop
 from refit_gym.training.finetune import ALGOS, finetune
 from refit_gym.training.identity import (
     data_digest,
@@ -42,7 +45,7 @@ from refit_gym.training.metrics import sample_std
 from refit_gym.training.peers import PEER_NAMES, grid, tune_peer
 from refit_gym.training.pretrain import pretrain
 
-ORDER = ("pretrained", "refit", "ddpo", "ppo", "a2c", "trpo", "continue", *PEER_NAMES)
+ORDER = ("pretrained", STOP, "refit", "ddpo", "ppo", "a2c", "trpo", "continue", *PEER_NAMES)
 # Sequential ids split test by whether the row's target was ever a training target: on Zhihu
 # DreamRec's hits all come from never-trained targets (RESULTS.md).
 TARGET_SPLITS = {"test_seen": "trained", "test_unseen": "never trained"}
@@ -124,11 +127,12 @@ def record_cell(cell: Path, result: dict[str, Any], identity: dict[str, Any],
 
 def order_algos(algos: Sequence[str]) -> list[str]:
     """``algos`` in the table's order (:data:`ORDER`), after checking each is one bench can
-    run: the pretrained backbone, a fine-tuning algorithm (:data:`ALGOS`) or a peer."""
-    unknown = sorted(set(algos) - {"pretrained", *ALGOS, *PEER_NAMES})
+    run: the pretrained backbone (as it is, or with its chain stopped), a fine-tuning
+    algorithm (:data:`ALGOS`) or a peer."""
+    unknown = sorted(set(algos) - {"pretrained", STOP, *ALGOS, *PEER_NAMES})
     if unknown:
-        raise ValueError(f"unknown algorithms {unknown}; choose from pretrained, {ALGOS} or "
-                         f"the peers {PEER_NAMES}")
+        raise ValueError(f"unknown algorithms {unknown}; choose from pretrained, {STOP}, "
+                         f"{ALGOS} or the peers {PEER_NAMES}")
     if "continue" in algos and "refit" not in algos:
         raise ValueError("continue is budgeted by the refit run's wall time: include refit")
     return sorted(algos, key=ORDER.index)
@@ -142,10 +146,12 @@ def run_bench(
 ) -> dict[str, Any]:
     ordered = order_algos(algos)
     out_dir, hyperparams = Path(out_dir), hyperparams or {}
-    if stray := sorted(set(hyperparams) - (set(algos) - {"pretrained", *PEER_NAMES})):
+    if stray := sorted(set(hyperparams) - (set(algos) - {"pretrained", STOP, *PEER_NAMES})):
         raise ValueError(f"--set names {stray}, which this bench does not fine-tune; --set "
-                         "takes ALGO.KEY=VALUE for an algorithm in --algos (a peer's grid is "
-                         "agents/<peer>.toml)")
+                         "takes ALGO.KEY=VALUE for an algorithm in --algos (a peer's or the "
+                         "stop's grid is agents/<name>.toml)")
+    # The stops' grid, resolved now: a CF id or a stop the chain cannot take is refused here.
+    stops = [s for s, _ in stopped_chains(spec, env_kwargs, device)] if STOP in ordered else []
     common = common_identity(spec, data)
     identities: dict[tuple[int, str], dict[str, Any]] = {}
     for seed in seeds:
@@ -156,6 +162,9 @@ def run_bench(
             if algo in PEER_NAMES:
                 identities[seed, algo] = {"algo": algo, "seed": seed,
                                           "hyperparams": grid(algo, spec.id), **common}
+            elif algo == STOP:
+                identities[seed, algo] = finetune_identity(algo, seed, {"stop_step": stops},
+                                                           env_kwargs, backbone, common)
             elif algo != "pretrained":
                 params = {**load_agent_hyperparams(algo, spec.id, device),
                           **hyperparams.get(algo, {})}
@@ -182,6 +191,10 @@ def run_bench(
             if (result := finished[seed, algo]) is None:
                 if algo in PEER_NAMES:
                     result = tune_peer(algo, spec, data, seed, device, out_dir=cell,
+                                       progress=progress)
+                elif algo == STOP:
+                    result = tune_stop(spec, data, Path(base["checkpoint"]), seed,
+                                       env_kwargs=env_kwargs, device=device,
                                        progress=progress)
                 else:
                     budget = (cells["refit"][-1]["wall_time_s"] if algo == "continue" else None)
