@@ -90,8 +90,9 @@ def tune_stop(spec: EnvSpec, data: Dataset, checkpoint: Path, seed: int, *,
             selector.offer(index, evaluate(model, data, spec.pretrain, device=device,
                                            chain=chain, splits=("valid",)))
             if progress:
-                print(f"{NAME} {spec.id} seed {seed}: s = {stop} ({chain.steps} steps), valid "
-                      f"{SELECTION_METRIC} {selector.curve[-1]['score']:.4f}", flush=True)
+                print(f"{NAME} {spec.id} seed {seed}: s = {stop} ({chain.steps} of T = "
+                      f"{spec.diffusion.steps} steps), valid {SELECTION_METRIC} "
+                      f"{selector.curve[-1]['score']:.4f}", flush=True)
         best = selector.best_epoch
         if best is None:
             raise ValueError(f"{spec.id}: every stop of agents/stop.toml scored NaN on "
