@@ -10,7 +10,8 @@ given several, a first column names the file each row comes from.
 Columns: epochs run (training seconds); validation NDCG@20 of each selection pass (the first is
 the start); the fixed-episode reward (the reward of the backbone's own chain on fixed training
 episodes: the optimiser's own objective), start -> last; the selected pass (0: the start);
-test HR@20 (Recall@20 for CF) and NDCG@20 of the selected model.
+test HR@20 (Recall@20 for CF) and NDCG@20 of the selected model. A bench with the ``stop``
+baseline adds its table: validation at every stop tried, and the stop chosen.
 """
 
 from __future__ import annotations
@@ -63,6 +64,24 @@ def details(results: dict | Sequence[tuple[str, dict]]) -> list[str]:
     return lines
 
 
+def stop_details(results: dict) -> list[str]:
+    """The ``stop`` cells of a bench's ``results.json`` payload: each seed's validation NDCG@20
+    at every stop of the grid, the stop chosen and its chain's steps, its validation and test;
+    [] if the bench has none."""
+    stops = results.get("cells", {}).get("stop", [])
+    if not stops:
+        return []
+    lines = ["| seed | valid ndcg@20 per stop s | chosen s (chain steps) | valid ndcg@20 | "
+             "test hr@10 / ndcg@20 | wall s |", "|---|---|---|---|---|---|"]
+    for seed, cell in zip(results["seeds"], stops):
+        scan = ", ".join(f"{g['params']['stop_step']}: {g['valid']:.4f}" for g in cell["grid"])
+        lines.append(f"| {seed} | {scan} | {cell['params']['stop_step']} "
+                     f"({cell['params']['steps']}) | {cell['valid']['ndcg@20']:.4f} | "
+                     f"{cell['test']['hr@10']:.4f} / {cell['test']['ndcg@20']:.4f} | "
+                     f"{cell['wall_time_s']:.0f} |")
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("results", type=Path, nargs="+",
@@ -71,6 +90,9 @@ def main() -> None:
     paths = parser.parse_args().results
     payloads = [(str(path), json.loads(path.read_text())) for path in paths]
     print("\n".join(details(payloads if len(payloads) > 1 else payloads[0][1])))
+    for _, payload in payloads:
+        if stop := stop_details(payload):
+            print("\n" + "\n".join(stop))
 
 
 if __name__ == "__main__":

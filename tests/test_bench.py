@@ -91,8 +91,7 @@ def test_bench_stops_the_pretrained_chain_where_validation_says(
     # The fixture's pretrain folder is the bench's seed-1 cell: the same identity (5 epochs).
     shutil.copytree(pretrained_seq_synthetic.parent, tmp_path / "seed1" / "pretrain")
     monkeypatch.setattr(bench, "pretrain", lambda *a, **k: pytest.fail("pretrained again"))
-    monkeypatch.setattr(chain_stop, "grid", lambda algo, env_id: [
-        {"stop_step": s} for s in (0, 50, 99)])
+    monkeypatch.setattr(chain_stop, "stop_grid", lambda spec: [0, 50, 99])
     args = ["bench", "--env", SEQ, "--algos", "stop,pretrained", "--seeds", "1", "--out",
             str(tmp_path), "--pretrain-max-epochs", "5", "--quiet"]
     assert main(args) == 0
@@ -106,6 +105,16 @@ def test_bench_stops_the_pretrained_chain_where_validation_says(
     assert "| stop |" in (tmp_path / "results.md").read_text()
     monkeypatch.setattr(bench, "tune_stop", lambda *a, **k: pytest.fail("scanned again"))
     assert main(args) == 0  # the finished cell is reused
+    # Another grid or other env kwargs are another cell: refused, naming the key, before work.
+    monkeypatch.setattr(chain_stop, "stop_grid", lambda spec: [0, 50])
+    with pytest.raises(bench.CellMismatch, match="seed1/stop was computed with "
+                                                 "hyperparams.stop_step"):
+        bench.run_bench(load_env_spec(SEQ), cached_dataset(SEQ), ["stop"], [1], tmp_path,
+                        pretrain_max_epochs=5)
+    with pytest.raises(ValueError, match="drop stop_step from --env-kwargs"):
+        bench.run_bench(load_env_spec(SEQ), cached_dataset(SEQ), ["stop"], [1],
+                        tmp_path / "new", env_kwargs={"stop_step": 50})
+    assert not (tmp_path / "new").exists()
 
 
 def test_sequential_tables_split_test_by_target() -> None:

@@ -74,6 +74,21 @@ def test_bench_details_takes_finetune_results_beside_a_bench_and_names_each_sour
     assert bench_details.details(probe)[2] == lines[3].removeprefix("| probe.json ")
 
 
+def test_bench_details_tabulates_each_seeds_stop_scan() -> None:
+    import bench_details
+
+    cell = {"grid": [{"params": {"stop_step": 0}, "valid": 0.02},
+                     {"params": {"stop_step": 24}, "valid": 0.045}],
+            "params": {"stop_step": 24, "steps": 8}, "valid": {"ndcg@20": 0.045},
+            "test": {"hr@10": 0.05, "hr@20": 0.07, "ndcg@20": 0.0335}, "wall_time_s": 348.4,
+            "history": []}
+    results = {"seeds": [3], "cells": {"stop": [cell]}}
+    assert bench_details.details(results)[2:] == []  # no selection passes
+    assert bench_details.stop_details(results)[2] == (
+        "| 3 | 0: 0.0200, 24: 0.0450 | 24 (8) | 0.0450 | 0.0500 / 0.0335 | 348 |")
+    assert bench_details.stop_details({"seeds": [1], "cells": {"refit": []}}) == []
+
+
 def test_the_chain_studies_take_sequential_ids_only() -> None:
     from refit_gym.data import SequenceData
 

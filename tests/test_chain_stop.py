@@ -15,7 +15,7 @@ from chain_stop import parse_stops, report, study
 
 from refit_gym.backbones import load_backbone
 from refit_gym.mdp.gym_env import EnvSettings, cached_dataset
-from refit_gym.specs import load_env_spec
+from refit_gym.specs import all_env_specs, load_env_spec
 from refit_gym.training import chain_stop
 from refit_gym.training.metrics import eval_mode, evaluate
 
@@ -57,12 +57,11 @@ def test_stops_the_chain_cannot_take_are_refused(pretrained_seq_synthetic: Path)
 def test_the_stop_baseline_keeps_the_best_stop_on_validation(pretrained_seq_synthetic: Path,
                                                               monkeypatch) -> None:
     spec, data = load_env_spec(SEQ), cached_dataset(SEQ)
-    monkeypatch.setattr(chain_stop, "grid", lambda algo, env_id: [
-        {"stop_step": s} for s in (0, 40, 90)])
+    monkeypatch.setattr(chain_stop, "stop_grid", lambda spec: [0, 40, 90])
     cell = chain_stop.tune_stop(spec, data, pretrained_seq_synthetic, seed=1)
     scores = {g["params"]["stop_step"]: g["valid"] for g in cell["grid"]}
     assert list(scores) == [0, 40, 90]
-    chosen = max(scores, key=lambda s: (scores[s], -s))  # ties: the earliest stop
+    chosen = max(scores, key=lambda s: (scores[s], -s))  # ties: the smallest stop
     # K is the id's 20 steps, at most the T - s = 10 left above s = 90.
     assert cell["params"] == {"stop_step": chosen, "steps": 10 if chosen == 90 else 20}
     model, _ = load_backbone(pretrained_seq_synthetic, data.n_items)
@@ -77,6 +76,27 @@ def test_the_stop_baseline_keeps_the_best_stop_on_validation(pretrained_seq_synt
     assert cell["valid"]["ndcg@20"] == scores[chosen] and cell["history"] == []
 
 
+def test_the_stop_is_chosen_on_validation_alone_the_smallest_of_ties(
+        pretrained_seq_synthetic: Path, monkeypatch) -> None:
+    spec, data = load_env_spec(SEQ), cached_dataset(SEQ)
+    valid = {0: 0.1, 40: 0.3, 60: 0.3, 90: 0.2}
+    calls = []
+
+    def scripted(model, data, config, *, device, chain, splits):
+        calls.append((chain.stop_step, chain.steps, tuple(splits)))
+        # Test ranks the stops the other way round: choosing on it would pick s = 0.
+        score = valid[chain.stop_step] if splits == ("valid",) else 1 - valid[chain.stop_step]
+        return {splits[0]: {"ndcg@20": score}}
+
+    monkeypatch.setattr(chain_stop, "stop_grid", lambda spec: list(valid))
+    monkeypatch.setattr(chain_stop, "evaluate", scripted)
+    cell = chain_stop.tune_stop(spec, data, pretrained_seq_synthetic, seed=1)
+    assert cell["params"] == {"stop_step": 40, "steps": 20}
+    assert cell["valid"] == {"ndcg@20": 0.3} and cell["test"] == {"ndcg@20": 0.7}
+    assert calls == [(0, 20, ("valid",)), (40, 20, ("valid",)), (60, 20, ("valid",)),
+                     (90, 10, ("valid",)), (40, 20, ("test",))]  # test once, at the choice
+
+
 def test_the_stop_baseline_refuses_what_it_cannot_stop(pretrained_seq_synthetic: Path,
                                                        monkeypatch) -> None:
     spec, data = load_env_spec(SEQ), cached_dataset(SEQ)
@@ -85,21 +105,25 @@ def test_the_stop_baseline_refuses_what_it_cannot_stop(pretrained_seq_synthetic:
     with pytest.raises(ValueError, match="drop stop_step from --env-kwargs"):
         chain_stop.tune_stop(spec, data, pretrained_seq_synthetic, 1,
                              env_kwargs={"stop_step": 10})
-    for bad, message in (({"stop_step": 100}, r"stop step must be in \[0, T\) = \[0, 100\)"),
-                         ({"stop_step": 1.5}, "a grid of integer stop_step values only"),
-                         ({"steps": 4}, "a grid of integer stop_step values only")):
-        monkeypatch.setattr(chain_stop, "grid", lambda algo, env_id, bad=bad: [bad])
-        with pytest.raises(ValueError, match=rf"agents/stop.toml \[{SEQ}\]: .*{message}"):
+    with pytest.raises(ValueError, match=r"'stop' at stop_step 12 with --env-kwargs "
+                                         r"\{'steps': 1\}: .*1-step chain"):
+        chain_stop.stopped_chains(spec, {"steps": 1})
+    for bad in ({"fractions": [0.5, 0.2]}, {"fractions": [0, 1.5]}, {"fractions": []},
+                {"fractions": [True]}, {"stop_step": [0, 4]}, {"fractions": 0.5}):
+        monkeypatch.setattr(chain_stop, "load_agent_hyperparams",
+                            lambda algo, env_id, bad=bad: bad)
+        with pytest.raises(ValueError, match=rf"agents/stop.toml \[{SEQ}\]: one key, fractions"):
             chain_stop.stopped_chains(spec)
 
 
-def test_every_shipped_stop_grid_fits_its_chain() -> None:
-    for env_id in ("ReFiT-SeqSynthetic-v0", "ReFiT-Zhihu-v0", "ReFiT-Beauty-v0",
-                   "ReFiT-Beauty-v1", "ReFiT-Beauty-Concat-v0", "ReFiT-ML1MSeq-v0",
-                   "ReFiT-ML1MSeq-Concat-v0", "ReFiT-SeqSynthetic-v1",
-                   "ReFiT-SeqSynthetic-Concat-v0"):
-        spec = load_env_spec(env_id)
-        chains = chain_stop.stopped_chains(spec)
-        stops = [stop for stop, _ in chains]
-        assert stops[0] == 0 and stops[-1] == spec.diffusion.steps - 1, env_id
-        assert all(chain.stop_step == stop for stop, chain in chains)
+def test_every_shipped_stop_grid_spans_its_chain() -> None:
+    sequential = [spec for spec in all_env_specs().values() if spec.backbone_type != "diffrec"]
+    assert len(sequential) >= 9
+    for spec in sequential:
+        steps = spec.diffusion.steps
+        stops = chain_stop.stop_grid(spec)
+        assert stops[0] == 0 and stops[-1] == steps - 1 and stops == sorted(set(stops))
+        assert [stop for stop, _ in chain_stop.stopped_chains(spec)] == stops
+    assert chain_stop.stop_grid(load_env_spec("ReFiT-Beauty-Concat-v0")) == [
+        0, 4, 8, 12, 16, 20, 24, 28, 31]  # chain_stop.py's scan
+    assert chain_stop.stop_grid(load_env_spec(SEQ)) == [0, 12, 25, 38, 50, 62, 75, 88, 99]

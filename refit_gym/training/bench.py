@@ -273,8 +273,10 @@ def markdown_table(env_id: str, summary: dict[str, Any], seeds: list[int],
     lines = [f"# {env_id}: {title}", "",
              "Fine-tuned models are selected by validation NDCG@20 (the pretrained start is a "
              "candidate), peers by validation NDCG@20 over their agents/<peer>.toml grid; test "
-             "is reported, never used. Wall time: pretraining for `pretrained`, training time "
-             "(evaluations excluded) for fine-tuning, the whole grid for a peer.", "",
+             "is reported, never used. Wall time: pretraining for `pretrained`, the scan's "
+             "evaluations for `stop` (the same backbone, its chain stopped at the step chosen "
+             "on validation), training time (evaluations excluded) for fine-tuning, the whole "
+             "grid for a peer.", "",
              "| algo | " + " | ".join(columns) + " | wall s |",
              "|---" * (len(columns) + 2) + "|"]
     for algo, entry in summary.items():

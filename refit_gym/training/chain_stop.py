@@ -5,25 +5,26 @@ Stopped at s, the chain's last step jumps from x_s to the denoiser's x_0 predict
 environments' ``stop_step``). On a backbone whose chain decides, that prediction is nearer a
 mean over the items still likely than one sampled x_0 is, so a sampler setting can give what
 fine-tuning gains by damping the chain's noise (RESULTS.md, "Where the chain stops"). The stops
-tried are agents/stop.toml's grid for the id; each is scored on validation by the backbone's own
-protocol (``final_sampling_seeds`` sampling seeds), the best kept by the one selection rule
-(:class:`~refit_gym.training.selection.Selector`: strictly higher NDCG@20 wins, so the earliest
-stop of equals), and test is scored at that stop only.
+tried are agents/stop.toml's grid, fractions of the id's T (s = 0: the environment's own K-step
+chain run to the end, on the 32-step ADRec ids the backbone's own); each is scored on validation
+by the backbone's own protocol (``final_sampling_seeds`` sampling seeds), the best kept by the
+one selection rule (:class:`~refit_gym.training.selection.Selector`: strictly higher NDCG@20
+wins, so the smallest stop of equals), and test is scored at that stop only.
 """
 
 from __future__ import annotations
 
+import itertools
 import time
 from pathlib import Path
 from typing import Any
 
 from refit_gym.backbones import load_backbone
-from refit_gym.data import Dataset, SequenceData
+from refit_gym.data import Dataset
 from refit_gym.diffusion import GaussianDiffusion
 from refit_gym.mdp.gym_env import EnvSettings
-from refit_gym.specs import EnvSpec
+from refit_gym.specs import EnvSpec, load_agent_hyperparams
 from refit_gym.training.metrics import SELECTION_METRIC, eval_mode, evaluate
-from refit_gym.training.peers import grid
 from refit_gym.training.selection import Selector
 
 NAME = "stop"
@@ -53,22 +54,35 @@ def stopped_chain(spec: EnvSpec, stop: int, *, steps: int | None = None,
                                ).chain(spec)
 
 
+def stop_grid(spec: EnvSpec) -> list[int]:
+    """The stops of agents/stop.toml's grid for the id: each fraction f of its T trained steps
+    is s = round(f T), at most T - 1, ascending and distinct. Refuses a grid of anything but
+    fractions in [0, 1], in increasing order."""
+    params = load_agent_hyperparams(NAME, spec.id)
+    fractions = params.get("fractions")
+    if (set(params) != {"fractions"} or not isinstance(fractions, list) or not fractions
+            or not all(isinstance(f, int | float) and not isinstance(f, bool) and 0 <= f <= 1
+                       for f in fractions)
+            or any(b <= a for a, b in itertools.pairwise(fractions))):
+        raise ValueError(f"agents/stop.toml [{spec.id}]: one key, fractions, a list of "
+                         f"increasing numbers in [0, 1] (of T), got {params}")
+    steps = spec.diffusion.steps
+    return sorted({min(round(f * steps), steps - 1) for f in fractions})
+
+
 def stopped_chains(spec: EnvSpec, env_kwargs: dict[str, Any] | None = None,
                    device: str = "cpu") -> list[tuple[int, GaussianDiffusion]]:
-    """Each stop s of agents/stop.toml's grid for the id with its :func:`stopped_chain`;
-    refuses, before any work, what that refuses and a grid of anything but stop_step values."""
+    """Each stop of :func:`stop_grid` with its :func:`stopped_chain`; refuses, before any work,
+    what either refuses."""
     check_stoppable(spec, env_kwargs)
     chains = []
-    for point in grid(NAME, spec.id):
-        stop = point.get("stop_step")
-        if not isinstance(stop, int) or isinstance(stop, bool) or set(point) != {"stop_step"}:
-            raise ValueError(f"agents/stop.toml [{spec.id}]: a grid of integer stop_step "
-                             f"values only, got {point}")
+    for stop in stop_grid(spec):
         try:
             chains.append((stop, stopped_chain(spec, stop, env_kwargs=env_kwargs,
                                                device=device)))
-        except ValueError as err:
-            raise ValueError(f"agents/stop.toml [{spec.id}]: {err}") from None
+        except ValueError as err:  # the grid's stops are valid: the cause is env_kwargs
+            raise ValueError(f"{NAME!r} at stop_step {stop} with --env-kwargs "
+                             f"{env_kwargs}: {err}") from None
     return chains
 
 
@@ -78,9 +92,8 @@ def tune_stop(spec: EnvSpec, data: Dataset, checkpoint: Path, seed: int, *,
     """The backbone at ``checkpoint`` scored at every stop of the grid on validation, and at the
     best one on test (never used to choose). Returns a bench cell: the chosen ``params``, the
     ``grid``'s validation scores, the metrics (with the sequential spreads and target splits),
-    and ``wall_time_s``, the whole scan's. ``progress``: a line per stop."""
-    if not isinstance(data, SequenceData):
-        raise ValueError(f"{NAME!r} needs a sequential dataset; {spec.id} has interactions")
+    and ``wall_time_s``, the whole scan's. ``seed`` labels the cell (the evaluation's sampling
+    seeds are the spec's, as for every model); ``progress``: a line per stop."""
     chains = stopped_chains(spec, env_kwargs, device)
     started = time.perf_counter()
     model, _ = load_backbone(checkpoint, data.n_items, device)
