@@ -123,6 +123,8 @@ fi
 [ "$SMOKE" = 1 ] && OUT=${OUT:-runs/gpu-bench-smoke/$ENV}
 OUT=${OUT:-runs/gpu-bench/$ENV}
 AGENTS="refit,continue ddpo ppo a2c trpo"
+# A sequential chain that decides: its stop chosen on validation is the no-training row to beat.
+[ "$SEQUENTIAL" = 1 ] && AGENTS="stop $AGENTS"
 KILL_AFTER=${GPU_BENCH_KILL_AFTER:-30}
 mkdir -p "$OUT"
 STARTED=$SECONDS

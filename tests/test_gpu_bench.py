@@ -41,8 +41,8 @@ def test_a_sequential_id_smokes_on_its_scenarios_embedded_data(tmp_path: Path) -
     assert run.returncode == 0, run.stdout + run.stderr
     table = (tmp_path / "results.md").read_text()
     assert table.startswith("# ReFiT-SeqSynthetic-Concat-v0: mean ± std over seeds 1, 2")
-    for algo in ("pretrained", "refit", "continue", "ddpo", "ppo", "a2c", "trpo", "markov",
-                 "pop", "sasrec"):
+    for algo in ("pretrained", "stop", "refit", "continue", "ddpo", "ppo", "a2c", "trpo",
+                 "markov", "pop", "sasrec"):
         assert f"\n| {algo} | " in table, algo
     # Each backbone's chain influence, measured before the agents ran: two samplers a seed.
     influence = (tmp_path / "chain_influence.md").read_text()
