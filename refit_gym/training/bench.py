@@ -297,10 +297,11 @@ def markdown_table(env_id: str, summary: dict[str, Any], seeds: list[int],
 
 def _colour(algo: str) -> tuple[float, ...]:
     """One colour an algorithm in every plot: tab20's ten strong shades, then its light ones
-    (the ten-colour cycle gave a peer the colour of an agent)."""
+    (the ten-colour cycle gave a peer the colour of an agent). Shades go by :data:`ORDER` with
+    the stop, which joined later, last, so the committed plots keep their colours on a rerun."""
     import matplotlib
 
-    index = 2 * ORDER.index(algo)
+    index = 2 * (*(a for a in ORDER if a != STOP), STOP).index(algo)
     return matplotlib.colormaps["tab20"](index % 20 + index // 20)
 
 
