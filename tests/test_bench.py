@@ -147,3 +147,13 @@ def test_one_seed_prints_no_spread() -> None:
     assert "± " not in table.split("\n", 1)[1]
     assert table.startswith("# X-v0: seed 7")
     assert "| pretrained | 0.2500 | 0.1250 | 0.2500 | 0.1250 | 3 |" in table
+
+
+def test_every_algorithm_keeps_its_own_plot_colour() -> None:
+    # A colour per algorithm, none shared, and the ones before the stop keep the shades they had
+    # before the stop joined (the committed plots' colours).
+    colours = [bench._colour(algo) for algo in bench.ORDER]
+    assert len(set(colours)) == len(bench.ORDER)
+    assert sorted(bench.COLOUR_ORDER) == sorted(bench.ORDER)
+    earlier = [algo for algo in bench.ORDER if algo != bench.STOP]
+    assert list(bench.COLOUR_ORDER[:len(earlier)]) == earlier

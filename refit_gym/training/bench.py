@@ -46,6 +46,9 @@ from refit_gym.training.peers import PEER_NAMES, grid, tune_peer
 from refit_gym.training.pretrain import pretrain
 
 ORDER = ("pretrained", STOP, "refit", "ddpo", "ppo", "a2c", "trpo", "continue", *PEER_NAMES)
+# Plot colours go by the order the algorithms joined the project, so one that joins later (the
+# stop) takes the next shade and no committed plot changes colour on a rerun.
+COLOUR_ORDER = (*(algo for algo in ORDER if algo != STOP), STOP)
 # Sequential ids split test by whether the row's target was ever a training target: on Zhihu
 # DreamRec's hits all come from never-trained targets (RESULTS.md).
 TARGET_SPLITS = {"test_seen": "trained", "test_unseen": "never trained"}
@@ -297,11 +300,10 @@ def markdown_table(env_id: str, summary: dict[str, Any], seeds: list[int],
 
 def _colour(algo: str) -> tuple[float, ...]:
     """One colour an algorithm in every plot: tab20's ten strong shades, then its light ones
-    (the ten-colour cycle gave a peer the colour of an agent). Shades go by :data:`ORDER` with
-    the stop, which joined later, last, so the committed plots keep their colours on a rerun."""
+    (the ten-colour cycle gave a peer the colour of an agent), by :data:`COLOUR_ORDER`."""
     import matplotlib
 
-    index = 2 * (*(a for a in ORDER if a != STOP), STOP).index(algo)
+    index = 2 * COLOUR_ORDER.index(algo)
     return matplotlib.colormaps["tab20"](index % 20 + index // 20)
 
 
