@@ -90,7 +90,7 @@ def run_cell(variant: EnvSpec, data: Dataset, folder: Path, value: float, seed: 
     that is not."""
     backbone = pretrain_identity(variant, data, seed, None, DEVICE)
     cell = folder / "pretrain"
-    pretrained = reuse_cell(cell, backbone)
+    pretrained = reuse_cell(cell, backbone, variant)
     if pretrained is None:
         if args.finished_only:
             return None
@@ -100,7 +100,7 @@ def run_cell(variant: EnvSpec, data: Dataset, folder: Path, value: float, seed: 
                 "trajectories": args.trajectories, "pretrain": backbone}
     checkpoint = cell / "denoiser.pt"  # not the recorded path: --out may move
     cell = folder / "influence"
-    if (influence := reuse_cell(cell, measured)) is None:
+    if (influence := reuse_cell(cell, measured, variant)) is None:
         if args.finished_only:
             return None
         rows = influence_rows(variant, data, checkpoint, f"{value:g}",
@@ -113,7 +113,7 @@ def run_cell(variant: EnvSpec, data: Dataset, folder: Path, value: float, seed: 
         identity = finetune_identity("refit", seed, load_agent_hyperparams(
             "refit", variant.id, DEVICE), env_kwargs, backbone, common_identity(variant, data))
         cell = folder / f"refit{tau_tag(args, '-tau')}"
-        tuned = reuse_cell(cell, identity)
+        tuned = reuse_cell(cell, identity, variant)
         if tuned is None and not args.finished_only:
             run = finetune(variant, data, checkpoint, "refit", cell, seed=seed,
                            device=DEVICE, env_kwargs=env_kwargs, progress=False)

@@ -110,3 +110,36 @@ def test_a_pretrain_identity_names_what_makes_another_model(monkeypatch) -> None
     assert bench.pretrain_identity(spec, data, 1, None, "cuda:1") == {**alone, "device": "cuda"}
     monkeypatch.setattr(bench, "current", lambda: Distributed(0, 2))
     assert bench.pretrain_identity(spec, data, 1, None) == {**alone, "world_size": 2}
+
+
+def test_a_new_default_reward_keeps_the_backbones_not_the_tuned_cells(tmp_path: Path) -> None:
+    import dataclasses
+
+    spec, data = load_env_spec(SYN), cached_dataset(SYN, None)
+    reward = dataclasses.replace(spec, env={**spec.env, "reward_params": {"tau": 3.0}})
+    backbone = bench.pretrain_identity(spec, data, 1, None)
+    assert bench.pretrain_identity(reward, data, 1, None) == backbone  # pretraining ignores [env]
+    tuned = bench.finetune_identity("refit", 1, {}, None, backbone,
+                                    bench.common_identity(spec, data))
+    retuned = bench.finetune_identity("refit", 1, {}, None, backbone,
+                                      bench.common_identity(reward, data))
+    pretrain_cell, refit_cell = tmp_path / "pretrain", tmp_path / "refit"
+    for cell, identity in ((pretrain_cell, backbone), (refit_cell, tuned)):
+        cell.mkdir()
+        (cell / "metrics.json").write_text(json.dumps({"identity": identity}))
+    assert bench.reuse_cell(pretrain_cell, backbone, reward) == {"identity": backbone}
+    with pytest.raises(bench.CellMismatch, match="computed with spec = "):
+        bench.reuse_cell(refit_cell, retuned, reward)
+
+    # Cells written before 2026-12-07 recorded the digest with [env]: read under the same spec,
+    # refused under another (what their backbone was trained with cannot be told).
+    legacy = {**backbone, "spec": bench.spec_digest(spec)}
+    assert legacy["spec"] != backbone["spec"]
+    for cell, identity in ((pretrain_cell, legacy), (refit_cell, {**tuned, "pretrain": legacy})):
+        (cell / "metrics.json").write_text(json.dumps({"identity": identity}))
+    assert bench.reuse_cell(pretrain_cell, backbone, spec) == {"identity": legacy}
+    assert bench.reuse_cell(refit_cell, tuned, spec) == {"identity": {**tuned, "pretrain": legacy}}
+    with pytest.raises(bench.CellMismatch, match="computed with spec = "):
+        bench.reuse_cell(pretrain_cell, backbone, reward)
+    with pytest.raises(ValueError, match="not fields of a spec"):
+        bench.spec_digest(spec, without=("reward",))

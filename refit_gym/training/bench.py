@@ -5,16 +5,17 @@ an interrupted cell resumes), then ``results.json``, ``results.md``, ``learning_
 ``metrics.png``.
 
 Every cell's metrics.json records its ``identity`` (what decides its numbers: the algorithm
-and seed, its hyperparameters after ``--set``, env kwargs, the digests of the spec and of the
-data, the project version, and for a fine-tuned cell its pretrain cell's identity) and the
-``machine`` it ran on (CPU model, torch's CPU capability, threads, torch version, device). A
-finished cell is reused only when its identity is the one this bench would give it; otherwise
-bench refuses, before any work, with one line naming the first key that differs. The machine
-is not part of the identity (a cell computed elsewhere is reused), so results.md lists every
-cell with where it ran. ``pretrained`` is the backbone itself; ``stop`` (sequential ids) is
-the same weights with the chain stopped at the step chosen on validation; ``continue``
-trains it with its own loss for the wall time the ReFiT run of the same seed took; the peers
-(pop, itemknn, ..., sasrec) are tuned on validation over their agents/<peer>.toml grids.
+and seed, its hyperparameters after ``--set``, env kwargs, the digests of the spec (a pretrain
+cell's without [env]) and of the data, the project version, and for a fine-tuned cell its
+pretrain cell's identity) and the ``machine`` it ran on (CPU model, torch's CPU capability,
+threads, torch version, device). A finished cell is reused only when its identity is the one
+this bench would give it; otherwise bench refuses, before any work, with one line naming the
+first key that differs. The machine is not part of the identity (a cell computed elsewhere is
+reused), so results.md lists every cell with where it ran. ``pretrained`` is the backbone
+itself; ``stop`` (sequential ids) is the same weights with the chain stopped at the step
+chosen on validation; ``continue`` trains it with its own loss for the wall time the ReFiT run
+of the same seed took; the peers (pop, itemknn, ..., sasrec) are tuned on validation over
+their agents/<peer>.toml grids.
 """
 
 from __future__ import annotations
@@ -65,9 +66,11 @@ class CellMismatch(ValueError):
     """A finished cell was computed with another identity than this bench would give it."""
 
 
-def reuse_cell(cell: Path, identity: dict[str, Any]) -> dict[str, Any] | None:
+def reuse_cell(cell: Path, identity: dict[str, Any],
+               spec: EnvSpec | None = None) -> dict[str, Any] | None:
     """The finished cell's metrics if its recorded identity is ``identity``; None if the cell
-    is not finished; :class:`CellMismatch` (one line naming the key) if it differs."""
+    is not finished; :class:`CellMismatch` (one line naming the key) if it differs. ``spec``:
+    the bench's, to read identities recorded before pretraining's left out [env]."""
     report = cell / "metrics.json"
     if not report.is_file():
         return None
@@ -78,6 +81,8 @@ def reuse_cell(cell: Path, identity: dict[str, Any]) -> dict[str, Any] | None:
     if recorded is None:
         raise CellMismatch(f"{cell} records no identity (written before bench recorded one); "
                            "use a new --out, or delete the cell to recompute it")
+    if spec is not None:
+        recorded = _without_env_digest(recorded, spec)
     if (difference := describe_difference(recorded, wanted)) is not None:
         raise CellMismatch(f"{cell} was computed with {difference}; use a new --out, or delete "
                            "the cell to recompute it")
@@ -89,13 +94,15 @@ def pretrain_identity(spec: EnvSpec, data: Dataset, seed: int, max_epochs: int |
     """What decides a pretrained backbone: written by ``refit-gym pretrain`` and by bench alike,
     so a backbone pretrained on its own is reused by a bench whose ``seed<S>/pretrain`` it is.
 
+    Pretraining never reads the MDP's settings, so the spec's digest leaves out [env]: a new
+    default reward reuses the backbones (its fine-tuned cells, whose digest has [env], do not).
     A GPU or several processes draw other random streams, so they make another model: they are
     part of the identity when used (left out on one CPU process, so earlier cells still match).
     ``max_epochs`` equal to the spec's is the default (None)."""
     identity: dict[str, Any] = {
         "algo": "pretrain", "seed": seed,
         "max_epochs": None if max_epochs == spec.pretrain.max_epochs else max_epochs,
-        **common_identity(spec, data)}
+        **common_identity(spec, data), "spec": spec_digest(spec, without=("env",))}
     if (kind := torch.device(device).type) != "cpu":
         identity["device"] = kind
     if current().world_size > 1:
@@ -110,6 +117,21 @@ def finetune_identity(algo: str, seed: int, hyperparams: dict[str, Any],
     the pretrain cell it starts from (``common``: :func:`common_identity`)."""
     return {"algo": algo, "seed": seed, "hyperparams": hyperparams,
             "env_kwargs": env_kwargs or {}, "pretrain": pretrain, **common}
+
+
+def _without_env_digest(recorded: dict[str, Any], spec: EnvSpec) -> dict[str, Any]:
+    """``recorded`` with a pretrain identity written before 2026-12-07, whose spec digest had
+    [env] too, read as the one without it when it is ``spec``'s (the same backbone)."""
+    def upgraded(identity: Any) -> Any:
+        if (isinstance(identity, dict) and identity.get("algo") == "pretrain"
+                and identity.get("spec") == spec_digest(spec)):
+            return {**identity, "spec": spec_digest(spec, without=("env",))}
+        return identity
+
+    recorded = upgraded(recorded)
+    if "pretrain" in recorded:  # a fine-tuned or stopped cell names the backbone it started from
+        recorded = {**recorded, "pretrain": upgraded(recorded["pretrain"])}
+    return recorded
 
 
 def common_identity(spec: EnvSpec, data: Dataset) -> dict[str, Any]:
@@ -174,7 +196,7 @@ def run_bench(
                 identities[seed, algo] = finetune_identity(algo, seed, params, env_kwargs,
                                                            backbone, common)
     # Every finished cell is checked before any work starts.
-    finished = {key: reuse_cell(_cell_dir(out_dir, *key), identity)
+    finished = {key: reuse_cell(_cell_dir(out_dir, *key), identity, spec)
                 for key, identity in identities.items()}
     cells: dict[str, list[dict[str, Any]]] = {a: [] for a in ordered}
     for seed in seeds:

@@ -25,9 +25,13 @@ def digest(parts: Any) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def spec_digest(spec: EnvSpec) -> str:
-    """sha256 of every field of ``spec`` (data, schedule, backbone, [pretrain], [env])."""
-    return digest(dataclasses.asdict(spec))
+def spec_digest(spec: EnvSpec, *, without: tuple[str, ...] = ()) -> str:
+    """sha256 of the fields of ``spec`` (id, data, schedule, backbone, [pretrain], [env]) but
+    those named in ``without``."""
+    fields = dataclasses.asdict(spec)
+    if unknown := sorted(set(without) - set(fields)):
+        raise ValueError(f"spec_digest: {unknown} are not fields of a spec; it has {list(fields)}")
+    return digest({name: value for name, value in fields.items() if name not in without})
 
 
 def data_digest(data: Dataset) -> str:
