@@ -26,7 +26,14 @@ from refit_gym.distributed import (
 )
 from refit_gym.mdp.gym_env import EnvSettings, default_checkpoint
 from refit_gym.mdp.registration import register_spec
-from refit_gym.specs import EnvSpec, SpecError, check_agent_hyperparams, check_device, load_env_spec
+from refit_gym.specs import (
+    EnvSpec,
+    SpecError,
+    check_agent_hyperparams,
+    check_device,
+    known_specs,
+    load_env_spec,
+)
 from refit_gym.training.finetune import ALGOS
 from refit_gym.training.metrics import evaluate, format_metrics_table
 from refit_gym.training.peers import PEER_NAMES
@@ -71,7 +78,8 @@ def _device(text: str) -> str:
 
 
 def _env_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--env", default=None, help="environment id, e.g. ReFiT-ML1M-v0")
+    parser.add_argument("--env", default=None, metavar="ID",
+                        help=f"environment id: {', '.join(sorted(known_specs()))}")
     parser.add_argument("--spec", default=None, metavar="PATH",
                         help="a spec file of your own (registers its id; --env defaults to it)")
 
@@ -79,7 +87,8 @@ def _env_options(parser: argparse.ArgumentParser) -> None:
 def _common(parser: argparse.ArgumentParser) -> None:
     _env_options(parser)
     parser.add_argument("--data-dir", default=None,
-                        help="folder holding the datasets (default: $REFIT_DATA_DIR)")
+                        help="folder holding the datasets (default: $REFIT_DATA_DIR, else "
+                        "~/.cache/refit-gym)")
     parser.add_argument("--device", default="auto", type=_device,
                         help="torch device: auto (CUDA when available, else CPU), cpu, cuda, "
                         "cuda:N")
@@ -94,7 +103,8 @@ def _spec(args: argparse.Namespace) -> EnvSpec:
         registered = register_spec(args.spec)
         args.env = args.env or registered.id
     if not args.env:
-        raise SpecError("name an environment: --env ID, or --spec PATH for a spec of your own")
+        raise SpecError("name an environment: --env ID, or --spec PATH for a spec of your own; "
+                        f"known ids: {sorted(known_specs())}")
     return load_env_spec(args.env)
 
 
@@ -136,11 +146,7 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
     spec, data = _load(args)
-    backbone, meta = load_backbone(args.checkpoint, data.n_items, args.device)
-    if meta.get("env_id") != spec.id:
-        raise CheckpointError(
-            f"checkpoint {args.checkpoint} belongs to {meta.get('env_id')}, not {spec.id}"
-        )
+    backbone, _ = load_backbone(args.checkpoint, data.n_items, args.device, spec.id)
     metrics = evaluate(backbone, data, spec.pretrain, device=args.device,
                        progress=not args.quiet and current().is_main)
     payload = {"env": spec.id, "checkpoint": str(args.checkpoint), **metrics}
@@ -248,7 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("pretrain", help="train the id's backbone with its own protocol")
     _common(p)
-    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--seed", type=int, default=1,
+                   help="seeds every random draw of the run (default 1)")
     p.add_argument("--out", default=None,
                    help="output folder (default runs/<env>/pretrain-seed<S>)")
     p.add_argument("--max-epochs", type=_positive(int), default=None,
@@ -264,7 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--algo", required=True, choices=ALGOS)
     p.add_argument("--checkpoint", required=True, help="the pretrained denoiser.pt")
-    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--seed", type=int, default=1,
+                   help="seeds every random draw of the run (default 1)")
     p.add_argument("--out", default=None, help="output folder (default runs/<env>/<algo>-seed<S>)")
     _run_options(p, "override a hyperparameter of agents/<algo>.toml (repeatable)")
     p.add_argument("--budget-seconds", type=_positive(float), default=None,
@@ -293,8 +301,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("download", help="fetch a dataset with pinned checksums")
     _env_options(p)
-    p.add_argument("--data-dir", default=None)
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--data-dir", default=None,
+                   help="folder the dataset goes to (default: $REFIT_DATA_DIR, else "
+                   "~/.cache/refit-gym)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_download)
     return parser
 

@@ -117,6 +117,8 @@ def test_reset_refuses_option_keys_it_would_ignore() -> None:
         venv.reset(seed=0, options={"episode": 3})
     with pytest.raises(ValueError, match=r"one episode id per row, shape \(2,\), got shape \(3,\)"):
         venv.reset(seed=0, options={"episodes": [1, 2, 3]})
+    with pytest.raises(TypeError, match="takes one int here: the 2 rows are one batch"):
+        venv.reset(seed=[0, 1])  # Gymnasium's per-env seeds: one generator serves every row
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -154,6 +156,29 @@ def test_sequential_default_checkpoint_error_names_where_it_looked(tmp_path, mon
     looked = Path.cwd() / "runs" / "ReFiT-SeqSynthetic-v0" / "pretrain-seed1" / "denoiser.pt"
     assert f"at {looked} (the default," in str(error.value)
     assert "under the current directory" in str(error.value)
+    assert "`refit-gym pretrain --env ReFiT-SeqSynthetic-v0 --seed 1`" in str(error.value)
+    named = tmp_path / "models" / "mine.pt"
+    with pytest.raises(CheckpointError) as error:
+        gym.make("ReFiT-SeqSynthetic-v0", checkpoint=str(named))
+    assert (f"`refit-gym pretrain --env ReFiT-SeqSynthetic-v0 --out {named.parent}` writes "
+            f"{named.parent / 'denoiser.pt'}") in str(error.value)
+
+
+def test_another_ids_checkpoint_is_refused(pretrained_seq_synthetic: Path, capsys) -> None:
+    # Same data, so the same items: only the recorded id tells DreamRec from ADRec.
+    with pytest.raises(CheckpointError, match="belongs to ReFiT-SeqSynthetic-v0, not "
+                       r"ReFiT-SeqSynthetic-v1; use one written by `refit-gym pretrain --env "
+                       "ReFiT-SeqSynthetic-v1`"):
+        gym.make("ReFiT-SeqSynthetic-v1", checkpoint=str(pretrained_seq_synthetic))
+    assert main(["finetune", "--env", "ReFiT-SeqSynthetic-v1", "--algo", "refit", "--checkpoint",
+                 str(pretrained_seq_synthetic), "--quiet"]) != 0
+    assert "belongs to ReFiT-SeqSynthetic-v0, not ReFiT-SeqSynthetic-v1" in capsys.readouterr().err
+
+
+def test_a_command_without_an_id_lists_the_ids(capsys) -> None:
+    assert main(["pretrain", "--quiet"]) != 0
+    assert re.search(r"name an environment: .*known ids: \[.*'ReFiT-Synthetic-v0'",
+                     capsys.readouterr().err)
 
 
 @pytest.mark.parametrize("content", [

@@ -88,5 +88,29 @@ def test_the_driver_names_what_an_algorithm_object_lacks(pretrained_synthetic: P
     spec, data = load_env_spec(SYN), cached_dataset(SYN)
     with pytest.raises(TypeError, match="members of refit_gym.rl.algorithm.Algorithm"):
         finetune(spec, data, pretrained_synthetic, object(), tmp_path)
+
+    class Partial:
+        name, policy, config = "partial", None, {}
+
+        def run_epoch(self, ctx):
+            return None
+
+    with pytest.raises(TypeError, match=r"Partial lacks \['progress', 'state_dict', "
+                       r"'load_state_dict'\]"):
+        finetune(spec, data, pretrained_synthetic, Partial(), tmp_path)
     with pytest.raises(ValueError, match="unknown algorithm 'reinforce'"):
         finetune(spec, data, pretrained_synthetic, "reinforce", tmp_path)
+
+
+def test_an_own_algorithm_gets_one_line_for_a_broken_rule(documented: dict,
+                                                         tmp_path: Path) -> None:
+    spec, data = load_env_spec(SYN), cached_dataset(SYN)
+    checkpoint = "runs/ReFiT-Synthetic-v0/pretrain-seed1/denoiser.pt"
+    algo = documented["Reinforce"](checkpoint, SYN)
+    algo.config = {**algo.config, "schedule": lambda epoch: 1e-3}
+    with pytest.raises(TypeError, match="reinforce.config must be JSON-able"):
+        finetune(spec, data, checkpoint, algo, tmp_path / "lambda")
+    algo = documented["Reinforce"](checkpoint, SYN)
+    algo.run_epoch = lambda ctx: 0.5  # a mean reward, not the EpochStats the driver reads
+    with pytest.raises(TypeError, match="reinforce.run_epoch must return an EpochStats"):
+        finetune(spec, data, checkpoint, algo, tmp_path / "float", progress=False)

@@ -54,12 +54,16 @@ def save_backbone(path: str | os.PathLike[str], backbone: Backbone, env_id: str,
     return Path(path)
 
 
-def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """The raw payload of a refit-gym checkpoint, with a clear error for anything else."""
+def read_checkpoint(path: str | os.PathLike[str], env_id: str | None = None) -> dict[str, Any]:
+    """The raw payload of a refit-gym checkpoint, with a clear error for anything else
+    (``env_id``: the environment it is for, named in the hint when there is no file)."""
     path = Path(path)
     if not path.is_file():
+        env = env_id or "ID"
         raise CheckpointError(
-            f"checkpoint {path} not found; create one with `refit-gym pretrain --env <id>`"
+            f"checkpoint {path} not found; `refit-gym pretrain --env {env} --seed S --out "
+            f"{path.parent}` writes one as {path.parent / 'denoiser.pt'} (without --out: "
+            f"runs/{env}/pretrain-seedS/denoiser.pt)"
         )
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
@@ -86,10 +90,16 @@ def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 def load_backbone(
     path: str | os.PathLike[str], n_items: int | None = None,
-    device: torch.device | str = "cpu",
+    device: torch.device | str = "cpu", env_id: str | None = None,
 ) -> tuple[Backbone, dict[str, Any]]:
-    """Rebuild the backbone of a checkpoint; ``n_items`` checks it fits the dataset."""
-    payload = read_checkpoint(path)
+    """Rebuild the backbone of a checkpoint; ``n_items`` checks it fits the dataset, ``env_id``
+    that it was trained for that environment (ids on one dataset share ``n_items``: ReFiT-
+    SeqSynthetic-v0's DreamRec would otherwise play ReFiT-SeqSynthetic-v1's ADRec chain)."""
+    payload = read_checkpoint(path, env_id)
+    if env_id is not None and payload.get("env_id") != env_id:
+        raise CheckpointError(
+            f"checkpoint {path} belongs to {payload.get('env_id')}, not {env_id}; use one "
+            f"written by `refit-gym pretrain --env {env_id}` (or fine-tuned from one)")
     backbone = backbone_from_configs(payload)
     if n_items is not None and backbone.n_items != n_items:
         raise CheckpointError(

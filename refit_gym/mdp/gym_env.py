@@ -129,14 +129,16 @@ class EnvSettings:
             return None
         path = Path(self.checkpoint or default_checkpoint(spec.id)).absolute()
         if not path.is_file():
+            fix = (f"`refit-gym pretrain --env {spec.id} --out {path.parent}` writes "
+                   f"{path.parent / 'denoiser.pt'}" if self.checkpoint else
+                   f"run `refit-gym pretrain --env {spec.id} --seed 1` in the current directory "
+                   "(it writes there), or pass gym.make(..., checkpoint=PATH)")
             where = ("the path given as checkpoint" if self.checkpoint else
                      f"the default, {default_checkpoint(spec.id)} under the current directory")
             raise CheckpointError(
                 f"{spec.id} scores final states with a pretrained model's item embeddings, and "
-                f"no checkpoint was found at {path} ({where}): run `refit-gym pretrain --env "
-                f"{spec.id}` in that directory (it writes there), or pass "
-                "gym.make(..., checkpoint=PATH)")
-        backbone, _ = load_backbone(path, data.n_items)
+                f"no checkpoint was found at {path} ({where}): {fix}")
+        backbone, _ = load_backbone(path, data.n_items, env_id=spec.id)
         return backbone.item_table().detach().to(self.device)
 
     def check_reward_params(self, data: Dataset) -> None:
@@ -370,6 +372,10 @@ class ReFiTVectorEnv(gym.vector.VectorEnv):
         self._episodes = BatchedEpisodes(self.core, self.settings.user_sampling)
 
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
+        if seed is not None and not isinstance(seed, int):
+            raise TypeError(f"reset(seed=...) takes one int here: the {self.num_envs} rows are one "
+                            f"batch drawing from one generator (got {type(seed).__name__}); "
+                            "gym.make_vec(..., vectorization_mode='sync') seeds each env")
         super().reset(seed=seed)
         episodes = _reset_options(options, VECTOR_RESET_OPTIONS).get("episodes")
         if episodes is not None and np.shape(episodes) != (self.num_envs,):

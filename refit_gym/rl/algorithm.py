@@ -79,3 +79,11 @@ class Algorithm(Protocol):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         ...
+
+
+def missing_members(obj: object) -> list[str]:
+    """The members of :class:`Algorithm` that ``obj`` lacks (its attributes and methods)."""
+    members = [*Algorithm.__annotations__,
+               *(name for name, value in vars(Algorithm).items()
+                 if callable(value) and not name.startswith("_"))]
+    return [name for name in members if not hasattr(obj, name)]

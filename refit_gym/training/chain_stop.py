@@ -96,7 +96,7 @@ def tune_stop(spec: EnvSpec, data: Dataset, checkpoint: Path, seed: int, *,
     seeds are the spec's, as for every model); ``progress``: a line per stop."""
     chains = stopped_chains(spec, env_kwargs, device)
     started = time.perf_counter()
-    model, _ = load_backbone(checkpoint, data.n_items, device)
+    model, _ = load_backbone(checkpoint, data.n_items, device, spec.id)
     selector = Selector(SELECTION_METRIC, keep_weights=False)
     with eval_mode(model):
         for index, (stop, chain) in enumerate(chains):

@@ -35,12 +35,12 @@ from refit_gym.data import (
     sha256_of,
     write_json,
 )
-from refit_gym.data.progress import Progress
+from refit_gym.data.progress import Progress, announce
 from refit_gym.diffusion import GaussianDiffusion
 from refit_gym.distributed import communication_seconds, current
 from refit_gym.mdp.core import DenoisingMDP
 from refit_gym.mdp.gym_env import EnvSettings
-from refit_gym.rl.algorithm import Algorithm, EpochContext
+from refit_gym.rl.algorithm import Algorithm, EpochContext, EpochStats, missing_members
 from refit_gym.specs import EnvSpec, load_agent_hyperparams
 from refit_gym.training.algorithms import ALGOS, CONTINUE_SETTINGS, Setup, build
 from refit_gym.training.metrics import SELECTION_METRIC, eval_mode, evaluate
@@ -158,16 +158,19 @@ def finetune(
     named = isinstance(algo, str)
     if named and algo not in ALGOS:
         raise ValueError(f"unknown algorithm {algo!r}; choose one of {ALGOS}")
-    if not named and not isinstance(algo, Algorithm):
+    if not named and (missing := missing_members(algo)):
         raise TypeError(f"algo must be one of {ALGOS} or an object with the members of "
-                        f"refit_gym.rl.algorithm.Algorithm, got {type(algo).__name__}")
+                        f"refit_gym.rl.algorithm.Algorithm; {type(algo).__name__} lacks "
+                        f"{missing} (docs/own_agent.md)")
+    if not named:
+        _check_json(algo)
     if not named and (hyperparams or budget_seconds is not None):
         raise ValueError(f"hyperparams and budget_seconds configure a built-in algorithm; "
                          f"{algo.name} holds its own settings")
     dist = current()
     out_dir = Path(out_dir)
     torch.manual_seed(seed)
-    model, _ = load_backbone(checkpoint, data.n_items, device)
+    model, _ = load_backbone(checkpoint, data.n_items, device, spec.id)
     reference = copy.deepcopy(model)
     overrides = {"device": device, **(env_kwargs or {})}
     if isinstance(data, SequenceData):  # the environment's E: the checkpoint's, frozen
@@ -189,6 +192,9 @@ def finetune(
     resumed = state.load()
     if resumed is not None:
         algo.load_state_dict(state.algorithm)  # may rebuild the policy (SB3 loads its .zip)
+        if progress and dist.is_main and not state.finished:
+            announce(f"{algo.name} {spec.id} seed {seed}: resuming at epoch {state.epoch} "
+                     f"from {state.path} (a new --out starts afresh)")
     model = algo.policy
     if resumed is not None:
         model.load_state_dict(resumed["model"])
@@ -247,6 +253,9 @@ def finetune(
         while extent.done < extent.total:
             clock.start()
             stats = algo.run_epoch(EpochContext(state.epoch, log, save_inside_epoch, bar.advance))
+            if not isinstance(stats, EpochStats):
+                raise TypeError(f"{algo.name}.run_epoch must return an EpochStats "
+                                f"(refit_gym.rl.algorithm), got {type(stats).__name__}")
             clock.bank(slowest=True)
             state.epoch += 1
             state.epoch_rewards.extend(stats.rewards)
@@ -356,3 +365,12 @@ def _final_metrics(model: Backbone, data: Dataset, spec: EnvSpec, chain: Gaussia
     stop = {"stop_step": chain.stop_step} if chain.stop_step else {}
     return {**own, "tuned_chain": {"steps": chain.steps, **stop, "valid": tuned["valid"],
                                    "test": tuned["test"]}}
+
+
+def _check_json(algo: Algorithm) -> None:
+    """An own algorithm's ``config`` enters the run's identity and metrics.json as JSON."""
+    try:
+        json.dumps(algo.config)
+    except (TypeError, ValueError) as err:
+        raise TypeError(f"{algo.name}.config must be JSON-able (numbers, strings, bools, None, "
+                        f"lists and dicts of them): {err}") from err

@@ -31,7 +31,7 @@ from torch import Tensor
 
 from refit_gym.backbones import Backbone, load_backbone, read_checkpoint, save_backbone
 from refit_gym.data import Dataset
-from refit_gym.data.progress import Progress
+from refit_gym.data.progress import Progress, announce
 from refit_gym.distributed import Distributed, current
 from refit_gym.specs import EnvSpec, PretrainConfig
 from refit_gym.training.metrics import evaluate, selection_chain
@@ -272,6 +272,9 @@ def pretrain(
         generator.set_state(resumed["generator"])
         sampler.load_state_dict(resumed["sampler"])
         restore_random_states(resumed["random"], dist, noise)
+        if progress and dist.is_main:
+            announce(f"pretrain {spec.id} seed {seed}: resuming after epoch {epoch} from "
+                     f"{state_path} (a new --out starts afresh)")
     started = time.perf_counter() - elapsed
     bar = Progress(max_epochs, f"pretrain {spec.id}", unit="epoch", initial=epoch,
                    enabled=progress and dist.is_main)
