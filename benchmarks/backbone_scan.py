@@ -96,8 +96,10 @@ def run_cell(variant: EnvSpec, data: Dataset, folder: Path, value: float, seed: 
             return None
         result = pretrain(variant, data, cell, seed=seed, device=DEVICE, progress=False)
         pretrained = record_cell(cell, result.to_json(variant.id, seed), backbone, DEVICE)
+    # The chain's length and the reward's tau are the spec's [env]: its whole digest counts.
     measured = {"algo": "chain_influence", "rows": args.rows,
-                "trajectories": args.trajectories, "pretrain": backbone}
+                "trajectories": args.trajectories, "pretrain": backbone,
+                **common_identity(variant, data)}
     checkpoint = cell / "denoiser.pt"  # not the recorded path: --out may move
     cell = folder / "influence"
     if (influence := reuse_cell(cell, measured, variant)) is None:

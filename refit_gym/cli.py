@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NoReturn
 
-from refit_gym.backbones import CheckpointError, load_backbone
+from refit_gym.backbones import CheckpointError, default_checkpoint
 from refit_gym.data import DataError, Dataset, load_dataset, write_json
 from refit_gym.distributed import (
     DistributedError,
@@ -24,7 +24,7 @@ from refit_gym.distributed import (
     launched_by_torchrun,
     shutdown,
 )
-from refit_gym.mdp.gym_env import EnvSettings, default_checkpoint
+from refit_gym.mdp.gym_env import EnvSettings
 from refit_gym.mdp.registration import register_spec
 from refit_gym.specs import (
     EnvSpec,
@@ -146,7 +146,7 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
     spec, data = _load(args)
-    backbone, _ = load_backbone(args.checkpoint, data.n_items, args.device, spec.id)
+    backbone, _ = spec.load_backbone(args.checkpoint, data.n_items, args.device)
     metrics = evaluate(backbone, data, spec.pretrain, device=args.device,
                        progress=not args.quiet and current().is_main)
     payload = {"env": spec.id, "checkpoint": str(args.checkpoint), **metrics}

@@ -30,7 +30,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - exercised on Python 3.10 only
     import tomli as tomllib
 
-from refit_gym.backbones import Backbone
+from refit_gym.backbones import Backbone, CheckpointError, backbone_configs, load_backbone
 from refit_gym.backbones.registry import BACKBONES, backbone_config, backbone_from_configs
 from refit_gym.data.loading import FORMATS, SEQUENTIAL_FORMATS
 from refit_gym.diffusion import DiffusionConfig
@@ -87,6 +87,31 @@ class EnvSpec:
         return backbone_from_configs({"backbone": self.backbone_type,
                                       "config": self.backbone_fields(n_items),
                                       "diffusion": dataclasses.asdict(self.diffusion)})
+
+    def load_backbone(self, path: str | os.PathLike[str], n_items: int,
+                      device: torch.device | str = "cpu") -> tuple[Backbone, dict[str, Any]]:
+        """The backbone at ``path`` if it fits this spec: pretrained for this id, or for another
+        id with this id's backbone, config and schedule (a spec file that copies an id to change
+        its [env] reuses that id's backbones). Anything else is refused, naming what differs:
+        ids on one dataset share their items, and ReFiT-SeqSynthetic-v0's DreamRec would
+        otherwise play ReFiT-SeqSynthetic-v1's ADRec chain."""
+        backbone, payload = load_backbone(path, n_items, device, self.id)
+        if payload.get("env_id") != self.id:
+            recorded = backbone_configs(backbone)
+            wanted = {"backbone": self.backbone_type, "diffusion": dataclasses.asdict(
+                self.diffusion), "config": dataclasses.asdict(
+                    backbone_config(self.backbone_type, self.backbone_fields(n_items)))}
+            differ = [part for part in ("backbone", "config", "diffusion")
+                      if recorded[part] != wanted[part]]
+            if differ:
+                keys = ([k for k in wanted[differ[0]] if recorded[differ[0]].get(k)
+                         != wanted[differ[0]][k]] if isinstance(wanted[differ[0]], dict) else [])
+                raise CheckpointError(
+                    f"checkpoint {path} belongs to {payload.get('env_id')}, whose {differ[0]}"
+                    f"{' ' + str(keys) if keys else ''} differs from {self.id}'s; pretrain one "
+                    f"for {self.id} (`refit-gym pretrain --env {self.id}`, with --spec PATH for "
+                    "a spec of your own)")
+        return backbone, payload
 
 
 class SpecError(ValueError):

@@ -49,16 +49,17 @@ def test_cells_record_identity_and_are_reused_only_when_it_matches(tmp_path: Pat
 
 
 def test_a_changed_hyperparameter_is_named(tmp_path: Path) -> None:
+    spec = load_env_spec(SYN)
     identity = {"algo": "refit", "hyperparams": {"epochs": 1, "lr": 1e-4},
                 "env_kwargs": {}, "pretrain": {"max_epochs": 5}}
     (tmp_path / "metrics.json").write_text(json.dumps({"identity": identity}))
-    assert bench.reuse_cell(tmp_path, identity) == {"identity": identity}
+    assert bench.reuse_cell(tmp_path, identity, spec) == {"identity": identity}
     changed = {**identity, "hyperparams": {"epochs": 2, "lr": 1e-4}}  # --set refit.epochs=2
     with pytest.raises(bench.CellMismatch, match="hyperparams.epochs = 1, this run gives 2"):
-        bench.reuse_cell(tmp_path, changed)
+        bench.reuse_cell(tmp_path, changed, spec)
     with pytest.raises(bench.CellMismatch, match="env_kwargs.reward = "):
-        bench.reuse_cell(tmp_path, {**identity, "env_kwargs": {"reward": "ndcg"}})
-    assert bench.reuse_cell(tmp_path / "absent", identity) is None
+        bench.reuse_cell(tmp_path, {**identity, "env_kwargs": {"reward": "ndcg"}}, spec)
+    assert bench.reuse_cell(tmp_path / "absent", identity, spec) is None
 
 
 def test_a_backbone_pretrained_on_its_own_is_reused_by_bench(tmp_path: Path,

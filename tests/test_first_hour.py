@@ -164,15 +164,27 @@ def test_sequential_default_checkpoint_error_names_where_it_looked(tmp_path, mon
             f"{named.parent / 'denoiser.pt'}") in str(error.value)
 
 
-def test_another_ids_checkpoint_is_refused(pretrained_seq_synthetic: Path, capsys) -> None:
-    # Same data, so the same items: only the recorded id tells DreamRec from ADRec.
-    with pytest.raises(CheckpointError, match="belongs to ReFiT-SeqSynthetic-v0, not "
-                       r"ReFiT-SeqSynthetic-v1; use one written by `refit-gym pretrain --env "
-                       "ReFiT-SeqSynthetic-v1`"):
+def test_another_ids_checkpoint_is_refused_unless_its_model_is_the_same(
+        pretrained_seq_synthetic: Path, capsys) -> None:
+    import dataclasses
+
+    # Same data, so the same items: only what the checkpoint records tells DreamRec from ADRec.
+    with pytest.raises(CheckpointError, match="belongs to ReFiT-SeqSynthetic-v0, whose backbone "
+                       "differs from ReFiT-SeqSynthetic-v1's; pretrain one for "
+                       r"ReFiT-SeqSynthetic-v1 \(`refit-gym pretrain --env ReFiT-SeqSynthetic-v1`"):
         gym.make("ReFiT-SeqSynthetic-v1", checkpoint=str(pretrained_seq_synthetic))
     assert main(["finetune", "--env", "ReFiT-SeqSynthetic-v1", "--algo", "refit", "--checkpoint",
                  str(pretrained_seq_synthetic), "--quiet"]) != 0
-    assert "belongs to ReFiT-SeqSynthetic-v0, not ReFiT-SeqSynthetic-v1" in capsys.readouterr().err
+    assert "belongs to ReFiT-SeqSynthetic-v0, whose backbone differs" in capsys.readouterr().err
+    # A copy of the id that changes only its MDP reuses the backbone; one that changes the
+    # model is told which field differs.
+    spec = specs.load_env_spec("ReFiT-SeqSynthetic-v0")
+    copy = dataclasses.replace(spec, id="Mine-v0", env={**spec.env, "steps": 5})
+    model, payload = copy.load_backbone(pretrained_seq_synthetic, 300)
+    assert payload["env_id"] == "ReFiT-SeqSynthetic-v0" and model.n_items == 300
+    wider = dataclasses.replace(copy, backbone={**spec.backbone, "hidden": 48})
+    with pytest.raises(CheckpointError, match=r"whose config \['hidden'\] differs from Mine-v0's"):
+        wider.load_backbone(pretrained_seq_synthetic, 300)
 
 
 def test_a_command_without_an_id_lists_the_ids(capsys) -> None:

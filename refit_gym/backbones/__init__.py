@@ -12,7 +12,9 @@ from refit_gym.backbones.base import Backbone, Batch
 from refit_gym.backbones.checkpoint import (
     CheckpointError,
     backbone_configs,
+    default_checkpoint,
     load_backbone,
+    pretrain_hint,
     read_checkpoint,
     save_backbone,
 )
@@ -23,5 +25,6 @@ from refit_gym.backbones.registry import BACKBONES, backbone_config, backbone_fr
 __all__ = ["BACKBONES", "ADRec", "ADRecConfig", "Backbone", "Batch", "CheckpointError",
            "ConcatADRec", "ConcatADRecConfig",
            "DiffRec", "DiffRecConfig", "DreamRec", "DreamRecConfig", "HistoryEncoder",
-           "backbone_config", "backbone_configs", "backbone_from_configs", "load_backbone",
-           "read_checkpoint", "save_backbone", "timestep_embedding"]
+           "backbone_config", "backbone_configs", "backbone_from_configs", "default_checkpoint",
+           "load_backbone", "pretrain_hint", "read_checkpoint", "save_backbone",
+           "timestep_embedding"]

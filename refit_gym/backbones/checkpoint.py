@@ -54,6 +54,18 @@ def save_backbone(path: str | os.PathLike[str], backbone: Backbone, env_id: str,
     return Path(path)
 
 
+def default_checkpoint(env_id: str, seed: int = 1) -> Path:
+    """Where ``refit-gym pretrain --env ID --seed S`` writes its backbone by default: a path
+    relative to the current directory (the sequential ids look there unless given one)."""
+    return Path("runs") / env_id / f"pretrain-seed{seed}" / "denoiser.pt"
+
+
+def pretrain_hint(env_id: str, path: Path) -> str:
+    """How to make the checkpoint ``path`` names: ``--out`` its folder, then pass that path."""
+    return (f"`refit-gym pretrain --env {env_id} --out {path.parent}` writes "
+            f"{path.parent / 'denoiser.pt'}: pass that path")
+
+
 def read_checkpoint(path: str | os.PathLike[str], env_id: str | None = None) -> dict[str, Any]:
     """The raw payload of a refit-gym checkpoint, with a clear error for anything else
     (``env_id``: the environment it is for, named in the hint when there is no file)."""
@@ -61,9 +73,8 @@ def read_checkpoint(path: str | os.PathLike[str], env_id: str | None = None) -> 
     if not path.is_file():
         env = env_id or "ID"
         raise CheckpointError(
-            f"checkpoint {path} not found; `refit-gym pretrain --env {env} --seed S --out "
-            f"{path.parent}` writes one as {path.parent / 'denoiser.pt'} (without --out: "
-            f"runs/{env}/pretrain-seedS/denoiser.pt)"
+            f"checkpoint {path} not found; {pretrain_hint(env, path)} (without --out, "
+            f"--seed 1 writes {default_checkpoint(env)})"
         )
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
@@ -92,14 +103,10 @@ def load_backbone(
     path: str | os.PathLike[str], n_items: int | None = None,
     device: torch.device | str = "cpu", env_id: str | None = None,
 ) -> tuple[Backbone, dict[str, Any]]:
-    """Rebuild the backbone of a checkpoint; ``n_items`` checks it fits the dataset, ``env_id``
-    that it was trained for that environment (ids on one dataset share ``n_items``: ReFiT-
-    SeqSynthetic-v0's DreamRec would otherwise play ReFiT-SeqSynthetic-v1's ADRec chain)."""
+    """Rebuild the backbone of a checkpoint; ``n_items`` checks it fits the dataset; ``env_id``
+    (the environment it is for) is named in the hint when there is no file. Whether it fits
+    an environment's spec: :meth:`refit_gym.specs.EnvSpec.load_backbone`."""
     payload = read_checkpoint(path, env_id)
-    if env_id is not None and payload.get("env_id") != env_id:
-        raise CheckpointError(
-            f"checkpoint {path} belongs to {payload.get('env_id')}, not {env_id}; use one "
-            f"written by `refit-gym pretrain --env {env_id}` (or fine-tuned from one)")
     backbone = backbone_from_configs(payload)
     if n_items is not None and backbone.n_items != n_items:
         raise CheckpointError(

@@ -19,7 +19,7 @@ from gymnasium import spaces
 from gymnasium.vector.utils import batch_space
 from torch import Tensor
 
-from refit_gym.backbones import CheckpointError, load_backbone
+from refit_gym.backbones import CheckpointError, default_checkpoint, pretrain_hint
 from refit_gym.data import Dataset, InteractionData, default_cache_dir, load_dataset
 from refit_gym.data.loading import GENERATED
 from refit_gym.diffusion import GaussianDiffusion, spaced_timesteps
@@ -129,8 +129,7 @@ class EnvSettings:
             return None
         path = Path(self.checkpoint or default_checkpoint(spec.id)).absolute()
         if not path.is_file():
-            fix = (f"`refit-gym pretrain --env {spec.id} --out {path.parent}` writes "
-                   f"{path.parent / 'denoiser.pt'}" if self.checkpoint else
+            fix = (pretrain_hint(spec.id, path) if self.checkpoint else
                    f"run `refit-gym pretrain --env {spec.id} --seed 1` in the current directory "
                    "(it writes there), or pass gym.make(..., checkpoint=PATH)")
             where = ("the path given as checkpoint" if self.checkpoint else
@@ -138,7 +137,7 @@ class EnvSettings:
             raise CheckpointError(
                 f"{spec.id} scores final states with a pretrained model's item embeddings, and "
                 f"no checkpoint was found at {path} ({where}): {fix}")
-        backbone, _ = load_backbone(path, data.n_items, env_id=spec.id)
+        backbone, _ = spec.load_backbone(path, data.n_items)
         return backbone.item_table().detach().to(self.device)
 
     def check_reward_params(self, data: Dataset) -> None:
@@ -168,12 +167,6 @@ class EnvSettings:
         if item_embeddings is None:
             raise ValueError("a sequential source needs the pretrained item embeddings")
         return SequenceEpisodes(data, chain, item_embeddings, self.device)
-
-
-def default_checkpoint(env_id: str, seed: int = 1) -> Path:
-    """Where ``refit-gym pretrain --env ID --seed S`` writes its backbone by default: a path
-    relative to the current directory (the sequential ids look there unless given one)."""
-    return Path("runs") / env_id / f"pretrain-seed{seed}" / "denoiser.pt"
 
 
 @cache
@@ -372,11 +365,11 @@ class ReFiTVectorEnv(gym.vector.VectorEnv):
         self._episodes = BatchedEpisodes(self.core, self.settings.user_sampling)
 
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
-        if seed is not None and not isinstance(seed, int):
+        if isinstance(seed, (list, tuple, np.ndarray)):
             raise TypeError(f"reset(seed=...) takes one int here: the {self.num_envs} rows are one "
-                            f"batch drawing from one generator (got {type(seed).__name__}); "
+                            f"batch drawing from one generator (got a {type(seed).__name__}); "
                             "gym.make_vec(..., vectorization_mode='sync') seeds each env")
-        super().reset(seed=seed)
+        super().reset(seed=int(seed) if isinstance(seed, np.integer) else seed)
         episodes = _reset_options(options, VECTOR_RESET_OPTIONS).get("episodes")
         if episodes is not None and np.shape(episodes) != (self.num_envs,):
             raise ValueError(f"reset option 'episodes' must hold one episode id per row, shape "

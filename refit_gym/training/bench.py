@@ -66,8 +66,7 @@ class CellMismatch(ValueError):
     """A finished cell was computed with another identity than this bench would give it."""
 
 
-def reuse_cell(cell: Path, identity: dict[str, Any],
-               spec: EnvSpec | None = None) -> dict[str, Any] | None:
+def reuse_cell(cell: Path, identity: dict[str, Any], spec: EnvSpec) -> dict[str, Any] | None:
     """The finished cell's metrics if its recorded identity is ``identity``; None if the cell
     is not finished; :class:`CellMismatch` (one line naming the key) if it differs. ``spec``:
     the bench's, to read identities recorded before pretraining's left out [env]."""
@@ -81,8 +80,7 @@ def reuse_cell(cell: Path, identity: dict[str, Any],
     if recorded is None:
         raise CellMismatch(f"{cell} records no identity (written before bench recorded one); "
                            "use a new --out, or delete the cell to recompute it")
-    if spec is not None:
-        recorded = _without_env_digest(recorded, spec)
+    recorded = _without_env_digest(recorded, spec)
     if (difference := describe_difference(recorded, wanted)) is not None:
         raise CellMismatch(f"{cell} was computed with {difference}; use a new --out, or delete "
                            "the cell to recompute it")

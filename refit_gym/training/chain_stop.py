@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-from refit_gym.backbones import load_backbone
 from refit_gym.data import Dataset
 from refit_gym.diffusion import GaussianDiffusion
 from refit_gym.mdp.gym_env import EnvSettings
@@ -96,7 +95,7 @@ def tune_stop(spec: EnvSpec, data: Dataset, checkpoint: Path, seed: int, *,
     seeds are the spec's, as for every model); ``progress``: a line per stop."""
     chains = stopped_chains(spec, env_kwargs, device)
     started = time.perf_counter()
-    model, _ = load_backbone(checkpoint, data.n_items, device, spec.id)
+    model, _ = spec.load_backbone(checkpoint, data.n_items, device)
     selector = Selector(SELECTION_METRIC, keep_weights=False)
     with eval_mode(model):
         for index, (stop, chain) in enumerate(chains):

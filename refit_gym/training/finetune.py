@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 from torch.utils.tensorboard import SummaryWriter
 
-from refit_gym.backbones import Backbone, load_backbone, save_backbone
+from refit_gym.backbones import Backbone, save_backbone
 from refit_gym.data import (
     Dataset,
     SequenceData,
@@ -170,7 +170,7 @@ def finetune(
     dist = current()
     out_dir = Path(out_dir)
     torch.manual_seed(seed)
-    model, _ = load_backbone(checkpoint, data.n_items, device, spec.id)
+    model, _ = spec.load_backbone(checkpoint, data.n_items, device)
     reference = copy.deepcopy(model)
     overrides = {"device": device, **(env_kwargs or {})}
     if isinstance(data, SequenceData):  # the environment's E: the checkpoint's, frozen
