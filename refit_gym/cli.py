@@ -84,6 +84,11 @@ def _env_options(parser: argparse.ArgumentParser) -> None:
                         help="a spec file of your own (registers its id; --env defaults to it)")
 
 
+def _seed_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--seed", type=int, default=1,
+                        help="seeds every random draw of the run (default 1)")
+
+
 def _common(parser: argparse.ArgumentParser) -> None:
     _env_options(parser)
     parser.add_argument("--data-dir", default=None,
@@ -254,8 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("pretrain", help="train the id's backbone with its own protocol")
     _common(p)
-    p.add_argument("--seed", type=int, default=1,
-                   help="seeds every random draw of the run (default 1)")
+    _seed_option(p)
     p.add_argument("--out", default=None,
                    help="output folder (default runs/<env>/pretrain-seed<S>)")
     p.add_argument("--max-epochs", type=_positive(int), default=None,
@@ -271,8 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--algo", required=True, choices=ALGOS)
     p.add_argument("--checkpoint", required=True, help="the pretrained denoiser.pt")
-    p.add_argument("--seed", type=int, default=1,
-                   help="seeds every random draw of the run (default 1)")
+    _seed_option(p)
     p.add_argument("--out", default=None, help="output folder (default runs/<env>/<algo>-seed<S>)")
     _run_options(p, "override a hyperparameter of agents/<algo>.toml (repeatable)")
     p.add_argument("--budget-seconds", type=_positive(float), default=None,

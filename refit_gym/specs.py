@@ -82,11 +82,16 @@ class EnvSpec:
         """The backbone config's fields for a dataset of ``n_items`` items."""
         return {"n_items": n_items, **{k: v for k, v in self.backbone.items() if k != "type"}}
 
+    def backbone_configs(self, n_items: int) -> dict[str, Any]:
+        """This spec's model for ``n_items`` items as a checkpoint records it
+        (:func:`~refit_gym.backbones.backbone_configs`): backbone, config, diffusion."""
+        config = backbone_config(self.backbone_type, self.backbone_fields(n_items))
+        return {"backbone": self.backbone_type, "config": dataclasses.asdict(config),
+                "diffusion": dataclasses.asdict(self.diffusion)}
+
     def build_backbone(self, n_items: int) -> Backbone:
         """A freshly initialised backbone of this spec for ``n_items`` items."""
-        return backbone_from_configs({"backbone": self.backbone_type,
-                                      "config": self.backbone_fields(n_items),
-                                      "diffusion": dataclasses.asdict(self.diffusion)})
+        return backbone_from_configs(self.backbone_configs(n_items))
 
     def load_backbone(self, path: str | os.PathLike[str], n_items: int,
                       device: torch.device | str = "cpu") -> tuple[Backbone, dict[str, Any]]:
@@ -96,21 +101,16 @@ class EnvSpec:
         ids on one dataset share their items, and ReFiT-SeqSynthetic-v0's DreamRec would
         otherwise play ReFiT-SeqSynthetic-v1's ADRec chain."""
         backbone, payload = load_backbone(path, n_items, device, self.id)
-        if payload.get("env_id") != self.id:
-            recorded = backbone_configs(backbone)
-            wanted = {"backbone": self.backbone_type, "diffusion": dataclasses.asdict(
-                self.diffusion), "config": dataclasses.asdict(
-                    backbone_config(self.backbone_type, self.backbone_fields(n_items)))}
-            differ = [part for part in ("backbone", "config", "diffusion")
-                      if recorded[part] != wanted[part]]
-            if differ:
-                keys = ([k for k in wanted[differ[0]] if recorded[differ[0]].get(k)
-                         != wanted[differ[0]][k]] if isinstance(wanted[differ[0]], dict) else [])
-                raise CheckpointError(
-                    f"checkpoint {path} belongs to {payload.get('env_id')}, whose {differ[0]}"
-                    f"{' ' + str(keys) if keys else ''} differs from {self.id}'s; pretrain one "
-                    f"for {self.id} (`refit-gym pretrain --env {self.id}`, with --spec PATH for "
-                    "a spec of your own)")
+        recorded, wanted = backbone_configs(backbone), self.backbone_configs(n_items)
+        if payload.get("env_id") != self.id and recorded != wanted:
+            part = next(name for name in wanted if recorded[name] != wanted[name])
+            keys = ([] if part == "backbone" else  # the type's name; the others are dicts
+                    [key for key in wanted[part] if recorded[part].get(key) != wanted[part][key]])
+            raise CheckpointError(
+                f"checkpoint {path} belongs to {payload.get('env_id')}, whose {part}"
+                f"{' ' + str(keys) if keys else ''} differs from {self.id}'s; pretrain one "
+                f"for {self.id} (`refit-gym pretrain --env {self.id}`, with --spec PATH for "
+                "a spec of your own)")
         return backbone, payload
 
 

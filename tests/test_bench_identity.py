@@ -132,7 +132,7 @@ def test_a_new_default_reward_keeps_the_backbones_not_the_tuned_cells(tmp_path: 
     with pytest.raises(bench.CellMismatch, match="computed with spec = "):
         bench.reuse_cell(refit_cell, retuned, reward)
 
-    # Cells written before 2026-12-07 recorded the digest with [env]: read under the same spec,
+    # Cells written by an earlier version recorded the digest with [env]: read under the same spec,
     # refused under another (what their backbone was trained with cannot be told).
     legacy = {**backbone, "spec": bench.spec_digest(spec)}
     assert legacy["spec"] != backbone["spec"]

@@ -118,12 +118,14 @@ def finetune_identity(algo: str, seed: int, hyperparams: dict[str, Any],
 
 
 def _without_env_digest(recorded: dict[str, Any], spec: EnvSpec) -> dict[str, Any]:
-    """``recorded`` with a pretrain identity written before 2026-12-07, whose spec digest had
-    [env] too, read as the one without it when it is ``spec``'s (the same backbone)."""
+    """``recorded`` with a pretrain identity written by an earlier version, whose spec digest
+    had [env] too, read as the one without it when it is ``spec``'s (the same backbone)."""
+    whole, without_env = spec_digest(spec), spec_digest(spec, without=("env",))
+
     def upgraded(identity: Any) -> Any:
         if (isinstance(identity, dict) and identity.get("algo") == "pretrain"
-                and identity.get("spec") == spec_digest(spec)):
-            return {**identity, "spec": spec_digest(spec, without=("env",))}
+                and identity.get("spec") == whole):
+            return {**identity, "spec": without_env}
         return identity
 
     recorded = upgraded(recorded)

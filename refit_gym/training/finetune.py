@@ -158,15 +158,8 @@ def finetune(
     named = isinstance(algo, str)
     if named and algo not in ALGOS:
         raise ValueError(f"unknown algorithm {algo!r}; choose one of {ALGOS}")
-    if not named and (missing := missing_members(algo)):
-        raise TypeError(f"algo must be one of {ALGOS} or an object with the members of "
-                        f"refit_gym.rl.algorithm.Algorithm; {type(algo).__name__} lacks "
-                        f"{missing} (docs/own_agent.md)")
     if not named:
-        _check_json(algo)
-    if not named and (hyperparams or budget_seconds is not None):
-        raise ValueError(f"hyperparams and budget_seconds configure a built-in algorithm; "
-                         f"{algo.name} holds its own settings")
+        _check_own_algorithm(algo, hyperparams, budget_seconds)
     dist = current()
     out_dir = Path(out_dir)
     torch.manual_seed(seed)
@@ -367,10 +360,20 @@ def _final_metrics(model: Backbone, data: Dataset, spec: EnvSpec, chain: Gaussia
                                    "test": tuned["test"]}}
 
 
-def _check_json(algo: Algorithm) -> None:
-    """An own algorithm's ``config`` enters the run's identity and metrics.json as JSON."""
+def _check_own_algorithm(algo: Any, hyperparams: dict[str, Any] | None,
+                         budget_seconds: float | None) -> None:
+    """Refuse, before any work, an own algorithm object that breaks the driver's rules: every
+    :class:`Algorithm` member, a ``config`` that enters the run's identity and metrics.json as
+    JSON, and no settings meant for a built-in algorithm."""
+    if missing := missing_members(algo):
+        raise TypeError(f"algo must be one of {ALGOS} or an object with the members of "
+                        f"refit_gym.rl.algorithm.Algorithm; {type(algo).__name__} lacks "
+                        f"{missing} (docs/own_agent.md)")
     try:
         json.dumps(algo.config)
     except (TypeError, ValueError) as err:
         raise TypeError(f"{algo.name}.config must be JSON-able (numbers, strings, bools, None, "
                         f"lists and dicts of them): {err}") from err
+    if hyperparams or budget_seconds is not None:
+        raise ValueError(f"hyperparams and budget_seconds configure a built-in algorithm; "
+                         f"{algo.name} holds its own settings")
