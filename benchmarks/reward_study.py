@@ -79,6 +79,13 @@ SEQ_CONFIGS: dict[str, dict] = {
     # Appended, so the numbers of the committed reports' --only still name the same configs.
     "log-lik of the next item, tau 10": {
         "reward": "collaborative", "reward_params": {"tau": 10.0, "alphas": []}},
+    # p = (1 - w) e_target + w q(. | last history item), w = beta / (1 + beta): the Markov
+    # peer's next-item distribution mixed into the target (transition_blend.py measures the
+    # same mixture of the backbone's own softmax, with no training).
+    **{f"log-lik + w={w:g} transitions of the last item, tau {tau:g}": {
+        "reward": "collaborative",
+        "reward_params": {"tau": tau, "alphas": [], "transition_weight": w / (1 - w)}}
+       for tau in (1.0, 0.1) for w in (0.2, 0.5)},
 }
 
 
@@ -116,10 +123,12 @@ def main() -> None:
         start, last = result["history"][0], result["history"][-1]
         delta = last["valid"]["ndcg@20"] / start["valid"]["ndcg@20"] - 1
         rewards = [h["train_reward"] for h in result["history"][1:]]
+        best = max(result["history"], key=lambda h: h["valid"]["ndcg@20"])
         rows.append(
             f"| {number} | {name} | {rewards[0]:.4f} → {rewards[-1]:.4f} | "
             f"{start['fixed_reward']:.4f} → {last['fixed_reward']:.4f} | "
             f"{start['valid']['ndcg@20']:.4f} → {last['valid']['ndcg@20']:.4f} ({delta:+.1%}) "
+            f"| {best['valid']['ndcg@20']:.4f} ({best['epoch']}) "
             f"| {start['valid'][hits]:.4f} → {last['valid'][hits]:.4f} | "
             f"{result['wall_time_s']:.0f} |")
         print(rows[-1], flush=True)
@@ -131,12 +140,14 @@ def main() -> None:
         + "".join(f", {key}={value}" for key, value in overrides.items()) + "; "
         f"seed {args.seed}; backbone `{args.checkpoint}`. Columns: mean training reward of the "
         "first → last epoch; the reward of the backbone's own chain on 256 fixed training "
-        f"episodes, start → last epoch; validation NDCG@20 and {hits} of the pretrained start → "
-        "the last epoch (a stochastic backbone: on the tuned chain, "
+        f"episodes, start → last epoch; validation NDCG@20 of the pretrained start → the last "
+        "epoch, and its best selection pass (epoch; 0 is the start), and validation "
+        f"{hits} (a stochastic backbone: on the tuned chain, "
         f"{spec.pretrain.selection_sampling_seeds} sampling seed); training seconds. Test "
         "metrics are not used here.", "",
-        f"| # | reward | train reward | fixed episodes | valid ndcg@20 | valid {hits} | s |",
-        "|---|---|---|---|---|---|---|", *rows,
+        f"| # | reward | train reward | fixed episodes | valid ndcg@20 | best valid ndcg@20 "
+        f"(epoch) | valid {hits} | s |",
+        "|---|---|---|---|---|---|---|---|", *rows,
     ])
 
 

@@ -176,6 +176,30 @@ def test_sequential_rewards_against_direct_computations() -> None:
         make_reward("ndcg", {"alphas": [0.5]}, data)
 
 
+def test_transition_weight_credits_what_follows_the_last_history_item() -> None:
+    data = _tiny_sequences()  # training transitions 0 -> 1, 1 -> 2 (twice), 2 -> 0, 3 -> 3
+    pad = data.n_items
+    history = torch.tensor([[0, 1], [4, pad], [pad, pad]])  # last items 1, 4 (never followed), none
+    target = torch.eye(5)[[0, 3, 1]]
+    reward = make_reward("collaborative", {"tau": 0.5, "transition_weight": 1.0}, data)
+    rel = reward.relevance(target, None, {"history": history})
+    want = torch.stack([(torch.eye(5)[0] + torch.eye(5)[2]) / 2, torch.eye(5)[3], torch.eye(5)[1]])
+    torch.testing.assert_close(rel, want)
+    scores = torch.randn(3, 5)
+    torch.testing.assert_close(reward(scores, rel, None),
+                               (want * torch.log_softmax(scores / 0.5, -1)).sum(-1))
+    with pytest.raises(ValueError, match="inputs"):
+        reward.relevance(target, None)
+    with pytest.raises(ValueError, match=">= 0"):
+        make_reward("collaborative", {"transition_weight": -0.5}, data)
+
+
+def test_transition_weight_is_refused_for_collaborative_filtering(problem) -> None:
+    train, _, _ = problem
+    with pytest.raises(ValueError, match="sequential"):
+        make_reward("collaborative", {"transition_weight": 0.5}, as_data(train))
+
+
 def test_factor_cache_name_carries_its_format(problem, monkeypatch) -> None:
     import refit_gym.mdp.rewards as rewards
 

@@ -101,6 +101,14 @@ class SequenceData:
         return sp.csr_matrix((ones, (last[keep], self.targets["train"][keep])),
                              shape=(self.n_items, self.n_items))
 
+    def next_item_distribution(self) -> sp.csr_matrix:
+        """D_out^-1 C (n_items, n_items): row i is the distribution of the training targets
+        that follow item i (first order), zero for an item that no training row continues."""
+        counts = self.transitions()
+        out_deg = np.asarray(counts.sum(axis=1)).ravel()
+        return (sp.diags(np.divide(1.0, out_deg, out=np.zeros_like(out_deg), where=out_deg > 0))
+                @ counts).tocsr()
+
     @cached_property
     def sequence_end_rows(self) -> np.ndarray:
         """Indices of the training rows that no later row extends: each training sequence's

@@ -58,7 +58,7 @@ class DenoisingMDP:
         self.inputs = source.empty_inputs(num_rows)
         # The reward's per-episode target, shaped as the reward makes it (items or a state).
         self.relevance = reward.relevance(torch.zeros(num_rows, self.n_items, device=d),
-                                          source.visible(self.inputs))
+                                          source.visible(self.inputs), self.inputs)
 
     @property
     def num_rows(self) -> int:
@@ -83,7 +83,8 @@ class DenoisingMDP:
             raise IndexError(f"episode ids must be in [0, {self.n_episodes}), got "
                              f"{episodes.min().item()}..{episodes.max().item()}")
         start = self.source.start(episodes, generator)
-        relevance = self.reward.relevance(start.target, self.source.visible(start.inputs))
+        relevance = self.reward.relevance(start.target, self.source.visible(start.inputs),
+                                          start.inputs)
         steps = torch.full_like(episodes, self.steps)
         if torch.equal(rows, torch.arange(self.num_rows, device=self.device)):
             # All rows start together (the usual case): the new tensors become the state.

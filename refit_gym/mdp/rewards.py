@@ -162,6 +162,25 @@ class TransitionPropagator:
 Propagate = Propagator | TransitionPropagator
 
 
+class NextItemPrior:
+    """histories (B, L) -> q(. | last item) (B, n_items): each row's first-order next-item
+    distribution (:meth:`SequenceData.next_item_distribution`, as the Markov peer's) from its
+    latest history item (histories right-padded with n_items); zero for an empty history or a
+    last item that no training row continues. One sparse product per batch, no host sync."""
+
+    def __init__(self, data: SequenceData, device: torch.device | str = "cpu") -> None:
+        self.n_items = data.n_items
+        self.Tt = _sparse_tensor(data.next_item_distribution().T, torch.device(device))
+
+    def __call__(self, history: Tensor) -> Tensor:
+        length = (history != self.n_items).sum(1)
+        last = history.gather(1, (length - 1).clamp(min=0).unsqueeze(1)).squeeze(1)
+        onehot = torch.zeros(len(history), self.n_items, device=history.device)
+        onehot[torch.arange(len(history), device=history.device),
+               last.clamp(max=self.n_items - 1)] = (length > 0).float()
+        return torch.sparse.mm(self.Tt, onehot.T.contiguous()).T
+
+
 def _ranking_scores(scores: Tensor, visible: Tensor | None) -> Tensor:
     """Scores as the scenario ranks them: items the input shows (CF history) are excluded."""
     return scores if visible is None else scores.masked_fill(visible > 0, -torch.inf)
@@ -176,8 +195,10 @@ class Reward(ABC):
     on_state: ClassVar[bool] = False  # True: scored on the final state x_0, not item scores
 
     @abstractmethod
-    def relevance(self, target: Tensor, visible: Tensor | None) -> Tensor:
-        """Per-episode weights (B, n) from the target items (B, n)."""
+    def relevance(self, target: Tensor, visible: Tensor | None,
+                  inputs: Mapping[str, Tensor] | None = None) -> Tensor:
+        """Per-episode weights (B, n) from the target items (B, n); ``inputs``: the episodes'
+        inputs (sequential: ``"history"`` (B, L)), for a reward that reads them."""
 
     @abstractmethod
     def __call__(self, scores: Tensor, relevance: Tensor, visible: Tensor | None) -> Tensor:
@@ -185,22 +206,34 @@ class Reward(ABC):
 
 
 class CollaborativeReward(Reward):
-    """sum_i p_i log softmax(x0 / tau)_i with p ~ y + sum_k alpha_k y S^k (cross-entropy)."""
+    """sum_i p_i log softmax(x0 / tau)_i with p ~ y + sum_k alpha_k y S^k + beta q(. | last
+    item) (cross-entropy); the last term (sequential, ``next_item``) credits the items that
+    follow the episode's latest history item in the training transitions."""
 
     name = "collaborative"
 
     def __init__(self, propagator: Propagate | None, alphas: Sequence[float], tau: float,
-                 exclude_history: bool) -> None:
+                 exclude_history: bool, next_item: NextItemPrior | None = None,
+                 beta: float = 0.0) -> None:
         if alphas and propagator is None:
             raise ValueError("alphas need a propagator")
+        if beta and next_item is None:
+            raise ValueError("a transition weight needs the next-item prior")
         self.propagator, self.alphas = propagator, list(alphas)
         self.tau, self.exclude_history = tau, exclude_history
+        self.next_item, self.beta = next_item, beta
 
-    def relevance(self, target: Tensor, visible: Tensor | None) -> Tensor:
+    def relevance(self, target: Tensor, visible: Tensor | None,
+                  inputs: Mapping[str, Tensor] | None = None) -> Tensor:
         p = target.clone()
         if self.alphas:
             for alpha, hop in zip(self.alphas, self.propagator(target)):
                 p.add_(hop, alpha=alpha)
+        if self.beta:
+            if inputs is None or "history" not in inputs:
+                raise ValueError("transition_weight scores the episode's last history item: "
+                                 "pass the episodes' inputs (a sequential id's)")
+            p.add_(self.next_item(inputs["history"]), alpha=self.beta)
         if self.exclude_history and visible is not None:
             p.masked_fill_(visible > 0, 0.0)
         p.clamp_(min=0.0)  # a low-rank S can dip below zero
@@ -224,7 +257,8 @@ class HitReward(Reward):
     def __init__(self, k: int = 20) -> None:
         self.k = k
 
-    def relevance(self, target: Tensor, visible: Tensor | None) -> Tensor:
+    def relevance(self, target: Tensor, visible: Tensor | None,
+                  inputs: Mapping[str, Tensor] | None = None) -> Tensor:
         return target.clone()
 
     def __call__(self, scores: Tensor, relevance: Tensor, visible: Tensor | None) -> Tensor:
@@ -247,7 +281,8 @@ class NDCGReward(Reward):
             raise ValueError("graded NDCG needs a propagator")
         self.k, self.propagator, self.alphas = k, propagator, list(alphas)
 
-    def relevance(self, target: Tensor, visible: Tensor | None) -> Tensor:
+    def relevance(self, target: Tensor, visible: Tensor | None,
+                  inputs: Mapping[str, Tensor] | None = None) -> Tensor:
         rel = target.clone()
         if self.alphas:
             graded = sum(a * hop for a, hop in zip(self.alphas, self.propagator(target)))
@@ -277,7 +312,8 @@ class NegativeMSEReward(Reward):
     def __init__(self, item_embeddings: Tensor | None = None) -> None:
         self.item_embeddings = item_embeddings
 
-    def relevance(self, target: Tensor, visible: Tensor | None) -> Tensor:
+    def relevance(self, target: Tensor, visible: Tensor | None,
+                  inputs: Mapping[str, Tensor] | None = None) -> Tensor:
         if self.item_embeddings is not None:  # target @ E over the few target items, O(nnz d)
             rows, items = target.nonzero(as_tuple=True)
             weighted = self.item_embeddings[items] * target[rows, items].unsqueeze(-1)
@@ -290,7 +326,8 @@ class NegativeMSEReward(Reward):
 
 
 REWARD_PARAMS: dict[str, set[str]] = {
-    "collaborative": {"alphas", "tau", "exclude_history", "propagation", "rank"},
+    "collaborative": {"alphas", "tau", "exclude_history", "propagation", "rank",
+                      "transition_weight"},
     "hit": {"k"},
     "ndcg": {"k", "alphas", "propagation", "rank"},
     "neg_mse": set(),
@@ -328,8 +365,16 @@ def make_reward(
             rank = int(params.get("rank", 256)) if mode == "lowrank" else None
             propagator = Propagator(data.train, len(alphas), rank, device, cache_dir)
     if name == "collaborative":
-        return CollaborativeReward(propagator, alphas, float(params.get("tau", 0.05)),
-                                   bool(params.get("exclude_history", False)))
+        beta = float(params.get("transition_weight", 0.0))
+        if beta and not isinstance(data, SequenceData):
+            raise ValueError("transition_weight applies to sequential ids (it weights the items "
+                             "that follow the episode's last history item)")
+        if not beta >= 0:
+            raise ValueError(f"transition_weight must be >= 0, got {beta}")
+        return CollaborativeReward(
+            propagator, alphas, float(params.get("tau", 0.05)),
+            bool(params.get("exclude_history", False)),
+            NextItemPrior(data, device) if beta else None, beta)
     if name == "hit":
         return HitReward(int(params.get("k", 20)))
     if name == "ndcg":

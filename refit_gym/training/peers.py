@@ -261,10 +261,7 @@ class Markov(Peer):
         self.smoothing = smoothing
 
     def fit(self, data: SequenceData, seed: int) -> Markov:
-        counts = data.transitions()
-        out_deg = np.asarray(counts.sum(axis=1)).ravel()
-        self.transitions = (sp.diags(np.divide(1.0, out_deg, out=np.zeros_like(out_deg),
-                                               where=out_deg > 0)) @ counts).tocsr()
+        self.transitions = data.next_item_distribution()
         popularity = np.bincount(data.targets["train"], minlength=data.n_items).astype(float)
         self.prior = (popularity / popularity.sum()).astype(np.float32)
         self.n_items = data.n_items
