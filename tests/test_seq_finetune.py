@@ -54,3 +54,15 @@ def test_every_algorithm_runs_on_the_sequential_id(algo: str, checkpoint: Path,
     assert set(result["test"]) == {f"{m}@{k}" for m in ("hr", "ndcg") for k in (10, 20, 50)}
     assert result["history"][0]["fixed_reward"] < 0 and len(result["history"]) >= 2
     assert result["valid"]["ndcg@20"] >= 0
+
+
+def test_the_whole_chain_is_evaluated_once(checkpoint: Path, tmp_path) -> None:
+    """When the agents tune every trained step, the tuned chain is the backbone's own: its
+    metrics are the own sampler's (one evaluation, not two)."""
+    spec = load_env_spec(SEQ)
+    result = finetune(spec, cached_dataset(SEQ, None), checkpoint, "continue", tmp_path,
+                      seed=1, budget_seconds=1, progress=False,
+                      env_kwargs={"steps": spec.diffusion.steps})
+    assert result["tuned_chain"]["steps"] == spec.diffusion.steps
+    assert result["tuned_chain"]["valid"] == result["valid"]
+    assert result["tuned_chain"]["test"] == result["test"]
