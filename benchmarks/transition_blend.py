@@ -70,6 +70,9 @@ def main() -> None:
                         help="comma-separated blend weights w of the Markov peer, in [0, 1]")
     parser.add_argument("--tau", type=float, default=1.0,
                         help="the backbone's softmax temperature (1: its training loss's)")
+    parser.add_argument("--sampling-seeds", type=int, default=None,
+                        help="sampling seeds of every evaluation (default: the spec's final "
+                             "number; a chain that decides nothing needs one)")
     parser.add_argument("--name", default=None)
     args = parser.parse_args()
     weights = [float(w) for w in args.weights.split(",")]
@@ -77,11 +80,14 @@ def main() -> None:
         parser.error("--weights must lie in [0, 1] and include 0 (the backbone alone)")
     if args.tau <= 0:
         parser.error("--tau must be positive")
+    if args.sampling_seeds is not None and args.sampling_seeds < 1:
+        parser.error("--sampling-seeds must be at least 1")
     spec, data = sequential_id(args.env)
+    seeds = args.sampling_seeds or spec.pretrain.final_sampling_seeds
     markov = Markov().fit(data, seed=0)
     runs = [run.partition("=")[::2] for run in args.run]
     evaluate = dict(ks=(10, 20), batch_size=spec.pretrain.eval_batch_size,
-                    sampling_seeds=range(spec.pretrain.final_sampling_seeds))
+                    sampling_seeds=range(seeds))
     rows, valid, tests = [], {w: [] for w in weights}, []
     for label, checkpoint in runs:
         model, _ = spec.load_backbone(checkpoint, data.n_items)
@@ -101,8 +107,8 @@ def main() -> None:
     lines = [
         f"Checkpoints: {', '.join(f'{label} = `{path}`' for label, path in runs)}. Backbone "
         f"softmax at tau {args.tau:g}; the Markov peer as the bench fits it (smoothing "
-        f"{markov.smoothing:g}); validation and test over the spec's "
-        f"{spec.pretrain.final_sampling_seeds} sampling seeds, each weight on the same x_0.", "",
+        f"{markov.smoothing:g}); validation and test over {seeds} sampling "
+        f"seed{'s' if seeds > 1 else ''}, each weight on the same x_0.", "",
         "| run | weight w | " + " | ".join(f"valid {m}" for m in METRICS) + " |",
         "|---|---|" + "---|" * len(METRICS), *rows, "",
         "Mean validation NDCG@20 over the runs, by weight:", "",
