@@ -79,9 +79,9 @@ SEQ_CONFIGS: dict[str, dict] = {
     # Appended, so the numbers of the committed reports' --only still name the same configs.
     "log-lik of the next item, tau 10": {
         "reward": "collaborative", "reward_params": {"tau": 10.0, "alphas": []}},
-    # p = (1 - w) e_target + w q(. | last history item), w = beta / (1 + beta): the Markov
-    # peer's next-item distribution mixed into the target (transition_blend.py measures the
-    # same mixture of the backbone's own softmax, with no training).
+    # p = (1 - w) e_target + w q(. | last history item), w = beta / (1 + beta): the first-order
+    # next-item distribution mixed into the target (transition_blend.py mixes the backbone's
+    # own softmax with the Markov peer, q plus popularity smoothing, with no training).
     **{f"log-lik + w={w:g} transitions of the last item, tau {tau:g}": {
         "reward": "collaborative",
         "reward_params": {"tau": tau, "alphas": [], "transition_weight": w / (1 - w)}}

@@ -16,6 +16,7 @@ test (never used to choose) is reported at w = 0 and at the chosen w. From bench
 from __future__ import annotations
 
 import argparse
+import math
 
 import torch
 from common import mean_std, sequential_id, write_result
@@ -46,7 +47,7 @@ class SampledFinalStates:
 
 
 class TransitionBlend:
-    """A ranker: (1 - weight) softmax(scores / tau) + weight q_markov(. | last item)."""
+    """A ranker: log((1 - weight) softmax(scores / tau) + weight q_markov(. | last item))."""
 
     def __init__(self, final_states: SampledFinalStates, markov: Markov, weight: float,
                  tau: float) -> None:
@@ -54,12 +55,17 @@ class TransitionBlend:
 
     def rank_scores(self, batch: dict[str, Tensor], chain: GaussianDiffusion | None = None,
                     generator: torch.Generator | None = None) -> Tensor:
+        # log p in log space, so that w = 0 ranks exactly as the backbone (no float32 underflow
+        # ties) and w = 1 exactly as the peer.
         model = self.final_states.backbone
-        backbone = torch.softmax(model.scores(self.final_states(batch, chain, generator))
-                                 / self.tau, dim=-1)
+        backbone = torch.log_softmax(model.scores(self.final_states(batch, chain, generator))
+                                     / self.tau, dim=-1)
         peer = self.markov.rank_scores(batch)
-        peer = peer / peer.sum(dim=-1, keepdim=True)
-        return (1 - self.weight) * backbone + self.weight * peer
+        peer = (peer / peer.sum(dim=-1, keepdim=True)).log()
+        return torch.logaddexp(backbone + math.log1p(-self.weight) if self.weight < 1
+                               else torch.full_like(backbone, -torch.inf),
+                               peer + math.log(self.weight) if self.weight > 0
+                               else torch.full_like(peer, -torch.inf))
 
 
 def main() -> None:
@@ -86,6 +92,8 @@ def main() -> None:
     seeds = args.sampling_seeds or spec.pretrain.final_sampling_seeds
     markov = Markov().fit(data, seed=0)
     runs = [run.partition("=")[::2] for run in args.run]
+    if any(not label or not path for label, path in runs):
+        parser.error("--run takes LABEL=CHECKPOINT, e.g. --run 1=runs/seed1/denoiser.pt")
     evaluate = dict(ks=(10, 20), batch_size=spec.pretrain.eval_batch_size,
                     sampling_seeds=range(seeds))
     rows, valid, tests = [], {w: [] for w in weights}, []
@@ -106,8 +114,8 @@ def main() -> None:
     chosen = max(weights, key=lambda w: (sum(valid[w]), -w))  # a tie keeps the smaller weight
     lines = [
         f"Checkpoints: {', '.join(f'{label} = `{path}`' for label, path in runs)}. Backbone "
-        f"softmax at tau {args.tau:g}; the Markov peer as the bench fits it (smoothing "
-        f"{markov.smoothing:g}); validation and test over {seeds} sampling "
+        f"softmax at tau {args.tau:g}; the Markov peer at smoothing {markov.smoothing:g} "
+        f"(its normalised scores); validation and test over {seeds} sampling "
         f"seed{'s' if seeds > 1 else ''}, each weight on the same x_0.", "",
         "| run | weight w | " + " | ".join(f"valid {m}" for m in METRICS) + " |",
         "|---|---|" + "---|" * len(METRICS), *rows, "",

@@ -190,8 +190,9 @@ def test_transition_weight_credits_what_follows_the_last_history_item() -> None:
                                (want * torch.log_softmax(scores / 0.5, -1)).sum(-1))
     with pytest.raises(ValueError, match="inputs"):
         reward.relevance(target, None)
-    with pytest.raises(ValueError, match=">= 0"):
-        make_reward("collaborative", {"transition_weight": -0.5}, data)
+    for bad in (-0.5, float("inf"), float("nan"), "0.5", True):
+        with pytest.raises(ValueError, match="transition_weight must be a finite number"):
+            make_reward("collaborative", {"transition_weight": bad}, data)
 
 
 def test_transition_weight_is_refused_for_collaborative_filtering(problem) -> None:

@@ -12,13 +12,17 @@ Collaborative signal: the target is propagated over an item graph S, never forme
   through a rank-r factorisation S ~ V diag(s^2) V^T from a truncated SVD of
   D_U^-1/2 R D_I^-1/2 (GF-CF), O(n r) per user and O(nnz(R) r) once, cached per dataset.
 - Sequential (:class:`TransitionPropagator`): S = D_out^-1/2 C D_in^-1/2 over the item-transition
-  counts C of the training rows (C[i, j]: j follows i), one sparse product per hop.
+  counts C of the training rows (C[i, j]: j follows i), one sparse product per hop. The
+  collaborative reward may also credit what follows the episode's last history item,
+  q = D_out^-1 C from that item (:class:`NextItemPrior`; on a training row q counts the row's
+  own last-item-to-target pair among the others).
 Both are linear in users (rows) and in items.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -170,7 +174,7 @@ class NextItemPrior:
 
     def __init__(self, data: SequenceData, device: torch.device | str = "cpu") -> None:
         self.n_items = data.n_items
-        self.Tt = _sparse_tensor(data.next_item_distribution().T, torch.device(device))
+        self.next_item_t = _sparse_tensor(data.next_item_distribution().T, torch.device(device))
 
     def __call__(self, history: Tensor) -> Tensor:
         length = (history != self.n_items).sum(1)
@@ -178,7 +182,7 @@ class NextItemPrior:
         onehot = torch.zeros(len(history), self.n_items, device=history.device)
         onehot[torch.arange(len(history), device=history.device),
                last.clamp(max=self.n_items - 1)] = (length > 0).float()
-        return torch.sparse.mm(self.Tt, onehot.T.contiguous()).T
+        return torch.sparse.mm(self.next_item_t, onehot.T.contiguous()).T
 
 
 def _ranking_scores(scores: Tensor, visible: Tensor | None) -> Tensor:
@@ -365,12 +369,14 @@ def make_reward(
             rank = int(params.get("rank", 256)) if mode == "lowrank" else None
             propagator = Propagator(data.train, len(alphas), rank, device, cache_dir)
     if name == "collaborative":
-        beta = float(params.get("transition_weight", 0.0))
+        beta = params.get("transition_weight", 0.0)
+        if (isinstance(beta, bool) or not isinstance(beta, int | float)
+                or not math.isfinite(beta) or beta < 0):
+            raise ValueError(f"reward_params transition_weight must be a finite number >= 0, "
+                             f"got {beta!r}")
         if beta and not isinstance(data, SequenceData):
-            raise ValueError("transition_weight applies to sequential ids (it weights the items "
-                             "that follow the episode's last history item)")
-        if not beta >= 0:
-            raise ValueError(f"transition_weight must be >= 0, got {beta}")
+            raise ValueError("reward_params transition_weight applies to sequential ids (it "
+                             "weights the items that follow the episode's last history item)")
         return CollaborativeReward(
             propagator, alphas, float(params.get("tau", 0.05)),
             bool(params.get("exclude_history", False)),

@@ -354,7 +354,8 @@ def _final_metrics(model: Backbone, data: Dataset, spec: EnvSpec, chain: Gaussia
     """A stochastic backbone over ``final_sampling_seeds``: its own full sampler (``valid``,
     ``test`` and their spreads and splits) and the tuned chain (``tuned_chain``)."""
     own = evaluate(model, data, spec.pretrain, device=device)
-    whole_chain = chain.steps == model.diffusion.steps and not chain.stop_step  # the same chain
+    whole_chain = (chain.steps == model.diffusion.steps and not chain.stop_step
+                   and chain.config == model.diffusion.config)  # the backbone's own chain
     tuned = own if whole_chain else evaluate(model, data, spec.pretrain, device=device,
                                              chain=chain)
     stop = {"stop_step": chain.stop_step} if chain.stop_step else {}
