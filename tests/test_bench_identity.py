@@ -21,7 +21,7 @@ def test_cells_record_identity_and_are_reused_only_when_it_matches(tmp_path: Pat
     report = tmp_path / "seed1" / "pop" / "metrics.json"
     cell = json.loads(report.read_text())
     assert cell["identity"] == {"algo": "pop", "seed": 1, "hyperparams": [{}],
-                                "spec": bench.spec_digest(spec),
+                                "spec": bench.spec_digest(spec, without=("env",)),
                                 "data": bench.data_digest(data),
                                 "version": cell["identity"]["version"]}
     assert set(cell["machine"]) == {"cpu", "cpu_capability", "threads", "torch", "device"}
@@ -144,3 +144,20 @@ def test_a_new_default_reward_keeps_the_backbones_not_the_tuned_cells(tmp_path: 
         bench.reuse_cell(pretrain_cell, backbone, reward)
     with pytest.raises(ValueError, match="not fields of a spec"):
         bench.spec_digest(spec, without=("reward",))
+
+
+def test_a_new_default_reward_keeps_the_peers(tmp_path: Path) -> None:
+    import dataclasses
+
+    spec, data = load_env_spec(SYN), cached_dataset(SYN, None)
+    reward = dataclasses.replace(spec, env={**spec.env, "reward_params": {"tau": 3.0}})
+    peer = bench.peer_identity("pop", spec, data, 1)
+    assert bench.peer_identity("pop", reward, data, 1) == peer  # a peer ignores [env]
+    assert bench.peer_identity("ease", spec, data, 1) != peer
+    cell = tmp_path / "pop"
+    cell.mkdir()
+    legacy = {**peer, "spec": bench.spec_digest(spec)}  # an earlier version's: [env] included
+    (cell / "metrics.json").write_text(json.dumps({"identity": legacy}))
+    assert bench.reuse_cell(cell, peer, spec) == {"identity": legacy}
+    with pytest.raises(bench.CellMismatch, match="computed with spec = "):
+        bench.reuse_cell(cell, peer, reward)

@@ -6,8 +6,9 @@ an interrupted cell resumes), then ``results.json``, ``results.md``, ``learning_
 
 Every cell's metrics.json records its ``identity`` (what decides its numbers: the algorithm
 and seed, its hyperparameters after ``--set``, env kwargs, the digests of the spec (a pretrain
-cell's without [env]) and of the data, the project version, and for a fine-tuned cell its
-pretrain cell's identity) and the ``machine`` it ran on (CPU model, torch's CPU capability,
+or peer cell's without [env], which they never read) and of the data, the project version,
+and for a fine-tuned cell its pretrain cell's identity) and the ``machine`` it ran on (CPU
+model, torch's CPU capability,
 threads, torch version, device). A finished cell is reused only when its identity is the one
 this bench would give it; otherwise bench refuses, before any work, with one line naming the
 first key that differs. The machine is not part of the identity (a cell computed elsewhere is
@@ -69,7 +70,7 @@ class CellMismatch(ValueError):
 def reuse_cell(cell: Path, identity: dict[str, Any], spec: EnvSpec) -> dict[str, Any] | None:
     """The finished cell's metrics if its recorded identity is ``identity``; None if the cell
     is not finished; :class:`CellMismatch` (one line naming the key) if it differs. ``spec``:
-    the bench's, to read identities recorded before pretraining's left out [env]."""
+    the bench's, to read identities recorded before pretraining's and the peers' left out [env]."""
     report = cell / "metrics.json"
     if not report.is_file():
         return None
@@ -108,6 +109,13 @@ def pretrain_identity(spec: EnvSpec, data: Dataset, seed: int, max_epochs: int |
     return identity
 
 
+def peer_identity(algo: str, spec: EnvSpec, data: Dataset, seed: int) -> dict[str, Any]:
+    """What decides a peer's cell: its grid and seed, the data and the spec but its [env] (a
+    peer never reads the MDP's settings, so a new default reward keeps the peers' cells)."""
+    return {"algo": algo, "seed": seed, "hyperparams": grid(algo, spec.id),
+            **common_identity(spec, data), "spec": spec_digest(spec, without=("env",))}
+
+
 def finetune_identity(algo: str, seed: int, hyperparams: dict[str, Any],
                       env_kwargs: dict[str, Any] | None, pretrain: dict[str, Any],
                       common: dict[str, Any]) -> dict[str, Any]:
@@ -118,12 +126,12 @@ def finetune_identity(algo: str, seed: int, hyperparams: dict[str, Any],
 
 
 def _without_env_digest(recorded: dict[str, Any], spec: EnvSpec) -> dict[str, Any]:
-    """``recorded`` with a pretrain identity written by an earlier version, whose spec digest
-    had [env] too, read as the one without it when it is ``spec``'s (the same backbone)."""
+    """``recorded`` with a pretrain or peer identity written by an earlier version, whose spec
+    digest had [env] too, read as the one without it when it is ``spec``'s (the same cell)."""
     whole, without_env = spec_digest(spec), spec_digest(spec, without=("env",))
 
     def upgraded(identity: Any) -> Any:
-        if (isinstance(identity, dict) and identity.get("algo") == "pretrain"
+        if (isinstance(identity, dict) and identity.get("algo") in ("pretrain", *PEER_NAMES)
                 and identity.get("spec") == whole):
             return {**identity, "spec": without_env}
         return identity
@@ -185,8 +193,7 @@ def run_bench(
             identities[seed, "pretrain"] = backbone
         for algo in ordered:
             if algo in PEER_NAMES:
-                identities[seed, algo] = {"algo": algo, "seed": seed,
-                                          "hyperparams": grid(algo, spec.id), **common}
+                identities[seed, algo] = peer_identity(algo, spec, data, seed)
             elif algo == STOP:
                 identities[seed, algo] = finetune_identity(algo, seed, {"stop_step": stops},
                                                            env_kwargs, backbone, common)
