@@ -4,19 +4,18 @@ Layout under ``--out``: ``seed<S>/pretrain`` and ``seed<S>/<algo>`` (each with m
 an interrupted cell resumes), then ``results.json``, ``results.md``, ``learning_curves.png`` and
 ``metrics.png``.
 
-Every cell's metrics.json records its ``identity`` (what decides its numbers: the algorithm
-and seed, its hyperparameters after ``--set``, env kwargs, the digests of the spec (a pretrain
-or peer cell's without [env], which they never read) and of the data, the project version,
-and for a fine-tuned cell its pretrain cell's identity) and the ``machine`` it ran on (CPU
-model, torch's CPU capability,
-threads, torch version, device). A finished cell is reused only when its identity is the one
-this bench would give it; otherwise bench refuses, before any work, with one line naming the
-first key that differs. The machine is not part of the identity (a cell computed elsewhere is
-reused), so results.md lists every cell with where it ran. ``pretrained`` is the backbone
-itself; ``stop`` (sequential ids) is the same weights with the chain stopped at the step
-chosen on validation; ``continue`` trains it with its own loss for the wall time the ReFiT run
-of the same seed took; the peers (pop, itemknn, ..., sasrec) are tuned on validation over
-their agents/<peer>.toml grids.
+Every cell's metrics.json records its ``identity`` (what decides its numbers: the algorithm and
+seed, its hyperparameters after ``--set``, env kwargs, the digests of the spec (a pretrain or
+peer cell's without [env], which they never read) and of the data, the project version, and for
+a fine-tuned cell its pretrain cell's identity) and the ``machine`` it ran on (CPU model,
+torch's CPU capability, threads, torch version, device). A finished cell is reused only when
+its identity is the one this bench would give it; otherwise bench refuses, before any work,
+with one line naming the first key that differs. The machine is not part of the identity (a
+cell computed elsewhere is reused), so results.md lists every cell with where it ran.
+``pretrained`` is the backbone itself; ``stop`` (sequential ids) is the same weights with the
+chain stopped at the step chosen on validation; ``continue`` trains it with its own loss for
+the wall time the ReFiT run of the same seed took; the peers (pop, itemknn, ..., sasrec) are
+tuned on validation over their agents/<peer>.toml grids.
 """
 
 from __future__ import annotations
