@@ -56,13 +56,60 @@ def test_every_algorithm_runs_on_the_sequential_id(algo: str, checkpoint: Path,
     assert result["valid"]["ndcg@20"] >= 0
 
 
-def test_the_whole_chain_is_evaluated_once(checkpoint: Path, tmp_path) -> None:
+def test_the_whole_chain_is_evaluated_once(checkpoint: Path, tmp_path, monkeypatch) -> None:
     """When the agents tune every trained step, the tuned chain is the backbone's own: its
-    metrics are the own sampler's (one evaluation, not two)."""
-    spec = load_env_spec(SEQ)
-    result = finetune(spec, cached_dataset(SEQ, None), checkpoint, "continue", tmp_path,
-                      seed=1, budget_seconds=1, progress=False,
-                      env_kwargs={"steps": spec.diffusion.steps})
-    assert result["tuned_chain"]["steps"] == spec.diffusion.steps
-    assert result["tuned_chain"]["valid"] == result["valid"]
-    assert result["tuned_chain"]["test"] == result["test"]
+    metrics are the own sampler's, evaluated once, not a second time on an equal chain; a
+    respaced chain is still evaluated on its own."""
+    import importlib
+
+    import numpy as np
+
+    from refit_gym.mdp.gym_env import EnvSettings
+
+    driver = importlib.import_module("refit_gym.training.finetune")  # the package's name is the
+    # function's
+
+    spec, data = load_env_spec(SEQ), cached_dataset(SEQ, None)
+    model, _ = load_backbone(checkpoint, data.n_items)
+    model.eval()
+    whole = EnvSettings.resolve(spec, {"steps": spec.diffusion.steps,
+                                       "checkpoint": str(checkpoint)})
+    chain = whole.build_source(spec, data, model.item_table().detach()).chain
+    assert chain.timesteps is None  # the shortcut's premise: the same steps and schedule ...
+    batch = data.batch("valid", np.arange(32))
+    batch["row"] = torch.arange(32)
+    torch.testing.assert_close(  # ... draw for draw, the same final states
+        model.generate(batch, chain, torch.Generator().manual_seed(3)),
+        model.generate(batch, None, torch.Generator().manual_seed(3)), rtol=0, atol=0)
+
+    chains: list = []  # the chain of every evaluation inside the final metrics
+    evaluate, final_metrics, inside = driver.evaluate, driver._final_metrics, []
+
+    def counted(*args, **kwargs):
+        if inside:
+            chains.append(kwargs.get("chain"))
+        return evaluate(*args, **kwargs)
+
+    def watched(*args, **kwargs):
+        inside.append(True)
+        try:
+            return final_metrics(*args, **kwargs)
+        finally:
+            inside.pop()
+
+    monkeypatch.setattr(driver, "evaluate", counted)
+    monkeypatch.setattr(driver, "_final_metrics", watched)
+    for steps, out in ((spec.diffusion.steps, "whole"), (None, "respaced")):
+        chains.clear()
+        env_kwargs = {} if steps is None else {"steps": steps}
+        result = finetune(spec, data, checkpoint, "continue", tmp_path / out, seed=1,
+                          budget_seconds=1, progress=False, env_kwargs=env_kwargs)
+        tuned_passes = [c for c in chains if c is not None]
+        assert chains  # the final metrics were computed here
+        if steps is None:  # the id's 20 respaced steps: their own evaluation
+            assert result["tuned_chain"]["steps"] == 20 and tuned_passes
+        else:
+            assert result["tuned_chain"]["steps"] == spec.diffusion.steps
+            assert result["tuned_chain"]["valid"] == result["valid"]
+            assert result["tuned_chain"]["test"] == result["test"]
+            assert not tuned_passes  # the final metrics' evaluations are the own sampler's only

@@ -257,6 +257,10 @@ def test_transitions_count_consecutive_training_pairs() -> None:
     targets = {s: np.array([2, 3, 1, 1]) for s in ("train", "valid", "test")}
     data = SequenceData("toy", 4, histories, targets)
     assert data.last_items("train").tolist() == [1, -1, 2, 2]
+    from refit_gym.data.sequences import last_history_items
+
+    as_tensor = last_history_items(torch.from_numpy(histories["train"]), 4)  # the same, in torch
+    assert isinstance(as_tensor, torch.Tensor) and as_tensor.tolist() == [1, -1, 2, 2]
     expected = np.zeros((4, 4))
     expected[1, 2] = 1  # 0 1 -> 2
     expected[2, 1] = 2  # 2 -> 1, twice; the empty history adds nothing

@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import scipy.sparse as sp
@@ -160,11 +160,17 @@ class SequenceData:
         return f"{self.name}: {self.n_items} items, history length {self.max_len}, rows {rows}"
 
 
-def last_history_items(history: np.ndarray, pad: int) -> np.ndarray:
-    """(rows,) the latest item of each right-padded history row (rows, L), or -1 if empty."""
+ArrayOrTensor = TypeVar("ArrayOrTensor", np.ndarray, torch.Tensor)
+
+
+def last_history_items(history: ArrayOrTensor, pad: int) -> ArrayOrTensor:
+    """(rows,) the latest item of each right-padded history row (rows, L), or -1 if empty; a
+    numpy array or a torch tensor in (on any device), the same kind out."""
+    numpy = isinstance(history, np.ndarray)
+    take, where = (np.take_along_axis, np.where) if numpy else (torch.take_along_dim, torch.where)
     length = (history != pad).sum(1)
-    last = history[np.arange(len(history)), np.maximum(length - 1, 0)]
-    return np.where(length > 0, last, -1)
+    last = take(history, (length - 1).clip(0)[:, None], 1)[:, 0]
+    return where(length > 0, last, -1)
 
 
 def validate_sequences(name: str, n_items: int, histories: Mapping[str, np.ndarray],

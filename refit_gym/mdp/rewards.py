@@ -37,6 +37,7 @@ from torch import Tensor
 from refit_gym.data import InteractionData, SequenceData
 from refit_gym.data.fileio import atomic_path
 from refit_gym.data.progress import announce
+from refit_gym.data.sequences import last_history_items
 
 
 def _sparse_tensor(matrix: sp.spmatrix, device: torch.device) -> Tensor:
@@ -167,22 +168,20 @@ Propagate = Propagator | TransitionPropagator
 
 
 class NextItemPrior:
-    """histories (B, L) -> q(. | last item) (B, n_items): each row's first-order next-item
-    distribution (:meth:`SequenceData.next_item_distribution`, as the Markov peer's) from its
-    latest history item (histories right-padded with n_items); zero for an empty history or a
-    last item that no training row continues. One sparse product per batch, no host sync."""
+    """histories (B, L) -> q(. | last item) (B, n_items) float32: each row's first-order
+    next-item distribution (:meth:`SequenceData.next_item_distribution`) from its latest history
+    item (histories right-padded with n_items); zero for an empty history or a last item that no
+    training row continues. The rows are selected from the sparse matrix: O(B n) for the dense
+    result, nothing more. The Markov peer ranks by it; the collaborative reward mixes it in."""
 
     def __init__(self, data: SequenceData, device: torch.device | str = "cpu") -> None:
         self.n_items = data.n_items
-        self.next_item_t = _sparse_tensor(data.next_item_distribution().T, torch.device(device))
+        self.distribution = _sparse_tensor(data.next_item_distribution(), torch.device(device))
 
     def __call__(self, history: Tensor) -> Tensor:
-        length = (history != self.n_items).sum(1)
-        last = history.gather(1, (length - 1).clamp(min=0).unsqueeze(1)).squeeze(1)
-        onehot = torch.zeros(len(history), self.n_items, device=history.device)
-        onehot[torch.arange(len(history), device=history.device),
-               last.clamp(max=self.n_items - 1)] = (length > 0).float()
-        return torch.sparse.mm(self.next_item_t, onehot.T.contiguous()).T
+        last = last_history_items(history, self.n_items)
+        rows = self.distribution.index_select(0, last.clamp(min=0)).to_dense()
+        return rows * (last >= 0).unsqueeze(1)
 
 
 def _ranking_scores(scores: Tensor, visible: Tensor | None) -> Tensor:

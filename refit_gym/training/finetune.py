@@ -354,10 +354,9 @@ def _final_metrics(model: Backbone, data: Dataset, spec: EnvSpec, chain: Gaussia
     """A stochastic backbone over ``final_sampling_seeds``: its own full sampler (``valid``,
     ``test`` and their spreads and splits) and the tuned chain (``tuned_chain``)."""
     own = evaluate(model, data, spec.pretrain, device=device)
-    whole_chain = (chain.steps == model.diffusion.steps and not chain.stop_step
-                   and chain.config == model.diffusion.config)  # the backbone's own chain
-    tuned = own if whole_chain else evaluate(model, data, spec.pretrain, device=device,
-                                             chain=chain)
+    # A chain that is neither respaced nor stopped, on the backbone's schedule, is its own.
+    own_chain = chain.timesteps is None and chain.config == model.diffusion.config
+    tuned = own if own_chain else evaluate(model, data, spec.pretrain, device=device, chain=chain)
     stop = {"stop_step": chain.stop_step} if chain.stop_step else {}
     return {**own, "tuned_chain": {"steps": chain.steps, **stop, "valid": tuned["valid"],
                                    "test": tuned["test"]}}

@@ -40,7 +40,7 @@ from refit_gym.backbones.dreamrec import DreamRecConfig, HistoryEncoder
 from refit_gym.backbones.next_item import every_position_targets, last_positions
 from refit_gym.data import Dataset, InteractionData, SequenceData
 from refit_gym.data.progress import Progress
-from refit_gym.data.sequences import last_history_items
+from refit_gym.mdp.rewards import NextItemPrior
 from refit_gym.specs import EnvSpec, PretrainConfig, load_agent_hyperparams
 from refit_gym.training.identity import data_digest
 from refit_gym.training.metrics import SELECTION_METRIC, evaluate
@@ -261,18 +261,15 @@ class Markov(Peer):
         self.smoothing = smoothing
 
     def fit(self, data: SequenceData, seed: int) -> Markov:
-        self.transitions = data.next_item_distribution()
+        self.next_item = NextItemPrior(data)
         popularity = np.bincount(data.targets["train"], minlength=data.n_items).astype(float)
-        self.prior = (popularity / popularity.sum()).astype(np.float32)
-        self.n_items = data.n_items
+        self.prior = torch.from_numpy((popularity / popularity.sum()).astype(np.float32))
         return self
 
     def rank_scores(self, batch, chain=None, generator=None) -> Tensor:
-        last = last_history_items(batch["history"].cpu().numpy(), self.n_items)
-        rows = self.transitions[np.maximum(last, 0)].toarray()
-        rows[last < 0] = 0.0
-        scores = rows + self.smoothing * self.prior
-        return torch.from_numpy(scores.astype(np.float32)).to(batch["history"].device)
+        history = batch["history"]
+        scores = self.next_item(history.cpu()) + self.smoothing * self.prior
+        return scores.to(history.device)
 
 
 class SASRec(Peer, nn.Module):
