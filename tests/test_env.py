@@ -173,11 +173,16 @@ def test_vector_env_is_native_and_autoresets_same_step() -> None:
     obs, info = venv.reset(seed=2)
     assert obs["x"].shape == (5, venv.single_action_space.shape[0]) and len(info["episode_id"]) == 5
     steps = venv.core.steps
-    for _ in range(steps):
+    np.testing.assert_array_equal(info["t"], obs["t"])
+    assert info["_t"].all() and info["_episode_id"].all()
+    played = info["episode_id"].copy()
+    for i in range(steps):
         last = obs
         obs, rewards, terminated, truncated, info = venv.step(obs["x"])
+        assert (info["t"] == steps - 1 - i).all()  # as ReFiTEnv's info["t"], after the step
     assert terminated.all() and not truncated.any() and ((rewards >= 0) & (rewards <= 1)).all()
     assert (obs["t"] == steps).all()  # already the next episode
+    np.testing.assert_array_equal(info["episode_id"], played)  # the episodes that ended
     np.testing.assert_array_equal(info["final_obs"]["x"], last["x"])  # the mean chain of x
     assert info["_final_obs"].all()
     again = gym.make_vec(SYN, num_envs=5)
@@ -192,9 +197,10 @@ def test_sb3_vec_env_same_step_autoreset_and_seed() -> None:
     obs = env.reset()
     env.seed(11)
     np.testing.assert_array_equal(env.reset()["x"], obs["x"])
-    for _ in range(env.core.steps):
+    for i in range(env.core.steps):
         prev = obs
         obs, _rewards, dones, infos = env.step(obs["x"])
+        assert [info["t"] for info in infos] == [env.core.steps - 1 - i] * 4
     assert dones.all() and (obs["t"] == env.core.steps).all()
     assert all(info["TimeLimit.truncated"] is False for info in infos)
     np.testing.assert_array_equal(infos[0]["terminal_observation"]["x"], prev["x"][0])

@@ -293,7 +293,8 @@ def _as_action_tensor(action: Any, shape: tuple[int, ...], device: torch.device)
     if array.shape != shape:
         raise ValueError(f"action shape {array.shape} != expected {shape}")
     if not np.issubdtype(array.dtype, np.floating):
-        raise TypeError(f"actions must be floating point, got dtype {array.dtype}")
+        raise TypeError(f"actions must be floating point, got dtype {array.dtype}: the action is "
+                        "the next state x_(t-1); pass np.asarray(action, dtype=np.float32)")
     return torch.tensor(array, dtype=torch.float32, device=device)  # a copy: the core keeps it
 
 
@@ -347,8 +348,9 @@ class ReFiTVectorEnv(gym.vector.VectorEnv):
 
     When rows terminate, the returned observation of those rows is already the first of their
     next episode; their final observation is in ``info["final_obs"]`` (batched like the
-    observation, valid where ``info["_final_obs"]`` is True). ``info["episode_id"]`` (N,) names
-    each row's episode of the step just taken (a finished row's: the one that ended);
+    observation, valid where ``info["_final_obs"]`` is True). ``info["episode_id"]`` and
+    ``info["t"]`` (N,) are each row's episode and steps left after the step just taken (a
+    finished row's: the episode that ended, t = 0), as ``ReFiTEnv``'s info has them;
     ``reset(options={"episodes": ids})`` starts the N given ones.
     """
 
@@ -375,18 +377,20 @@ class ReFiTVectorEnv(gym.vector.VectorEnv):
             raise ValueError(f"reset option 'episodes' must hold one episode id per row, shape "
                              f"({self.num_envs},), got shape {np.shape(episodes)}")
         self._episodes.reset_all(self.np_random, episodes)
-        return self._episodes.obs(), self._episode_info()
+        return self._episodes.obs(), self._episode_info(self.core.t)
 
-    def _episode_info(self) -> dict[str, Any]:
-        """Each row's episode id, with the mask Gymnasium's vector infos carry per key."""
-        return {"episode_id": self.core.episodes.cpu().numpy().copy(),
-                "_episode_id": np.ones(self.num_envs, dtype=bool)}
+    def _episode_info(self, t: torch.Tensor) -> dict[str, Any]:
+        """Each row's episode id and steps left ``t``, with the mask Gymnasium's vector infos
+        carry per key."""
+        every_row = np.ones(self.num_envs, dtype=bool)
+        return {"episode_id": self.core.episodes.cpu().numpy().copy(), "_episode_id": every_row,
+                "t": t.cpu().numpy().copy(), "_t": every_row.copy()}
 
     def step(self, actions: Any):
         tensor = _as_action_tensor(actions, self.action_space.shape, self.core.device)
         result = self.core.step(tensor)
         terminated = result.terminated.cpu().numpy()
-        info = self._episode_info()
+        info = self._episode_info(result.t)
         if terminated.any():
             info["final_obs"] = self._episodes.obs()
             info["_final_obs"] = terminated.copy()

@@ -27,8 +27,8 @@ class ReFiTVecEnv(VecEnv):
     ``group_size`` G > 1 plays each drawn episode (user or row) in G consecutive rows at once
     (rows [0, G) share it, then [G, 2G), ...), each with its own noise and holdout draw: the
     groups a group-relative baseline needs (:class:`refit_gym.rl.sb3_agents.GroupRelativeReward`).
-    Each row's info names its episode of the step in ``"episode_id"`` (``"episode"`` is left to
-    SB3's ``VecMonitor``).
+    Each row's info names its episode of the step in ``"episode_id"`` and its steps left after
+    it in ``"t"`` (``"episode"`` is left to SB3's ``VecMonitor``).
     """
 
     def __init__(self, env_id: str = "ReFiT-Synthetic-v0", num_envs: int = 8,
@@ -59,8 +59,9 @@ class ReFiTVecEnv(VecEnv):
         result = self.core.step(_as_action_tensor(
             self._actions, (self.num_envs, self.core.state_dim), self.core.device))
         dones = result.terminated.cpu().numpy()
-        infos: list[dict[str, Any]] = [{"episode_id": int(episode)}
-                                       for episode in self.core.episodes.cpu().numpy()]
+        infos: list[dict[str, Any]] = [
+            {"episode_id": int(episode), "t": int(t)}
+            for episode, t in zip(self.core.episodes.cpu().numpy(), result.t.cpu().numpy())]
         if dones.any():
             final = self._episodes.obs()
             for row in np.flatnonzero(dones):  # SB3 wants one info dict per finished row
