@@ -195,6 +195,19 @@ def _run_options(parser: argparse.ArgumentParser, set_help: str) -> None:
                         help='MDP overrides as for gym.make, e.g. \'{"reward": "ndcg"}\'')
 
 
+def _checkpoint(args: argparse.Namespace, spec: EnvSpec) -> Path:
+    """``--checkpoint``, else what ``refit-gym pretrain --env ID --seed S`` writes by default."""
+    if args.checkpoint is not None:
+        return Path(args.checkpoint)
+    path = default_checkpoint(spec.id, args.seed)
+    if not path.is_file():
+        raise CheckpointError(
+            f"no --checkpoint given and none at the default {path} under the current directory "
+            f"(where `refit-gym pretrain --env {spec.id} --seed {args.seed}` writes): run that "
+            "first, or pass --checkpoint PATH")
+    return path
+
+
 def cmd_finetune(args: argparse.Namespace) -> None:
     from refit_gym.training.finetune import finetune
 
@@ -203,7 +216,7 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     spec, data = _load(args)
     env_kwargs = _env_kwargs(args, spec, data)
     out = Path(args.out or f"runs/{spec.id}/{args.algo}-seed{args.seed}")
-    payload = finetune(spec, data, args.checkpoint, args.algo, out, seed=args.seed,
+    payload = finetune(spec, data, _checkpoint(args, spec), args.algo, out, seed=args.seed,
                        device=args.device, hyperparams=hyperparams,
                        env_kwargs=env_kwargs, budget_seconds=args.budget_seconds,
                        progress=not args.quiet, test_curve=args.test_curve)
@@ -273,8 +286,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("finetune", help="fine-tune a pretrained backbone (resumable)")
     _common(p)
-    p.add_argument("--algo", required=True, choices=ALGOS)
-    p.add_argument("--checkpoint", required=True, help="the pretrained denoiser.pt")
+    p.add_argument("--algo", required=True, choices=ALGOS,
+                   help="the agent (its settings per id: agents/<algo>.toml); continue trains "
+                   "the backbone further with its own loss for --budget-seconds")
+    p.add_argument("--checkpoint", default=None,
+                   help="the pretrained denoiser.pt (default: runs/<env>/pretrain-seed<S>/"
+                   "denoiser.pt, what pretrain writes for --seed S)")
     _seed_option(p)
     p.add_argument("--out", default=None, help="output folder (default runs/<env>/<algo>-seed<S>)")
     _run_options(p, "override a hyperparameter of agents/<algo>.toml (repeatable)")

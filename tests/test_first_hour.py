@@ -4,6 +4,7 @@ and bad settings get one clear line before any work starts."""
 from __future__ import annotations
 
 import io
+import json
 import re
 import sys
 from importlib import resources
@@ -112,7 +113,7 @@ def test_reset_refuses_option_keys_it_would_ignore() -> None:
     env = ReFiTEnv(SYN)
     with pytest.raises(ValueError, match=r"unknown keys \['episodes'\]; allowed: \['episode'\]"):
         env.reset(seed=0, options={"episodes": 3})
-    venv = ReFiTVectorEnv(2, SYN)
+    venv = ReFiTVectorEnv(SYN, 2)
     with pytest.raises(ValueError, match=r"unknown keys \['episode'\]; allowed: \['episodes'\]"):
         venv.reset(seed=0, options={"episode": 3})
     with pytest.raises(ValueError, match=r"one episode id per row, shape \(2,\), got shape \(3,\)"):
@@ -162,6 +163,57 @@ def test_sequential_default_checkpoint_error_names_where_it_looked(tmp_path, mon
         gym.make("ReFiT-SeqSynthetic-v0", checkpoint=str(named))
     assert (f"`refit-gym pretrain --env ReFiT-SeqSynthetic-v0 --out {named.parent}` writes "
             f"{named.parent / 'denoiser.pt'}") in str(error.value)
+
+
+def test_finetune_without_checkpoint_takes_pretrains_default_or_says_so(
+        tmp_path, monkeypatch, capsys, pretrained_synthetic: Path) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert main(["finetune", "--env", SYN, "--algo", "refit", "--seed", "2", "--quiet"]) != 0
+    err = capsys.readouterr().err
+    assert (f"no --checkpoint given and none at the default runs/{SYN}/pretrain-seed2/denoiser.pt"
+            in err and f"`refit-gym pretrain --env {SYN} --seed 2`" in err)
+    default = tmp_path / "runs" / SYN / "pretrain-seed2" / "denoiser.pt"
+    default.parent.mkdir(parents=True)
+    default.write_bytes(pretrained_synthetic.read_bytes())
+    report = tmp_path / "refit.json"
+    assert main(["finetune", "--env", SYN, "--algo", "refit", "--seed", "2", "--quiet",
+                 "--set", "epochs=1", "--set", "users_per_epoch=64", "--json", str(report)]) == 0
+    assert json.loads(report.read_text())["checkpoint"] == str(default.relative_to(tmp_path))
+
+
+def test_no_advice_to_upgrade_a_v0_id_to_its_v1(pretrained_seq_synthetic: Path) -> None:
+    import importlib
+    import warnings
+
+    from refit_gym.mdp import registration
+
+    with warnings.catch_warnings(record=True) as caught:  # pytest resets filters per test
+        warnings.simplefilter("always")
+        importlib.reload(registration)  # its filter, as `import refit_gym` sets it
+        gym.make("ReFiT-SeqSynthetic-v0", checkpoint=str(pretrained_seq_synthetic))
+        warnings.warn("\x1b[33mWARN: The environment Other-v0 is out of date.",
+                      DeprecationWarning, stacklevel=1)  # another package's ids keep it
+    assert [str(w.message) for w in caught if "out of date" in str(w.message)] == [
+        "\x1b[33mWARN: The environment Other-v0 is out of date."]
+
+
+def test_vector_faces_group_rows_and_report_reset_infos() -> None:
+    venv = gym.make_vec(SYN, num_envs=6, group_size=3)
+    assert venv.group_size == 3
+    _, info = venv.reset(seed=0)
+    np.testing.assert_array_equal(info["episode_id"], venv.core.episodes.numpy())
+    for _ in range(2):  # the first episodes, then the ones autoreset drew
+        groups = venv.core.episodes.numpy().reshape(2, 3)
+        assert (groups == groups[:, :1]).all()
+        for _ in range(venv.core.steps):
+            venv.step(np.zeros((6, 400), np.float32))
+    with pytest.raises(ValueError, match=r"num_envs \(4\) must be a positive multiple of "
+                       r"group_size \(3\)"):
+        gym.make_vec(SYN, num_envs=4, group_size=3)
+    env = ReFiTVecEnv(SYN, num_envs=2, seed=0)
+    env.reset()
+    assert env.reset_infos == [{"episode_id": int(e), "t": env.core.steps}
+                               for e in env.core.episodes]
 
 
 def test_another_ids_checkpoint_is_refused_unless_its_model_is_the_same(

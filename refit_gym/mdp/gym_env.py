@@ -352,19 +352,28 @@ class ReFiTVectorEnv(gym.vector.VectorEnv):
     ``info["t"]`` (N,) are each row's episode and steps left after the step just taken (a
     finished row's: the episode that ended, t = 0), as ``ReFiTEnv``'s info has them;
     ``reset(options={"episodes": ids})`` starts the N given ones.
+
+    ``group_size`` G > 1 plays each drawn episode in G consecutive rows at once (rows [0, G)
+    share one, then [G, 2G), ...), each with its own noise: the groups a group-relative
+    baseline needs, as :class:`refit_gym.mdp.ReFiTVecEnv`'s (``gym.make_vec(id, num_envs=64,
+    group_size=8)``).
     """
 
     metadata = {"autoreset_mode": gym.vector.AutoresetMode.SAME_STEP}
 
-    def __init__(self, num_envs: int = 1, env_id: str = "ReFiT-Synthetic-v0",
-                 **overrides: Any) -> None:
+    def __init__(self, env_id: str = "ReFiT-Synthetic-v0", num_envs: int = 1,
+                 group_size: int = 1, **overrides: Any) -> None:
         self.spec_, self.settings, self.core = make_core(env_id, num_envs, **overrides)
         self.num_envs = num_envs
         self.single_observation_space = observation_space(self.core)
         self.single_action_space = action_space(self.core)
         self.observation_space = batch_space(self.single_observation_space, num_envs)
         self.action_space = batch_space(self.single_action_space, num_envs)
-        self._episodes = BatchedEpisodes(self.core, self.settings.user_sampling)
+        self._episodes = BatchedEpisodes(self.core, self.settings.user_sampling, group_size)
+
+    @property
+    def group_size(self) -> int:
+        return self._episodes.group_size
 
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
         if isinstance(seed, (list, tuple, np.ndarray)):

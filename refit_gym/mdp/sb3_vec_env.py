@@ -49,7 +49,8 @@ class ReFiTVecEnv(VecEnv):
             self._rng = np.random.default_rng(self._seeds[0])
         self._reset_seeds()
         self._episodes.reset_all(self._rng)
-        self.reset_infos = [{} for _ in range(self.num_envs)]
+        self.reset_infos = [{"episode_id": int(episode), "t": int(t)} for episode, t in
+                            zip(self.core.episodes.cpu().numpy(), self.core.t.cpu().numpy())]
         return self._episodes.obs()
 
     def step_async(self, actions: np.ndarray) -> None:
