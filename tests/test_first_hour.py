@@ -181,6 +181,15 @@ def test_finetune_without_checkpoint_takes_pretrains_default_or_says_so(
     assert json.loads(report.read_text())["checkpoint"] == str(default.relative_to(tmp_path))
 
 
+def test_continue_without_a_budget_says_which_seconds(pretrained_synthetic: Path, tmp_path,
+                                                     capsys) -> None:
+    assert main(["finetune", "--env", SYN, "--algo", "continue", "--checkpoint",
+                 str(pretrained_synthetic), "--out", str(tmp_path / "c"), "--quiet"]) != 0
+    err = capsys.readouterr().err
+    assert "needs a wall-time budget, --budget-seconds S" in err and "wall_time_s" in err
+    assert not (tmp_path / "c").exists()  # refused before any work
+
+
 def test_no_advice_to_upgrade_a_v0_id_to_its_v1(pretrained_seq_synthetic: Path) -> None:
     import importlib
     import warnings

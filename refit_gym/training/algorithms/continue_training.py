@@ -28,7 +28,9 @@ class Continue:
 
     def __init__(self, setup: Setup) -> None:
         if setup.budget_seconds is None:
-            raise ValueError("--algo continue needs a wall-time budget (--budget-seconds)")
+            raise ValueError("--algo continue needs a wall-time budget, --budget-seconds S: the "
+                             "training seconds of the RL run it is compared with (wall_time_s "
+                             "in that run's metrics.json; `refit-gym bench` passes ReFiT's)")
         if unknown := sorted(set(setup.params) - set(CONTINUE_SETTINGS)):
             raise ValueError(f"continue has no setting {unknown}: it trains with the spec's "
                              f"[pretrain] protocol, of which --set may change "
