@@ -8,6 +8,10 @@ whether the target was ever a training target, and the same models under respace
         --seeds 1,2,3 --out runs/pretrain
     REFIT_DATA_DIR=../shared/data python benchmarks/pretrain_seeds.py --env ReFiT-Zhihu-v0 \
         --seeds 1,2,3 --out runs/pretrain --respaced 20,50
+
+``--max-epochs N`` caps the epochs at N instead of the spec's (a reused run must have been made
+with the same cap); ``--curve`` adds each seed's validation at every selection pass, to see
+whether a cap binds.
 """
 
 from __future__ import annotations
@@ -49,9 +53,17 @@ def main() -> None:
     parser.add_argument("--out", default="runs/pretrain")
     parser.add_argument("--respaced", default="",
                         help="comma-separated K: also evaluate each model on a K-step chain")
+    parser.add_argument("--max-epochs", type=int, default=None,
+                        help="cap on epochs (default: the spec's)")
+    parser.add_argument("--curve", action="store_true",
+                        help="also tabulate validation at every selection pass")
+    parser.add_argument("--name", default="",
+                        help="suffix of the report's name (pretrain_<env><name>.md)")
     args = parser.parse_args()
     spec = load_env_spec(args.env)
     config = spec.pretrain
+    cap = args.max_epochs or config.max_epochs
+    capped = str(cap) if cap == config.max_epochs else f"{cap}, not the spec's {config.max_epochs}"
     sampled = BACKBONES[spec.backbone_type][0].stochastic_inference  # the next-item backbones
     names = ("hr", "ndcg") if sampled else ("recall", "ndcg")
     keys = [f"{n}@{k}" for n in names for k in config.ks]
@@ -61,10 +73,14 @@ def main() -> None:
         out = Path(args.out) / f"{args.env}-seed{seed}"
         if not (out / "metrics.json").is_file():
             code = refit_gym(["pretrain", "--env", args.env, "--seed", str(seed), "--out",
-                              str(out), "--quiet"])
+                              str(out), "--max-epochs", str(cap), "--quiet"])
             if code:
                 raise SystemExit(code)
         result = json.loads((out / "metrics.json").read_text())
+        made_with = result.get("identity", {}).get("max_epochs") or config.max_epochs
+        if made_with != cap:
+            raise SystemExit(f"{out} was pretrained with at most {made_with} epochs, not "
+                             f"{cap}: pass --max-epochs {made_with}, or another --out")
         results.append(result)
         outs.append(out)
         rows.append(f"| {seed} | {result['best_epoch']} / {result['epochs']} | "
@@ -74,7 +90,7 @@ def main() -> None:
     lines = [
         f"Backbone {spec.backbone_type}; selection by validation {config.selection_metric} "
         f"(every {config.eval_every} epochs, patience {config.patience}, at most "
-        f"{config.max_epochs}); test reported, never used.", "",
+        f"{capped}); test reported, never used.", "",
         "| seed | best / last epoch | " + " | ".join(f"test {k}" for k in keys)
         + f" | valid {config.selection_metric} | wall s |",
         "|---" * (len(keys) + 4) + "|", *rows,
@@ -128,10 +144,32 @@ def main() -> None:
                              + " | ".join(mean_std([r["test"][k] for r in runs]) for k in keys)
                              + " |")
             lines.append("")
+    if args.curve:
+        lines += selection_curve(results, seeds, config.selection_metric)
     if args.env in REFERENCES:
         lines.append(REFERENCES[args.env])
-    write_result(f"pretrain_{args.env}", f"Pretraining the {spec.backbone_type} backbone, "
-                 f"{args.env}", lines)
+    write_result(f"pretrain_{args.env}{args.name}", f"Pretraining the {spec.backbone_type} "
+                 f"backbone, {args.env}", lines)
+
+
+def selection_curve(results: list[dict], seeds: list[int], metric: str) -> list[str]:
+    """Validation ``metric`` and NDCG@20 at every selection pass, a column per seed; the best
+    pass of each seed is in bold."""
+    passes = sorted({h["epoch"] for r in results for h in r["history"]})
+    by_epoch = [{h["epoch"]: h["valid"] for h in r["history"]} for r in results]
+    lines = [f"Validation at every selection pass ({metric} / ndcg@20; bold: the selected):", "",
+             "| epoch | " + " | ".join(f"seed {s}" for s in seeds) + " |",
+             "|---" * (len(seeds) + 1) + "|"]
+    for epoch in passes:
+        cells = []
+        for result, valid in zip(results, by_epoch):
+            if epoch not in valid:
+                cells.append("")
+                continue
+            cell = f"{valid[epoch][metric]:.4f} / {valid[epoch]['ndcg@20']:.4f}"
+            cells.append(f"**{cell}**" if epoch == result["best_epoch"] else cell)
+        lines.append(f"| {epoch} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
 
 
 if __name__ == "__main__":
