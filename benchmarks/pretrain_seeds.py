@@ -26,7 +26,8 @@ from common import mean_std, write_result
 from refit_gym.backbones import BACKBONES, load_backbone
 from refit_gym.cli import main as refit_gym
 from refit_gym.data import load_dataset
-from refit_gym.specs import load_env_spec
+from refit_gym.specs import EnvSpec, load_env_spec
+from refit_gym.training.identity import spec_digest
 from refit_gym.training.metrics import evaluate_sequential
 
 # Reference figures of the backbone's own code (../shared/data/README.md), in the table's units.
@@ -62,7 +63,9 @@ def main() -> None:
     args = parser.parse_args()
     spec = load_env_spec(args.env)
     config = spec.pretrain
-    cap = args.max_epochs or config.max_epochs
+    cap = config.max_epochs if args.max_epochs is None else args.max_epochs
+    if cap < 1:
+        raise SystemExit(f"--max-epochs must be at least 1, got {cap}")
     capped = str(cap) if cap == config.max_epochs else f"{cap}, not the spec's {config.max_epochs}"
     sampled = BACKBONES[spec.backbone_type][0].stochastic_inference  # the next-item backbones
     names = ("hr", "ndcg") if sampled else ("recall", "ndcg")
@@ -77,10 +80,13 @@ def main() -> None:
             if code:
                 raise SystemExit(code)
         result = json.loads((out / "metrics.json").read_text())
-        made_with = result.get("identity", {}).get("max_epochs") or config.max_epochs
+        made_with = cap_of(result, spec)
         if made_with != cap:
             raise SystemExit(f"{out} was pretrained with at most {made_with} epochs, not "
-                             f"{cap}: pass --max-epochs {made_with}, or another --out")
+                             f"{cap}: pass --max-epochs {made_with}, or another --out"
+                             if made_with else
+                             f"{out} was pretrained under another version of {args.env}'s "
+                             "spec, whose epoch cap this one may not share: pass another --out")
         results.append(result)
         outs.append(out)
         rows.append(f"| {seed} | {result['best_epoch']} / {result['epochs']} | "
@@ -150,6 +156,18 @@ def main() -> None:
         lines.append(REFERENCES[args.env])
     write_result(f"pretrain_{args.env}{args.name}", f"Pretraining the {spec.backbone_type} "
                  f"backbone, {args.env}", lines)
+
+
+def cap_of(result: dict, spec: EnvSpec) -> int | None:
+    """The epoch cap a pretraining run was made under, from its recorded identity: a cap it
+    names, else the spec's when the run's spec digest is this spec's (with or without [env], as
+    earlier versions recorded it); None when neither says."""
+    identity = result.get("identity", {})
+    if identity.get("max_epochs") is not None:
+        return identity["max_epochs"]
+    if identity.get("spec") in (spec_digest(spec), spec_digest(spec, without=("env",))):
+        return spec.pretrain.max_epochs
+    return None
 
 
 def selection_curve(results: list[dict], seeds: list[int], metric: str) -> list[str]:

@@ -213,10 +213,11 @@ def cmd_finetune(args: argparse.Namespace) -> None:
 
     hyperparams = parse_sets(args.set)
     check_agent_hyperparams(args.algo, hyperparams, f"--set for {args.algo}")
+    checkpoint = _checkpoint(args, _spec(args))  # before the data are read
     spec, data = _load(args)
     env_kwargs = _env_kwargs(args, spec, data)
     out = Path(args.out or f"runs/{spec.id}/{args.algo}-seed{args.seed}")
-    payload = finetune(spec, data, _checkpoint(args, spec), args.algo, out, seed=args.seed,
+    payload = finetune(spec, data, checkpoint, args.algo, out, seed=args.seed,
                        device=args.device, hyperparams=hyperparams,
                        env_kwargs=env_kwargs, budget_seconds=args.budget_seconds,
                        progress=not args.quiet, test_curve=args.test_curve)

@@ -166,7 +166,8 @@ def test_sequential_default_checkpoint_error_names_where_it_looked(tmp_path, mon
 
 
 def test_finetune_without_checkpoint_takes_pretrains_default_or_says_so(
-        tmp_path, monkeypatch, capsys, pretrained_synthetic: Path) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture,
+        pretrained_synthetic: Path) -> None:
     monkeypatch.chdir(tmp_path)
     assert main(["finetune", "--env", SYN, "--algo", "refit", "--seed", "2", "--quiet"]) != 0
     err = capsys.readouterr().err
@@ -181,8 +182,8 @@ def test_finetune_without_checkpoint_takes_pretrains_default_or_says_so(
     assert json.loads(report.read_text())["checkpoint"] == str(default.relative_to(tmp_path))
 
 
-def test_continue_without_a_budget_says_which_seconds(pretrained_synthetic: Path, tmp_path,
-                                                     capsys) -> None:
+def test_continue_without_a_budget_says_which_seconds(
+        pretrained_synthetic: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert main(["finetune", "--env", SYN, "--algo", "continue", "--checkpoint",
                  str(pretrained_synthetic), "--out", str(tmp_path / "c"), "--quiet"]) != 0
     err = capsys.readouterr().err
@@ -211,16 +212,26 @@ def test_vector_faces_group_rows_and_report_reset_infos() -> None:
     assert venv.group_size == 3
     _, info = venv.reset(seed=0)
     np.testing.assert_array_equal(info["episode_id"], venv.core.episodes.numpy())
+    still = np.zeros(venv.action_space.shape, np.float32)
     for _ in range(2):  # the first episodes, then the ones autoreset drew
         groups = venv.core.episodes.numpy().reshape(2, 3)
         assert (groups == groups[:, :1]).all()
         for _ in range(venv.core.steps):
-            venv.step(np.zeros((6, 400), np.float32))
+            venv.step(still)
+    _, info = venv.reset(seed=0, options={"episodes": np.repeat([4, 9], 3)})
+    np.testing.assert_array_equal(info["episode_id"], [4, 4, 4, 9, 9, 9])
+    with pytest.raises(ValueError, match=r"with group_size 3, reset option 'episodes' must "
+                       r"repeat each id over its 3 consecutive rows .* np.repeat\(ids, 3\)"):
+        venv.reset(seed=0, options={"episodes": [4, 4, 4, 9, 9, 8]})
     with pytest.raises(ValueError, match=r"num_envs \(4\) must be a positive multiple of "
                        r"group_size \(3\)"):
         gym.make_vec(SYN, num_envs=4, group_size=3)
     env = ReFiTVecEnv(SYN, num_envs=2, seed=0)
     env.reset()
+    first = [{"episode_id": int(e), "t": env.core.steps} for e in env.core.episodes]
+    assert env.reset_infos == first
+    for _ in range(env.core.steps):  # autoreset: the reset infos name the new episodes
+        env.step(np.zeros(env.action_space.shape, np.float32)[None].repeat(2, 0))
     assert env.reset_infos == [{"episode_id": int(e), "t": env.core.steps}
                                for e in env.core.episodes]
 

@@ -259,6 +259,12 @@ class BatchedEpisodes:
         picked = self.users(self.core.num_rows, rng)
         if episodes is not None:
             picked = torch.as_tensor(np.asarray(episodes), dtype=torch.long)
+            groups = picked.view(-1, self.group_size)
+            if not bool((groups == groups[:, :1]).all()):
+                raise ValueError(
+                    f"with group_size {self.group_size}, reset option 'episodes' must repeat "
+                    f"each id over its {self.group_size} consecutive rows (the rows a group "
+                    f"baseline compares): pass np.repeat(ids, {self.group_size})")
         self.core.reset_rows(self.all_rows, picked, _torch_generator(rng, self.core.device))
 
     def restart(self, terminated: torch.Tensor, rng: np.random.Generator) -> None:

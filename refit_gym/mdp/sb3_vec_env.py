@@ -49,9 +49,13 @@ class ReFiTVecEnv(VecEnv):
             self._rng = np.random.default_rng(self._seeds[0])
         self._reset_seeds()
         self._episodes.reset_all(self._rng)
-        self.reset_infos = [{"episode_id": int(episode), "t": int(t)} for episode, t in
-                            zip(self.core.episodes.cpu().numpy(), self.core.t.cpu().numpy())]
+        self.reset_infos = self._start_infos(range(self.num_envs))
         return self._episodes.obs()
+
+    def _start_infos(self, rows: Iterable[int]) -> list[dict[str, int]]:
+        """The reset info of each of ``rows``' new episodes: its id and steps left."""
+        episodes, t = self.core.episodes.cpu().numpy(), self.core.t.cpu().numpy()
+        return [{"episode_id": int(episodes[row]), "t": int(t[row])} for row in rows]
 
     def step_async(self, actions: np.ndarray) -> None:
         self._actions = actions
@@ -69,6 +73,9 @@ class ReFiTVecEnv(VecEnv):
                 infos[row].update({"terminal_observation": {k: v[row] for k, v in final.items()},
                                    "TimeLimit.truncated": False})
             self._episodes.restart(result.terminated, self._rng)
+            restarted = np.flatnonzero(dones)
+            for row, info in zip(restarted, self._start_infos(restarted)):
+                self.reset_infos[row] = info
         return self._episodes.obs(), result.reward.cpu().numpy(), dones, infos
 
     def close(self) -> None:
