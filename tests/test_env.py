@@ -99,6 +99,8 @@ def test_unknown_keyword_and_bad_settings() -> None:
         gym.make(SYN, rewrd="hit")
     with pytest.raises(ValueError, match="user_sampling"):
         gym.make(SYN, user_sampling="random")
+    with pytest.raises(ValueError, match="'sequential' is now 'in_order'"):
+        gym.make(SYN, user_sampling="sequential")
     with pytest.raises(ValueError, match="holdout_fraction"):
         gym.make(SYN, holdout_fraction=1.5)
     env = gym.make(SYN, reward="hit", reward_params={"k": 5})
@@ -265,3 +267,16 @@ def test_faces_run_on_the_callers_dataset(small_data) -> None:
     users = venv.core.episodes.numpy()
     expected = small_data.train[users].toarray().astype(np.float32)
     np.testing.assert_array_equal(venv.core.visible.numpy(), expected)
+
+
+def test_in_order_sampling_walks_the_episodes_and_wraps() -> None:
+    venv = gym.make_vec(SYN, num_envs=4, user_sampling="in_order", group_size=2)
+    _, info = venv.reset(seed=0)
+    np.testing.assert_array_equal(info["episode_id"], [0, 0, 1, 1])
+    n = venv.core.n_episodes
+    venv._episodes.picker.next = n - 1  # the walk's end: the next pair wraps to the first
+    for _ in range(venv.core.steps):
+        venv.step(np.zeros(venv.action_space.shape, np.float32))
+    np.testing.assert_array_equal(venv.core.episodes.numpy(), [n - 1, n - 1, 0, 0])
+    env = gym.make(SYN, user_sampling="in_order")
+    assert [env.reset(seed=0)[1]["episode_id"], env.reset()[1]["episode_id"]] == [0, 1]

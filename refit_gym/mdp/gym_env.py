@@ -35,7 +35,7 @@ from refit_gym.specs import (
     load_env_spec,
 )
 
-USER_SAMPLING = ("uniform", "sequential")
+USER_SAMPLING = ("uniform", "in_order")
 CF_ONLY = ("holdout_fraction", "holdout", "sampling_steps")
 SEQUENTIAL_ONLY = ("checkpoint",)
 
@@ -55,7 +55,7 @@ class EnvSettings:
     # to the denoiser's x_0 prediction there (0: it runs to the end); K defaults to T - s.
     stop_step: int = 0
     checkpoint: str | None = None  # sequential: the pretrained backbone whose E scores x_0
-    user_sampling: str = "uniform"  # episodes (users or rows): "uniform" draws, "sequential"
+    user_sampling: str = "uniform"  # episodes (users or rows): "uniform" draws, "in_order"
     device: str = "auto"  # "auto": CUDA when available, else CPU
     data_dir: str | None = None
 
@@ -78,8 +78,10 @@ class EnvSettings:
         device = resolve_device(check_device(settings.device, f"{spec.id} device"))
         settings = dataclasses.replace(settings, device=device)
         if settings.user_sampling not in USER_SAMPLING:
+            renamed = (" ('sequential' is now 'in_order': the scenario owns that word)"
+                       if settings.user_sampling == "sequential" else "")
             raise ValueError(f"user_sampling must be one of {USER_SAMPLING}, "
-                             f"got {settings.user_sampling!r}")
+                             f"got {settings.user_sampling!r}{renamed}")
         if spec.backbone_type != "diffrec":
             misplaced = [k for k in CF_ONLY if getattr(settings, k) != getattr(cls, k)]
             if misplaced:
