@@ -151,9 +151,9 @@ def test_a_new_default_reward_keeps_the_peers(tmp_path: Path) -> None:
 
     spec, data = load_env_spec(SYN), cached_dataset(SYN, None)
     reward = dataclasses.replace(spec, env={**spec.env, "reward_params": {"tau": 3.0}})
-    peer = bench.peer_identity("pop", spec, data, 1)
-    assert bench.peer_identity("pop", reward, data, 1) == peer  # a peer ignores [env]
-    assert bench.peer_identity("ease", spec, data, 1) != peer
+    peer = bench.peer_identity("pop", spec, 1, bench.common_identity(spec, data))
+    assert bench.peer_identity("pop", reward, 1, bench.common_identity(reward, data)) == peer
+    assert bench.peer_identity("ease", spec, 1, bench.common_identity(spec, data)) != peer
     cell = tmp_path / "pop"
     cell.mkdir()
     legacy = {**peer, "spec": bench.spec_digest(spec)}  # an earlier version's: [env] included

@@ -192,14 +192,13 @@ def test_continue_without_a_budget_says_which_seconds(
 
 
 def test_no_advice_to_upgrade_a_v0_id_to_its_v1(pretrained_seq_synthetic: Path) -> None:
-    import importlib
     import warnings
 
-    from refit_gym.mdp import registration
+    from refit_gym.mdp.registration import hide_version_advice
 
     with warnings.catch_warnings(record=True) as caught:  # pytest resets filters per test
         warnings.simplefilter("always")
-        importlib.reload(registration)  # its filter, as `import refit_gym` sets it
+        hide_version_advice()  # what `import refit_gym` does
         gym.make("ReFiT-SeqSynthetic-v0", checkpoint=str(pretrained_seq_synthetic))
         warnings.warn("\x1b[33mWARN: The environment Other-v0 is out of date.",
                       DeprecationWarning, stacklevel=1)  # another package's ids keep it

@@ -66,8 +66,8 @@ def test_the_whole_chain_is_evaluated_once(checkpoint: Path, tmp_path, monkeypat
 
     from refit_gym.mdp.gym_env import EnvSettings
 
-    driver = importlib.import_module("refit_gym.training.finetune")  # the package's name is the
-    # function's
+    # The module, not the function the package exports under the same name.
+    driver = importlib.import_module("refit_gym.training.finetune")
 
     spec, data = load_env_spec(SEQ), cached_dataset(SEQ, None)
     model, _ = load_backbone(checkpoint, data.n_items)

@@ -21,6 +21,7 @@ from refit_gym.data import (
     make_sequential_synthetic,
     prefix_rows,
 )
+from refit_gym.data.sequences import last_history_items
 from refit_gym.specs import load_env_spec
 
 PAD = 6  # 6 items, ids 0..5
@@ -257,8 +258,6 @@ def test_transitions_count_consecutive_training_pairs() -> None:
     targets = {s: np.array([2, 3, 1, 1]) for s in ("train", "valid", "test")}
     data = SequenceData("toy", 4, histories, targets)
     assert data.last_items("train").tolist() == [1, -1, 2, 2]
-    from refit_gym.data.sequences import last_history_items
-
     as_tensor = last_history_items(torch.from_numpy(histories["train"]), 4)  # the same, in torch
     assert isinstance(as_tensor, torch.Tensor) and as_tensor.tolist() == [1, -1, 2, 2]
     expected = np.zeros((4, 4))

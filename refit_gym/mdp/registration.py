@@ -10,10 +10,15 @@ import gymnasium as gym
 
 from refit_gym.specs import EnvSpec, known_specs, register_spec_file
 
-# A ReFiT id's v1 is another backbone on the same data, not a newer release of its v0, so
-# Gymnasium's advice to "upgrade" a v0 id to its v1 would mislead; other ids keep the warning.
-warnings.filterwarnings("ignore", message=r".*The environment ReFiT-\S+ is out of date",
-                        category=DeprecationWarning)
+
+def hide_version_advice() -> None:
+    """Silence Gymnasium's advice to "upgrade" a ReFiT v0 id to its v1: a ReFiT id's v1 is
+    another backbone on the same data, not a newer release. Other ids keep the warning."""
+    warnings.filterwarnings("ignore", message=r".*The environment ReFiT-\S+ is out of date",
+                            category=DeprecationWarning)
+
+
+hide_version_advice()  # on import, as registering the ids is
 
 
 def register_spec(path: str | os.PathLike[str]) -> EnvSpec:

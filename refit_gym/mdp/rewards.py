@@ -171,8 +171,8 @@ class NextItemPrior:
     """histories (B, L) -> q(. | last item) (B, n_items) float32: each row's first-order
     next-item distribution (:meth:`SequenceData.next_item_distribution`) from its latest history
     item (histories right-padded with n_items); zero for an empty history or a last item that no
-    training row continues. The rows are selected from the sparse matrix: O(B n) for the dense
-    result, nothing more. The Markov peer ranks by it; the collaborative reward mixes it in."""
+    training row continues. The rows are selected from the sparse matrix (no one-hot product,
+    no dense n x n). The Markov peer ranks by it; the collaborative reward mixes it in."""
 
     def __init__(self, data: SequenceData, device: torch.device | str = "cpu") -> None:
         self.n_items = data.n_items

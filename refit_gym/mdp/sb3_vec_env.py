@@ -68,13 +68,12 @@ class ReFiTVecEnv(VecEnv):
             {"episode_id": int(episode), "t": int(t)}
             for episode, t in zip(self.core.episodes.cpu().numpy(), result.t.cpu().numpy())]
         if dones.any():
-            final = self._episodes.obs()
-            for row in np.flatnonzero(dones):  # SB3 wants one info dict per finished row
+            final, finished = self._episodes.obs(), np.flatnonzero(dones)
+            for row in finished:  # SB3 wants one info dict per finished row
                 infos[row].update({"terminal_observation": {k: v[row] for k, v in final.items()},
                                    "TimeLimit.truncated": False})
             self._episodes.restart(result.terminated, self._rng)
-            restarted = np.flatnonzero(dones)
-            for row, info in zip(restarted, self._start_infos(restarted)):
+            for row, info in zip(finished, self._start_infos(finished)):
                 self.reset_infos[row] = info
         return self._episodes.obs(), result.reward.cpu().numpy(), dones, infos
 

@@ -108,11 +108,12 @@ def pretrain_identity(spec: EnvSpec, data: Dataset, seed: int, max_epochs: int |
     return identity
 
 
-def peer_identity(algo: str, spec: EnvSpec, data: Dataset, seed: int) -> dict[str, Any]:
-    """What decides a peer's cell: its grid and seed, the data and the spec but its [env] (a
-    peer never reads the MDP's settings, so a new default reward keeps the peers' cells)."""
-    return {"algo": algo, "seed": seed, "hyperparams": grid(algo, spec.id),
-            **common_identity(spec, data), "spec": spec_digest(spec, without=("env",))}
+def peer_identity(algo: str, spec: EnvSpec, seed: int, common: dict[str, Any]) -> dict[str, Any]:
+    """What decides a peer's cell: its grid and seed, and ``common`` (:func:`common_identity`)
+    with the spec's digest but its [env] (a peer never reads the MDP's settings, so a new
+    default reward keeps the peers' cells)."""
+    return {"algo": algo, "seed": seed, "hyperparams": grid(algo, spec.id), **common,
+            "spec": spec_digest(spec, without=("env",))}
 
 
 def finetune_identity(algo: str, seed: int, hyperparams: dict[str, Any],
@@ -192,7 +193,7 @@ def run_bench(
             identities[seed, "pretrain"] = backbone
         for algo in ordered:
             if algo in PEER_NAMES:
-                identities[seed, algo] = peer_identity(algo, spec, data, seed)
+                identities[seed, algo] = peer_identity(algo, spec, seed, common)
             elif algo == STOP:
                 identities[seed, algo] = finetune_identity(algo, seed, {"stop_step": stops},
                                                            env_kwargs, backbone, common)
