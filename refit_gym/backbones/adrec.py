@@ -235,7 +235,7 @@ class ADRec(NextItemBackbone):
             kv += [block._merge(k), block._merge(v)]
         cache = torch.stack(kv, 1).view(rows, c.decoder_blocks, 2, width, d)
         visible = torch.arange(width, device=history.device)[None] < last[:, None]
-        return torch.cat([rep[torch.arange(rows), last],
+        return torch.cat([rep[torch.arange(rows, device=rep.device), last],
                           F.pad(cache, (0, 0, 0, length - width)).flatten(1),
                           F.pad(visible.to(rep.dtype), (0, length - width))], dim=1)
 

@@ -138,7 +138,9 @@ def gaussian_log_prob(x: Tensor, mean: Tensor, std: Tensor) -> Tensor:
     log-probabilities (policy-gradient ratios) exact to ~1e-9 where float32 would lose ~1e-2.
     """
     x64, mean64, std64 = x.double(), mean.double(), std.double()
-    if std64.dim() == 1:
-        std64 = std64.unsqueeze(-1).expand_as(x64)
-    z = (x64 - mean64) / std64
-    return -0.5 * z.pow(2).sum(-1) - std64.log().sum(-1) - 0.5 * x.shape[-1] * math.log(2 * math.pi)
+    d = x.shape[-1]
+    if std64.dim() == 1:  # one std a row: its d equal logs are d log(std), not B d logs
+        z, log_det = (x64 - mean64) / std64.unsqueeze(-1), d * std64.log()
+    else:
+        z, log_det = (x64 - mean64) / std64, std64.log().sum(-1)
+    return -0.5 * z.pow(2).sum(-1) - log_det - 0.5 * d * math.log(2 * math.pi)

@@ -123,7 +123,7 @@ class DenoisingMDP:
             raise TypeError(f"actions must be floating point, got {action.dtype}")
         if self.lockstep is not None:
             finished = self.lockstep == 0
-        else:  # a trusted agent's rows are not read
+        else:  # rows reset apart: read only when checked (a trusted agent's are not)
             finished = checked and self.t.min().item() <= 0
         if finished:
             raise RuntimeError("step() on a terminated episode: call reset() first (reset_rows "
@@ -140,12 +140,11 @@ class DenoisingMDP:
         self.x = action  # taken as the next state without a copy: do not modify it in place
         self.t = self.t - 1
         terminated = self.t == 0
-        if self.lockstep is not None:
-            self.lockstep -= 1
         if self.lockstep is None:  # rows reset apart: which terminated is read, once
             done: Tensor | None = terminated.nonzero().squeeze(-1)
             everyone = len(done) == self.num_rows
         else:  # known on the host: every row terminates, or none
+            self.lockstep -= 1
             done, everyone = None, self.lockstep == 0
         if everyone:
             reward = self.final_reward(self.x)  # the usual case: rows started together

@@ -13,6 +13,7 @@ with A the trajectory's group-normalised advantage clipped to +- ``advantage_cli
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -135,7 +136,7 @@ class DDPOAgent(ReFiTAgent):
                     norm_sum = norm_sum + grad_norm.detach()  # on the device: no read per step
         guard.after_update()
         # The other statistics reach the host here, once.
-        steps = cfg.update_epochs * len(order.split(per_minibatch))
+        steps = cfg.update_epochs * math.ceil(len(samples) / per_minibatch)
         return BatchStats(reward=guard.reward / total_rows, kl=0.0,
                           grad_norm=float(norm_sum) / steps,
                           clip_fraction=int(clipped) / (len(samples) * cfg.update_epochs))

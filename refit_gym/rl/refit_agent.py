@@ -141,6 +141,24 @@ def network_precision(precision: str, device: torch.device
     return matmul_precision(precision)
 
 
+def policy_distribution(
+    model: Backbone, x_t: Tensor, t: Tensor, condition: Tensor | None, kappa: float,
+    chain: GaussianDiffusion | None = None, precision: str = "fp32",
+) -> tuple[Tensor, Tensor]:
+    """The Gaussian policy at (x_t, t): its mean (B, d), float32 (the chain's posterior step
+    with only the network's forward at ``precision``), and its std kappa sigma_t (B,).
+    Shapes: x_t (B, d), t (B,) chain steps, condition as ``model.encode`` returns it."""
+    with network_precision(precision, x_t.device):
+        mean = model.reverse_mean(x_t, t, condition, chain)
+    return mean, kappa * model.reverse_std(t, chain)
+
+
+def sample_action(mean: Tensor, std: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """mean + std eps with eps ~ N(0, I) drawn from ``generator``: (B, d), (B,) -> (B, d)."""
+    noise = torch.randn(mean.shape, generator=generator, device=mean.device)
+    return (mean + std.to(mean.dtype).unsqueeze(-1) * noise).detach()
+
+
 def policy_step(
     model: Backbone, x_t: Tensor, t: Tensor, condition: Tensor | None, kappa: float,
     action: Tensor | None = None, generator: torch.Generator | None = None,
@@ -149,16 +167,12 @@ def policy_step(
     """One reverse step of the Gaussian policy: (action, exact log-prob (B,) float64, mean).
 
     Samples ``action`` = mu + kappa sigma_t eps when none is given; otherwise scores it.
-    Shapes: x_t (B, d), t (B,) chain steps, condition as ``model.encode`` returns it. Only the
-    network's forward runs at ``precision`` (:func:`network_precision`); the mean is float32
-    (the chain's float32 posterior step) and the log-prob float64 in every precision.
+    Shapes and precision as :func:`policy_distribution`; the log-prob is float64 in every
+    precision.
     """
-    with network_precision(precision, x_t.device):
-        mean = model.reverse_mean(x_t, t, condition, chain)
-    std = kappa * model.reverse_std(t, chain)
+    mean, std = policy_distribution(model, x_t, t, condition, kappa, chain, precision)
     if action is None:
-        noise = torch.randn(mean.shape, generator=generator, device=mean.device)
-        action = (mean + std.to(mean.dtype).unsqueeze(-1) * noise).detach()
+        action = sample_action(mean, std, generator)
     return action, gaussian_log_prob(action, mean, std), mean
 
 
@@ -304,9 +318,11 @@ class ReFiTAgent:
             x_t = core.x
             if cfg.explores(step):
                 shared = False
-                action, log_prob, _ = policy_step(self.model, x_t, t, condition, cfg.kappa,
-                                                  generator=generator, chain=chain,
-                                                  precision=cfg.precision)
+                mean, std = policy_distribution(self.model, x_t, t, condition, cfg.kappa,
+                                                chain, cfg.precision)
+                action = sample_action(mean, std, generator)
+                if cfg.trains(step):  # scored only where trained: trains implies explores
+                    steps.append((x_t, t, action, gaussian_log_prob(action, mean, std)))
             elif shared:
                 g = cfg.group_size
                 with self.forward():
@@ -315,8 +331,6 @@ class ReFiTAgent:
             else:
                 with self.forward():
                     action = self.model.reverse_mean(x_t, t, condition, chain)
-            if cfg.trains(step):
-                steps.append((x_t, t, action, log_prob))  # states are never mutated
             # Unchecked: a diverged policy's NaN actions are caught by update's DivergenceGuard.
             result = core.step(action, checked=False)
         with self.forward():
@@ -331,7 +345,6 @@ class ReFiTAgent:
         cfg = self.config
         guard = DivergenceGuard(rollouts)
         kl_total = clipped = torch.zeros((), dtype=torch.float64, device=self.device)
-        grad_norm = torch.zeros(())
         params = [p for p in self.model.parameters() if p.requires_grad]
         # Update-wide: the backward's matmuls run at the forwards' precision too (TF32).
         with matmul_precision(cfg.precision):

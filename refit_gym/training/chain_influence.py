@@ -28,7 +28,7 @@ from torch import Tensor
 from refit_gym.backbones import Backbone
 from refit_gym.data import SequenceData
 from refit_gym.diffusion import GaussianDiffusion
-from refit_gym.rl.refit_agent import policy_step
+from refit_gym.rl.refit_agent import policy_distribution, sample_action
 from refit_gym.training.metrics import eval_mode
 
 SAMPLERS = ("backbone", "policy")
@@ -75,7 +75,7 @@ def sample_final_states(backbone: Backbone, batch: dict[str, Tensor], chain: Gau
     x = backbone.initial_state(batch, chain, generator)
     for step in reversed(range(chain.steps)):
         t = torch.full((x.shape[0],), step, dtype=torch.long, device=x.device)
-        x, _, _ = policy_step(backbone, x, t, condition, kappa, generator=generator, chain=chain)
+        x = sample_action(*policy_distribution(backbone, x, t, condition, kappa, chain), generator)
     return x
 
 
