@@ -321,7 +321,8 @@ class ReFiTAgent:
                 mean, std = policy_distribution(self.model, x_t, t, condition, cfg.kappa,
                                                 chain, cfg.precision)
                 action = sample_action(mean, std, generator)
-                if cfg.trains(step):  # scored only where trained: trains implies explores
+                if cfg.trains(step):  # scored only where trained (trains implies explores);
+                    # the core never mutates a state, so x_t can be kept as it is
                     steps.append((x_t, t, action, gaussian_log_prob(action, mean, std)))
             elif shared:
                 g = cfg.group_size
