@@ -302,7 +302,7 @@ class ReFiTAgent:
         core.reset_rows(rows, users.repeat_interleave(cfg.group_size), generator)
         batch, chain = core.backbone_batch(), core.chain
         steps: list[tuple[Tensor, Tensor, Tensor, Tensor]] = []
-        # Only the networks' forwards run at cfg.precision (self.forward, policy_step): the
+        # Only the networks' forwards run at cfg.precision (self.forward, policy_distribution): the
         # core's step, and so the reward, stays fp32.
         with self.forward():
             condition = self.model.encode(batch)
