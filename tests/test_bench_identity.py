@@ -21,8 +21,8 @@ def test_cells_record_identity_and_are_reused_only_when_it_matches(tmp_path: Pat
     report = tmp_path / "seed1" / "pop" / "metrics.json"
     cell = json.loads(report.read_text())
     assert cell["identity"] == {"algo": "pop", "seed": 1, "hyperparams": [{}],
-                                "spec": bench.spec_digest(spec, without=("env",)),
-                                "data": bench.data_digest(data),
+                                "spec": bench.spec_digest(spec, without=bench.PEER_BLIND),
+                                "ks": list(spec.pretrain.ks), "data": bench.data_digest(data),
                                 "version": cell["identity"]["version"]}
     assert set(cell["machine"]) == {"cpu", "cpu_capability", "threads", "torch", "device"}
     table = (tmp_path / "results.md").read_text()
@@ -146,18 +146,28 @@ def test_a_new_default_reward_keeps_the_backbones_not_the_tuned_cells(tmp_path: 
         bench.spec_digest(spec, without=("reward",))
 
 
-def test_a_new_default_reward_keeps_the_peers(tmp_path: Path) -> None:
+def test_a_new_reward_or_pretraining_setting_keeps_the_peers(tmp_path: Path) -> None:
     import dataclasses
 
     spec, data = load_env_spec(SYN), cached_dataset(SYN, None)
     reward = dataclasses.replace(spec, env={**spec.env, "reward_params": {"tau": 3.0}})
+    longer = dataclasses.replace(spec, pretrain=dataclasses.replace(spec.pretrain,
+                                                                    max_epochs=7))
+    cutoffs = dataclasses.replace(spec, pretrain=dataclasses.replace(spec.pretrain, ks=(5,)))
     peer = bench.peer_identity("pop", spec, 1, bench.common_identity(spec, data))
-    assert bench.peer_identity("pop", reward, 1, bench.common_identity(reward, data)) == peer
+    for other in (reward, longer):
+        assert bench.peer_identity("pop", other, 1, bench.common_identity(other, data)) == peer
+    assert bench.peer_identity("pop", cutoffs, 1,
+                               bench.common_identity(cutoffs, data))["ks"] == [5]
     assert bench.peer_identity("ease", spec, 1, bench.common_identity(spec, data)) != peer
     cell = tmp_path / "pop"
     cell.mkdir()
-    legacy = {**peer, "spec": bench.spec_digest(spec)}  # an earlier version's: [env] included
-    (cell / "metrics.json").write_text(json.dumps({"identity": legacy}))
-    assert bench.reuse_cell(cell, peer, spec) == {"identity": legacy}
-    with pytest.raises(bench.CellMismatch, match="computed with spec = "):
-        bench.reuse_cell(cell, peer, reward)
+    # Earlier versions recorded the whole spec's digest, then all but [env]'s: read under the
+    # same spec, refused under another (what else they read cannot be told).
+    for legacy_digest in (bench.spec_digest(spec), bench.spec_digest(spec, without=("env",))):
+        legacy = {key: value for key, value in peer.items() if key != "ks"}
+        legacy["spec"] = legacy_digest
+        (cell / "metrics.json").write_text(json.dumps({"identity": legacy}))
+        assert bench.reuse_cell(cell, peer, spec) == {"identity": legacy}
+        with pytest.raises(bench.CellMismatch, match="computed with spec = "):
+            bench.reuse_cell(cell, peer, longer)

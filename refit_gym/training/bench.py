@@ -5,13 +5,14 @@ an interrupted cell resumes), then ``results.json``, ``results.md``, ``learning_
 ``metrics.png``.
 
 Every cell's metrics.json records its ``identity`` (what decides its numbers: the algorithm and
-seed, its hyperparameters after ``--set``, env kwargs, the digests of the spec (a pretrain or
-peer cell's without [env], which they never read) and of the data, the project version, and for
-a fine-tuned cell its pretrain cell's identity) and the ``machine`` it ran on (CPU model,
-torch's CPU capability, threads, torch version, device). A finished cell is reused only when
-its identity is the one this bench would give it; otherwise bench refuses, before any work,
-with one line naming the first key that differs. The machine is not part of the identity (a
-cell computed elsewhere is reused), so results.md lists every cell with where it ran.
+seed, its hyperparameters after ``--set``, env kwargs, the digests of the spec (of only what the
+cell reads: a pretrain cell's without [env], a peer's of its id and [dataset]) and of the data,
+the project version, and for a fine-tuned cell its pretrain cell's identity) and the
+``machine`` it ran on (CPU model, torch's CPU capability, threads, torch version, device). A
+finished cell is reused only when its identity is the one this bench would give it; otherwise
+bench refuses, before any work, with one line naming the first key that differs. The machine
+is not part of the identity (a cell computed elsewhere is reused), so results.md lists every
+cell with where it ran.
 ``pretrained`` is the backbone itself; ``stop`` (sequential ids) is the same weights with the
 chain stopped at the step chosen on validation; ``continue`` trains it with its own loss for
 the wall time the ReFiT run of the same seed took; the peers (pop, itemknn, ..., sasrec) are
@@ -69,7 +70,7 @@ class CellMismatch(ValueError):
 def reuse_cell(cell: Path, identity: dict[str, Any], spec: EnvSpec) -> dict[str, Any] | None:
     """The finished cell's metrics if its recorded identity is ``identity``; None if the cell
     is not finished; :class:`CellMismatch` (one line naming the key) if it differs. ``spec``:
-    the bench's, to read identities recorded before pretraining's and the peers' left out [env]."""
+    the bench's, to read identities recorded before the digests left out what a cell never reads."""
     report = cell / "metrics.json"
     if not report.is_file():
         return None
@@ -80,7 +81,7 @@ def reuse_cell(cell: Path, identity: dict[str, Any], spec: EnvSpec) -> dict[str,
     if recorded is None:
         raise CellMismatch(f"{cell} records no identity (written before bench recorded one); "
                            "use a new --out, or delete the cell to recompute it")
-    recorded = _without_env_digest(recorded, spec)
+    recorded = _upgraded(recorded, spec)
     if (difference := describe_difference(recorded, wanted)) is not None:
         raise CellMismatch(f"{cell} was computed with {difference}; use a new --out, or delete "
                            "the cell to recompute it")
@@ -108,12 +109,17 @@ def pretrain_identity(spec: EnvSpec, data: Dataset, seed: int, max_epochs: int |
     return identity
 
 
+# What a peer never reads of a spec: it is fitted and evaluated on the data alone, so neither a
+# new default reward nor a new backbone or pretraining setting recomputes the peers.
+PEER_BLIND = ("diffusion", "backbone", "pretrain", "env")
+
+
 def peer_identity(algo: str, spec: EnvSpec, seed: int, common: dict[str, Any]) -> dict[str, Any]:
-    """What decides a peer's cell: its grid and seed, and ``common`` (:func:`common_identity`)
-    with the spec's digest but its [env] (a peer never reads the MDP's settings, so a new
-    default reward keeps the peers' cells)."""
+    """What decides a peer's cell: its grid and seed, ``common`` (:func:`common_identity`) with
+    the digest of what a peer reads of the spec (its id and [dataset]), and the metrics'
+    cut-offs."""
     return {"algo": algo, "seed": seed, "hyperparams": grid(algo, spec.id), **common,
-            "spec": spec_digest(spec, without=("env",))}
+            "spec": spec_digest(spec, without=PEER_BLIND), "ks": list(spec.pretrain.ks)}
 
 
 def finetune_identity(algo: str, seed: int, hyperparams: dict[str, Any],
@@ -125,15 +131,23 @@ def finetune_identity(algo: str, seed: int, hyperparams: dict[str, Any],
             "env_kwargs": env_kwargs or {}, "pretrain": pretrain, **common}
 
 
-def _without_env_digest(recorded: dict[str, Any], spec: EnvSpec) -> dict[str, Any]:
+def _upgraded(recorded: dict[str, Any], spec: EnvSpec) -> dict[str, Any]:
     """``recorded`` with a pretrain or peer identity written by an earlier version, whose spec
-    digest had [env] too, read as the one without it when it is ``spec``'s (the same cell)."""
+    digest covered more of ``spec`` (pretrain: [env] too; peer: the whole spec, or all but
+    [env]), read as today's when that digest is ``spec``'s (the same cell)."""
     whole, without_env = spec_digest(spec), spec_digest(spec, without=("env",))
 
     def upgraded(identity: Any) -> Any:
-        if (isinstance(identity, dict) and identity.get("algo") in ("pretrain", *PEER_NAMES)
-                and identity.get("spec") == whole):
+        if not isinstance(identity, dict):
+            return identity
+        if identity.get("algo") == "pretrain" and identity.get("spec") == whole:
             return {**identity, "spec": without_env}
+        if identity.get("algo") in PEER_NAMES and "ks" not in identity:
+            # Their digest covered the cut-offs: it alone decides, and a refusal names it.
+            matches = identity.get("spec") in (whole, without_env)
+            return {**identity, "ks": list(spec.pretrain.ks),
+                    "spec": spec_digest(spec, without=PEER_BLIND) if matches
+                    else identity.get("spec")}
         return identity
 
     recorded = upgraded(recorded)
