@@ -153,15 +153,22 @@ def test_a_new_reward_or_pretraining_setting_keeps_the_peers(tmp_path: Path) -> 
     reward = dataclasses.replace(spec, env={**spec.env, "reward_params": {"tau": 3.0}})
     longer = dataclasses.replace(spec, pretrain=dataclasses.replace(spec.pretrain,
                                                                     max_epochs=7))
+    backbone = dataclasses.replace(spec, backbone={**spec.backbone, "time_emb": 7})
+    diffusion = dataclasses.replace(spec, diffusion=dataclasses.replace(spec.diffusion,
+                                                                        steps=3))
     cutoffs = dataclasses.replace(spec, pretrain=dataclasses.replace(spec.pretrain, ks=(5,)))
     peer = bench.peer_identity("pop", spec, 1, bench.common_identity(spec, data))
-    for other in (reward, longer):
+    for other in (reward, longer, backbone, diffusion):
         assert bench.peer_identity("pop", other, 1, bench.common_identity(other, data)) == peer
-    assert bench.peer_identity("pop", cutoffs, 1,
-                               bench.common_identity(cutoffs, data))["ks"] == [5]
+    other_cutoffs = bench.peer_identity("pop", cutoffs, 1, bench.common_identity(cutoffs, data))
+    assert other_cutoffs["ks"] == [5]
     assert bench.peer_identity("ease", spec, 1, bench.common_identity(spec, data)) != peer
     cell = tmp_path / "pop"
     cell.mkdir()
+    (cell / "metrics.json").write_text(json.dumps({"identity": peer}))
+    with pytest.raises(bench.CellMismatch,
+                       match=r"computed with ks = \[10, 20\], this run gives \[5\]"):
+        bench.reuse_cell(cell, other_cutoffs, cutoffs)
     # Earlier versions recorded the whole spec's digest, then all but [env]'s: read under the
     # same spec, refused under another (what else they read cannot be told).
     for legacy_digest in (bench.spec_digest(spec), bench.spec_digest(spec, without=("env",))):

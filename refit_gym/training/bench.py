@@ -6,13 +6,13 @@ an interrupted cell resumes), then ``results.json``, ``results.md``, ``learning_
 
 Every cell's metrics.json records its ``identity`` (what decides its numbers: the algorithm and
 seed, its hyperparameters after ``--set``, env kwargs, the digests of the spec (of only what the
-cell reads: a pretrain cell's without [env], a peer's of its id and [dataset]) and of the data,
-the project version, and for a fine-tuned cell its pretrain cell's identity) and the
-``machine`` it ran on (CPU model, torch's CPU capability, threads, torch version, device). A
-finished cell is reused only when its identity is the one this bench would give it; otherwise
-bench refuses, before any work, with one line naming the first key that differs. The machine
-is not part of the identity (a cell computed elsewhere is reused), so results.md lists every
-cell with where it ran.
+cell reads: a pretrain cell's without [env], a peer's of its id and [dataset], plus the metrics'
+cut-offs) and of the data, the project version, and for a fine-tuned cell its pretrain cell's
+identity) and the ``machine`` it ran on (CPU model, torch's CPU capability, threads, torch
+version, device). A finished cell is reused only when its identity is the one this bench would
+give it; otherwise bench refuses, before any work, with one line naming the first key that
+differs. The machine is not part of the identity (a cell computed elsewhere is reused), so
+results.md lists every cell with where it ran.
 ``pretrained`` is the backbone itself; ``stop`` (sequential ids) is the same weights with the
 chain stopped at the step chosen on validation; ``continue`` trains it with its own loss for
 the wall time the ReFiT run of the same seed took; the peers (pop, itemknn, ..., sasrec) are
@@ -110,7 +110,9 @@ def pretrain_identity(spec: EnvSpec, data: Dataset, seed: int, max_epochs: int |
 
 
 # What a peer never reads of a spec: it is fitted and evaluated on the data alone, so neither a
-# new default reward nor a new backbone or pretraining setting recomputes the peers.
+# new default reward nor a new backbone or pretraining setting recomputes the peers (of
+# [pretrain] it reads only the cut-offs, named apart, and the evaluation batch size, which does
+# not change results).
 PEER_BLIND = ("diffusion", "backbone", "pretrain", "env")
 
 
