@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -85,8 +86,6 @@ def test_a_backbone_pretrained_on_its_own_is_reused_by_bench(tmp_path: Path,
 
 
 def test_the_data_digest_names_the_contents_not_their_storage() -> None:
-    import dataclasses
-
     import numpy as np
 
     @dataclasses.dataclass
@@ -114,8 +113,6 @@ def test_a_pretrain_identity_names_what_makes_another_model(monkeypatch) -> None
 
 
 def test_a_new_default_reward_keeps_the_backbones_not_the_tuned_cells(tmp_path: Path) -> None:
-    import dataclasses
-
     spec, data = load_env_spec(SYN), cached_dataset(SYN, None)
     reward = dataclasses.replace(spec, env={**spec.env, "reward_params": {"tau": 3.0}})
     backbone = bench.pretrain_identity(spec, data, 1, None)
@@ -147,8 +144,6 @@ def test_a_new_default_reward_keeps_the_backbones_not_the_tuned_cells(tmp_path: 
 
 
 def test_a_new_reward_or_pretraining_setting_keeps_the_peers(tmp_path: Path) -> None:
-    import dataclasses
-
     spec, data = load_env_spec(SYN), cached_dataset(SYN, None)
     reward = dataclasses.replace(spec, env={**spec.env, "reward_params": {"tau": 3.0}})
     longer = dataclasses.replace(spec, pretrain=dataclasses.replace(spec.pretrain,

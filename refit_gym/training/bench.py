@@ -121,7 +121,12 @@ def peer_identity(algo: str, spec: EnvSpec, seed: int, common: dict[str, Any]) -
     the digest of what a peer reads of the spec (its id and [dataset]), and the metrics'
     cut-offs."""
     return {"algo": algo, "seed": seed, "hyperparams": grid(algo, spec.id), **common,
-            "spec": spec_digest(spec, without=PEER_BLIND), "ks": list(spec.pretrain.ks)}
+            **_peer_reads(spec)}
+
+
+def _peer_reads(spec: EnvSpec) -> dict[str, Any]:
+    """What a peer reads of ``spec``: the digest of its id and [dataset], and the cut-offs."""
+    return {"spec": spec_digest(spec, without=PEER_BLIND), "ks": list(spec.pretrain.ks)}
 
 
 def finetune_identity(algo: str, seed: int, hyperparams: dict[str, Any],
@@ -145,11 +150,11 @@ def _upgraded(recorded: dict[str, Any], spec: EnvSpec) -> dict[str, Any]:
         if identity.get("algo") == "pretrain" and identity.get("spec") == whole:
             return {**identity, "spec": without_env}
         if identity.get("algo") in PEER_NAMES and "ks" not in identity:
-            # Their digest covered the cut-offs: it alone decides, and a refusal names it.
-            matches = identity.get("spec") in (whole, without_env)
-            return {**identity, "ks": list(spec.pretrain.ks),
-                    "spec": spec_digest(spec, without=PEER_BLIND) if matches
-                    else identity.get("spec")}
+            # Its digest covered the cut-offs too: it alone decides, so a refusal names the spec.
+            now = _peer_reads(spec)
+            if identity.get("spec") not in (whole, without_env):
+                now["spec"] = identity.get("spec")
+            return {**identity, **now}
         return identity
 
     recorded = upgraded(recorded)
